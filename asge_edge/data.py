@@ -1,0 +1,282 @@
+"""Datasets: loading, fixed splits, batching and augmentation.
+
+Contract:
+- ``load_splits(cfg)`` returns train/val/test ``Split``s and a ``DataInfo`` (input
+  shape, classes, normalisation). Images are uint8 (N, C, H, W); the model
+  normalises, so batches are raw pixels in [0, 1].
+- Nothing downloads unless ``cfg.download`` is set. A missing dataset raises
+  ``UserError`` naming the fix.
+- The validation split is fixed (a permutation drawn from ``SPLIT_SEED``, whatever
+  the run's seed), so runs with different seeds select on the same images.
+- ``batches`` is deterministic given its generator: the trainer seeds one per epoch,
+  so an epoch's order and augmentation can be replayed exactly.
+
+Sources:
+- ``fashion-mnist`` (default) and ``mnist``: IDX files, gzipped or not, read directly
+  from ``root`` or from torchvision's ``root/<Name>/raw`` layout. Fashion-MNIST's
+  default root is where Debian's ``dataset-fashion-mnist`` installs it.
+- ``cifar10``, ``cifar100``: torchvision's python-pickle layout under ``root``
+  (torchvision's reader; the only pickles read anywhere, and only from these
+  torchvision-format dataset files).
+- ``imagefolder``: ``root/train/<class>/*`` and ``root/val/<class>/*`` (the test set,
+  as in ImageNet); images are resized and centre-cropped to ``image_size``.
+- ``synthetic``: seeded, learnable class templates plus noise, generated in memory.
+"""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from .config import DataConfig, DataInfo
+from .errors import UserError
+
+FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"   # Debian's dataset-fashion-mnist
+SPLIT_SEED = 0
+SYNTHETIC_SEED = 0
+DATASETS = ("fashion-mnist", "mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
+
+# Per-channel mean/std of each training set (the values torchvision's references use).
+NORMS = {
+    "fashion-mnist": ((0.2860,), (0.3530,)),
+    "mnist": ((0.1307,), (0.3081,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),   # ImageNet's
+}
+FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                   "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+DEFAULT_VAL = {"fashion-mnist": 10_000, "mnist": 10_000, "cifar10": 5_000, "cifar100": 5_000}   # the paper's splits
+AUGMENT_PAD = 4   # CIFAR's standard random-crop padding
+
+
+@dataclass
+class Split:
+    """Images (N, C, H, W) uint8 with labels (N,) int64, or a lazy folder dataset."""
+
+    images: torch.Tensor | None
+    labels: torch.Tensor
+    folder: torch.utils.data.Dataset | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class Splits:
+    train: Split
+    val: Split
+    test: Split
+    info: DataInfo
+
+
+# ---------------------------------------------------------------- IDX (MNIST family)
+
+def read_idx(path: Path) -> torch.Tensor:
+    """Read an IDX file (gzipped or raw) of unsigned bytes into a uint8 tensor.
+
+    Raises:
+        UserError: the file is truncated or not an IDX file of unsigned bytes.
+    """
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise UserError(f"cannot read {path}: {e}; reinstall the dataset or pass another --data-root") from None
+    if len(raw) < 4 or raw[0:2] != b"\0\0" or raw[2] != 0x08:
+        raise UserError(f"{path} is not an IDX file of unsigned bytes; check --data-root")
+    ndim = raw[3]
+    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    count = 1
+    for d in dims:
+        count *= d
+    body = raw[4 + 4 * ndim:]
+    if len(body) != count:
+        raise UserError(f"{path} is truncated ({len(body)} of {count} bytes); reinstall the dataset")
+    return torch.frombuffer(bytearray(body), dtype=torch.uint8).view(*dims)
+
+
+def _find_idx(root: Path, folder: str, stem: str) -> Path | None:
+    for base in (root, root / folder / "raw"):
+        for name in (stem, stem + ".gz"):
+            if (base / name).is_file():
+                return base / name
+    return None
+
+
+def _idx_dataset(cfg: DataConfig, root: Path, folder: str) -> tuple[Split, Split, tuple[str, ...]]:
+    stems = {k: f"{k}-idx{3 if 'images' in k else 1}-ubyte" for k in
+             ("train-images", "train-labels", "t10k-images", "t10k-labels")}
+    paths = {k: _find_idx(root, folder, v) for k, v in stems.items()}
+    if any(p is None for p in paths.values()) and cfg.download:
+        _download(cfg, root)
+        paths = {k: _find_idx(root, folder, v) for k, v in stems.items()}
+    missing = [stems[k] for k, p in paths.items() if p is None]
+    if missing:
+        hint = ("run 'apt-get install dataset-fashion-mnist' or pass --data-root"
+                if cfg.dataset == "fashion-mnist" else "pass --data-root, or --download")
+        raise UserError(f"{cfg.dataset} not found in {root} (missing {missing[0]}[.gz]); {hint}")
+    tensors = {k: read_idx(p) for k, p in paths.items()}
+    train = Split(tensors["train-images"].unsqueeze(1), tensors["train-labels"].long())
+    test = Split(tensors["t10k-images"].unsqueeze(1), tensors["t10k-labels"].long())
+    names = FASHION_CLASSES if cfg.dataset == "fashion-mnist" else tuple(str(i) for i in range(10))
+    return train, test, names
+
+
+def _download(cfg: DataConfig, root: Path) -> None:
+    import torchvision.datasets as tvd
+
+    cls = {"fashion-mnist": tvd.FashionMNIST, "mnist": tvd.MNIST,
+           "cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100}[cfg.dataset]
+    try:
+        for train in (True, False):
+            cls(str(root), train=train, download=True)
+    except Exception as e:   # network errors come in many types
+        raise UserError(f"--download of {cfg.dataset} into {root} failed ({type(e).__name__}); check the network or copy the files there") from None
+
+
+# ---------------------------------------------------------------- CIFAR
+
+def _cifar(cfg: DataConfig, root: Path) -> tuple[Split, Split, tuple[str, ...]]:
+    import torchvision.datasets as tvd
+
+    cls = tvd.CIFAR10 if cfg.dataset == "cifar10" else tvd.CIFAR100
+    if cfg.download:
+        _download(cfg, root)
+    try:
+        parts = [cls(str(root), train=t, download=False) for t in (True, False)]
+    except RuntimeError:
+        raise UserError(f"{cfg.dataset} not found under {root} (torchvision layout, e.g. "
+                        f"{root}/{cls.base_folder}); pass --data-root, or --download") from None
+    train, test = (Split(torch.from_numpy(p.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(p.targets))
+                   for p in parts)
+    return train, test, tuple(parts[0].classes)
+
+
+# ---------------------------------------------------------------- ImageFolder
+
+def _imagefolder(cfg: DataConfig, root: Path) -> tuple[Split, Split, tuple[str, ...]]:
+    import torchvision.datasets as tvd
+    import torchvision.transforms.v2 as T
+
+    for sub in ("train", "val"):
+        if not (root / sub).is_dir():
+            raise UserError(f"imagefolder needs {root}/{sub}/<class>/<images>; pass --data-root")
+    tf = T.Compose([T.PILToTensor(), T.Resize(cfg.image_size, antialias=True), T.CenterCrop(cfg.image_size)])
+    train_ds, test_ds = (tvd.ImageFolder(str(root / s), transform=tf) for s in ("train", "val"))
+    if train_ds.classes != test_ds.classes:
+        raise UserError(f"{root}/train and {root}/val have different class folders; make them match")
+    train, test = (Split(None, torch.tensor(d.targets), folder=d) for d in (train_ds, test_ds))
+    return train, test, tuple(train_ds.classes)
+
+
+# ---------------------------------------------------------------- synthetic
+
+def synthetic(cfg: DataConfig) -> tuple[Split, Split, tuple[str, ...]]:
+    """Seeded, learnable images: a smooth random template per class, plus pixel noise.
+
+    Each class template is a 4x4 Gaussian field upsampled to H x W; a sample is
+    sigmoid(2 * template + N(0, 1)) quantised to uint8. Train has ``train_size``
+    images, test ``max(1, train_size // 4)``.
+    """
+    c, h, w = cfg.input_shape
+    gen = torch.Generator().manual_seed(SYNTHETIC_SEED)
+    templates = torch.randn(cfg.num_classes, c, 4, 4, generator=gen)                 # K, C, 4, 4
+    templates = F.interpolate(templates, size=(h, w), mode="bilinear", align_corners=False)   # K, C, H, W
+
+    def make(n: int) -> Split:
+        y = torch.randint(cfg.num_classes, (n,), generator=gen)                          # n
+        x = torch.sigmoid(2 * templates[y] + torch.randn(n, c, h, w, generator=gen))    # n, C, H, W
+        return Split((x * 255).round().to(torch.uint8), y)
+
+    return make(cfg.train_size), make(max(1, cfg.train_size // 4)), tuple(f"class{i}" for i in range(cfg.num_classes))
+
+
+# ---------------------------------------------------------------- splits
+
+def _subset(split: Split, idx: torch.Tensor) -> Split:
+    if split.folder is not None:
+        return Split(None, split.labels[idx], folder=torch.utils.data.Subset(split.folder, idx.tolist()))
+    return Split(split.images[idx], split.labels[idx])
+
+
+def load_splits(cfg: DataConfig) -> Splits:
+    """Load ``cfg.dataset`` and carve the fixed validation split off its training set.
+
+    Raises:
+        UserError: unknown dataset, missing or corrupt files, bad split size.
+    """
+    if cfg.dataset not in DATASETS:
+        raise UserError(f"unknown dataset {cfg.dataset!r}: choose one of {', '.join(DATASETS)}")
+    if cfg.dataset == "synthetic":
+        train, test, names = synthetic(cfg)
+        mean, std = (0.5,) * cfg.input_shape[0], (0.25,) * cfg.input_shape[0]
+    else:
+        default_root = FASHION_MNIST_ROOT if cfg.dataset == "fashion-mnist" else None
+        if cfg.root is None and default_root is None:
+            raise UserError(f"{cfg.dataset} needs --data-root (torchvision's layout)")
+        root = Path(cfg.root or default_root)
+        if not root.exists() and not cfg.download:
+            hint = ("run 'apt-get install dataset-fashion-mnist' or pass --data-root"
+                    if cfg.dataset == "fashion-mnist" else "check --data-root, or add --download")
+            raise UserError(f"dataset root {root} does not exist; {hint}")
+        loader = {"cifar10": _cifar, "cifar100": _cifar, "imagefolder": _imagefolder}.get(cfg.dataset)
+        if loader is None:
+            train, test, names = _idx_dataset(cfg, root, "FashionMNIST" if cfg.dataset == "fashion-mnist" else "MNIST")
+        else:
+            train, test, names = loader(cfg, root)
+        mean, std = NORMS[cfg.dataset]
+    n = len(train)
+    val_size = cfg.val_size if cfg.val_size is not None else DEFAULT_VAL.get(cfg.dataset, max(1, n // 10))
+    if not 0 < val_size < n:
+        raise UserError(f"--val-size must be between 1 and {n - 1} for {cfg.dataset}, got {val_size}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
+    val, train = _subset(train, perm[:val_size]), _subset(train, perm[val_size:].sort().values)
+    shape = tuple(train.images.shape[1:]) if train.images is not None else (3, cfg.image_size, cfg.image_size)
+    info = DataInfo(input_shape=shape, num_classes=len(names), class_names=names, mean=mean, std=std)
+    return Splits(train, val, test, info)
+
+
+# ---------------------------------------------------------------- batching
+
+def augment(x: torch.Tensor, gen: torch.Generator, pad: int = AUGMENT_PAD) -> torch.Tensor:
+    """Random crop (zero padding ``pad``) and horizontal flip of a uint8 batch (B, C, H, W)."""
+    b, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))                                    # B, C, H+2p, W+2p
+    dy, dx = torch.randint(2 * pad + 1, (2, b), generator=gen)
+    flip = torch.rand(b, generator=gen) < 0.5
+    out = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(b)])   # B, C, H, W
+    out[flip] = out[flip].flip(-1)
+    return out
+
+
+def batches(split: Split, batch_size: int, gen: torch.Generator | None = None,
+            augment_batches: bool = False, workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (raw pixels float32 in [0, 1] (B, C, H, W), labels (B,)) over ``split``.
+
+    Args:
+        split: the data.
+        batch_size: images per batch; the last batch may be smaller.
+        gen: shuffles (and augments) when given; sequential order otherwise.
+        augment_batches: apply ``augment`` (needs ``gen``).
+        workers: DataLoader workers for folder datasets.
+    """
+    n = len(split)
+    order = torch.randperm(n, generator=gen) if gen is not None else torch.arange(n)
+    if split.folder is not None:
+        sampler = [order[i:i + batch_size].tolist() for i in range(0, n, batch_size)]
+        loader = torch.utils.data.DataLoader(split.folder, batch_sampler=sampler, num_workers=workers)
+        source = ((x, y) for x, y in loader)
+    else:
+        source = ((split.images[idx], split.labels[idx]) for idx in order.split(batch_size))
+    for x, y in source:
+        if augment_batches and gen is not None:
+            x = augment(x, gen)
+        yield x.float().div_(255), y

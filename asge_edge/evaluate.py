@@ -1,0 +1,88 @@
+"""Evaluation: accuracy of every layer and every prediction strategy on a split.
+
+Contract: ``evaluate`` runs the network once over a split without autograd and
+returns per-layer goodness-projection accuracy and the Last and Fusion accuracies;
+it never changes the network. ``best_layer`` picks the exit by validation accuracy
+(never test), breaking ties towards the shallower, cheaper layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .data import Split, batches
+from .device import to_device
+from .models import ASGENet
+
+EVAL_BATCH = 512   # inference holds no gradients, so a larger batch fits the same memory
+
+
+@dataclass
+class Accuracy:
+    """Fractions in [0, 1] over ``n`` images."""
+
+    layers: list[float]
+    last: float
+    fusion: float
+    n: int
+
+    def strategy(self, name: str, best_layer: int) -> float:
+        """Accuracy of a strategy; Best reads layer ``best_layer`` (1-based)."""
+        return self.layers[best_layer - 1] if name == "best" else getattr(self, name)
+
+
+@torch.inference_mode()
+def evaluate(net: ASGENet, split: Split, device: torch.device, batch_size: int = EVAL_BATCH) -> Accuracy:
+    """Accuracy of every layer and of the Last and Fusion heads on ``split``."""
+    was_training = net.training
+    net.eval()
+    correct = torch.zeros(len(net.layers) + 2, device=device)
+    for x, y in batches(split, batch_size):
+        x, y = to_device(x, y, device)
+        out = net(x)
+        preds = torch.stack([lg.argmax(1) for lg in (*out.layer_logits, out.last, out.fusion)])   # L+2, B
+        correct += (preds == y).sum(1)
+    net.train(was_training)
+    acc = (correct / max(1, len(split))).tolist()
+    return Accuracy(acc[:-2], acc[-2], acc[-1], len(split))
+
+
+def best_layer(layer_val_accuracy: list[float]) -> int:
+    """1-based index of the most accurate layer on validation (shallowest on ties)."""
+    best = max(layer_val_accuracy)
+    return layer_val_accuracy.index(best) + 1
+
+
+def evaluate_run(run_dir, device_name: str = "auto", strategy: str | None = None) -> dict:
+    """Re-evaluate a finished run: the best layer is re-derived on validation, then test.
+
+    Args:
+        run_dir: a directory written by ``asge-edge train``.
+        device_name: auto, cpu or cuda.
+        strategy: one of fusion, last, best; None for every strategy the method trained.
+
+    Returns:
+        {"test_accuracy": {strategy: fraction or None}, "best_layer": k or None,
+         "layer_test_accuracy": [...], "layer_val_accuracy": [...]}.
+    """
+    from .checkpoint import load_run
+    from .data import load_splits
+    from .device import resolve_device
+    from .methods import METHODS
+
+    device = resolve_device(device_name)
+    cfg, net, _ = load_run(run_dir)
+    net = net.to(device, memory_format=torch.channels_last)
+    splits = load_splits(cfg.data)
+    trained = METHODS[cfg.train.method].strategies
+    val, test = evaluate(net, splits.val, device), evaluate(net, splits.test, device)
+    best = best_layer(val.layers)
+    names = (strategy,) if strategy else ("fusion", "last", "best")
+    return {
+        "test_accuracy": {s: (test.strategy(s, best) if s in trained else None) for s in names},
+        "best_layer": best if "best" in trained else None,
+        "layer_val_accuracy": val.layers,
+        "layer_test_accuracy": test.layers,
+    }

@@ -1,0 +1,218 @@
+"""Layer specs, the ASGE layer and the network with its three predictors.
+
+Contract:
+- ``layer_specs(model_cfg, input_shape, num_classes)`` is pure: it turns a preset
+  name, width and alpha into the exact per-layer shapes, partitions and goodness
+  sizes. Everything else (the trainer, the memory planner, the exporters) reads
+  shapes from it, never from a module.
+- ``ASGENet`` takes raw [0, 1] pixels (B, C, H, W) and normalises them itself,
+  so an exported graph needs no preprocessing.
+- Layer l is conv3x3 -> ReLU (activation ``a``, which the goodness reads), then
+  pool (where the preset pools) -> LayerNorm over (C, H, W) without affine
+  parameters (output ``h``, which the next layer reads). LayerNorm has no
+  parameters because its output is detached before the next layer: no local loss
+  could ever train them.
+- The projection (W_l, b_l) of every layer is a buffer: saved, never trained.
+- Predictors: ``last_head`` on GAP(h_L) and ``fusion_head`` on concat GAP(h_2..h_L)
+  (GAP of the normalised outputs; with one layer, Fusion reads layer 1);
+  Best is ``exit_logits(x, k)``, layers 1..k only.
+
+Presets. The paper gives VGG8 as 7 convs + a linear classifier with C_l in
+{128, 256, 512} and partitions {4, 2, 1} at alpha=1 (Table 1), but not the list.
+Its Table 3 pins it further: Fusion over layers 2..7 stores 1.25 MiB of GAP
+features at batch 128 (2560 fp32 per sample) and Last 0.25 MiB (512), so layers
+2..7 carry 2560 channels: 256+256+512+512+512+512, and layer 1 has 128. Pools
+follow VGG8B of Nokland & Eidnes (2019), the local-learning VGG8 the paper cites:
+after the second, fourth and sixth conv. VGG11 is not pinned by the paper; ours
+is VGG11's conv stack (8 convs) widened to 10 local layers of 128/256/512.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .asge import layer_norm_chw, make_projection, partition_factor, pool2d, project, relu_goodness, spatial_goodness
+from .config import ModelConfig
+
+# (out_channels, pool_after) per conv layer, at width 1.
+PRESETS: dict[str, tuple[tuple[int, bool], ...]] = {
+    "vgg8": ((128, False), (256, True), (256, False), (512, True), (512, False), (512, True), (512, False)),
+    "vgg11": (
+        (128, False), (128, True), (256, False), (256, True), (512, False),
+        (512, False), (512, True), (512, False), (512, False), (512, False),
+    ),
+}
+LN_EPS = 1e-5   # torch.nn.LayerNorm's default
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """Static shape facts of one ASGE layer (1-based ``index``)."""
+
+    index: int
+    in_channels: int
+    channels: int
+    height: int          # conv output size (pre-pool): the goodness is read here
+    width: int
+    pool: bool
+    partition: int       # P_l
+    goodness_dim: int    # C_l * P_l^2
+    num_classes: int
+
+    @property
+    def out_height(self) -> int:
+        return self.height // 2 if self.pool else self.height
+
+    @property
+    def out_width(self) -> int:
+        return self.width // 2 if self.pool else self.width
+
+
+def layer_specs(cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes: int) -> tuple[LayerSpec, ...]:
+    """Per-layer shapes for a preset at ``cfg.width`` and ``cfg.alpha``.
+
+    Args:
+        cfg: the model config (arch, width, alpha).
+        input_shape: (C, H, W) of the images.
+        num_classes: N.
+
+    Returns:
+        One LayerSpec per conv layer.
+
+    Raises:
+        ValueError: unknown preset, non-positive width, or an input too small to pool.
+    """
+    if cfg.arch not in PRESETS:
+        raise ValueError(f"unknown model {cfg.arch!r}: choose one of {', '.join(PRESETS)}")
+    if cfg.width <= 0:
+        raise ValueError(f"--width must be > 0, got {cfg.width}")
+    preset = PRESETS[cfg.arch]
+    chans = [max(1, round(c * cfg.width)) for c, _ in preset]
+    c_last = chans[-1]
+    c_in, h, w = input_shape
+    specs = []
+    for i, (c, (_, pool)) in enumerate(zip(chans, preset)):
+        if pool and min(h, w) < 2:
+            smallest = 2 ** sum(p for _, p in preset)
+            raise ValueError(f"input {h}x{w} is too small for {cfg.arch}: it pools {sum(p for _, p in preset)} times, so it needs at least {smallest}x{smallest}")
+        p = partition_factor(cfg.alpha, c_last, c, h, w)
+        specs.append(LayerSpec(i + 1, c_in, c, h, w, pool, p, c * p * p, num_classes))
+        c_in = c
+        if pool:
+            h, w = h // 2, w // 2
+    return tuple(specs)
+
+
+class ASGELayer(nn.Module):
+    """conv3x3 + ReLU, with a fixed goodness projection and a pool + LayerNorm exit."""
+
+    def __init__(self, spec: LayerSpec, pool: str, generator: torch.Generator):
+        super().__init__()
+        self.spec = spec
+        self.pool_kind = pool
+        self.conv = nn.Conv2d(spec.in_channels, spec.channels, 3, padding=1)
+        w, b = make_projection(spec.goodness_dim, spec.num_classes, generator)
+        self.register_buffer("proj_w", w)    # G, N
+        self.register_buffer("proj_b", b)    # N
+
+    def activate(self, h: torch.Tensor) -> torch.Tensor:
+        """Post-ReLU activation a: (B, C_in, H, W) -> (B, C, H, W)."""
+        return F.relu(self.conv(h))
+
+    def local_forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ASGE path: (B, C_in, H, W) -> activation a (B, C, H, W), logits (B, N).
+
+        The logits carry the graph back to this layer's conv; ``a`` carries none.
+        """
+        a, g = relu_goodness(self.conv(h), self.spec.partition)   # B, C, H, W ; B, C*P*P
+        return a, project(g, self.proj_w, self.proj_b)             # B, N
+
+    def goodness_logits(self, a: torch.Tensor) -> torch.Tensor:
+        """Local class logits from the activation: (B, C, H, W) -> (B, N), fp32."""
+        g = spatial_goodness(a, self.spec.partition)          # B, C*P*P
+        return project(g, self.proj_w, self.proj_b)            # B, N
+
+    def transition(self, a: torch.Tensor) -> torch.Tensor:
+        """What the next layer reads: pool (if any), then LayerNorm over (C, H, W)."""
+        if self.spec.pool:
+            a = pool2d(a, self.pool_kind).to(a.dtype)          # B, C, H/2, W/2
+        return layer_norm_chw(a, LN_EPS)                       # B, C, H', W'
+
+
+@dataclass
+class NetOutput:
+    """Every prediction of the network for one batch."""
+
+    layer_logits: list[torch.Tensor]   # L x (B, N): each layer's goodness projection
+    last: torch.Tensor                 # B, N
+    fusion: torch.Tensor               # B, N
+
+
+def gap(h: torch.Tensor) -> torch.Tensor:
+    """Global average pooling (B, C, H, W) -> (B, C)."""
+    return h.float().mean(dim=(2, 3))
+
+
+class ASGENet(nn.Module):
+    """The ASGE network: input normalisation, L ASGE layers, Last and Fusion heads."""
+
+    def __init__(self, cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes: int,
+                 mean: tuple[float, ...], std: tuple[float, ...], seed: int = 0):
+        super().__init__()
+        self.cfg = cfg
+        self.specs = layer_specs(cfg, input_shape, num_classes)
+        c = input_shape[0]
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(c, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(c, 1, 1))
+        gen = torch.Generator().manual_seed(seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)   # conv and head initialisation follow the run's seed
+            self.layers = nn.ModuleList(ASGELayer(s, cfg.pool, gen) for s in self.specs)
+            self.last_head = nn.Linear(self.specs[-1].channels, num_classes)
+            self.fusion_head = nn.Linear(sum(s.channels for s in self.fusion_specs), num_classes)
+
+    @property
+    def fusion_specs(self) -> tuple[LayerSpec, ...]:
+        """Layers 2..L feed Fusion (the paper drops layer 1); a 1-layer net uses layer 1."""
+        return self.specs[1:] or self.specs
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw [0, 1] pixels -> normalised input, (B, C, H, W)."""
+        return (x - self.mean) / self.std
+
+    def heads(self, feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Last and Fusion logits from the per-layer GAP features, each (B, C_l)."""
+        fused = torch.cat(feats[len(feats) - len(self.fusion_specs):], dim=1)   # B, sum C_l
+        return self.last_head(feats[-1]), self.fusion_head(fused)               # B, N ; B, N
+
+    def forward(self, x: torch.Tensor) -> NetOutput:
+        h = self.normalize(x)                                   # B, C0, H, W
+        layer_logits, feats = [], []
+        for layer in self.layers:
+            a, logits = layer.local_forward(h)                  # B, C, H, W ; B, N
+            layer_logits.append(logits)
+            h = layer.transition(a)                             # B, C, H', W'
+            feats.append(gap(h))                                # B, C
+        last, fusion = self.heads(feats)
+        return NetOutput(layer_logits, last, fusion)
+
+    def exit_logits(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """Best-Pred early exit: run layers 1..k only and read layer k's projection.
+
+        Args:
+            x: raw pixels (B, C, H, W).
+            k: 1-based exit layer.
+
+        Returns:
+            (B, N) logits of layer k.
+        """
+        if not 1 <= k <= len(self.layers):
+            raise ValueError(f"exit layer {k} is out of range 1..{len(self.layers)}")
+        h = self.normalize(x)
+        for layer in self.layers[: k - 1]:
+            h = layer.transition(layer.activate(h))             # B, C, H', W'
+        return self.layers[k - 1].local_forward(h)[1]          # B, N

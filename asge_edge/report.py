@@ -1,0 +1,69 @@
+"""Human-facing output: the per-layer table, the layer-accuracy plot, metrics lines.
+
+Contract: pure formatting (``layer_table``) is kept apart from file writing
+(``append_metrics``, ``plot_layer_accuracy``). The plot follows the paper's Figure 3:
+validation accuracy of each layer against the epoch. Nothing here touches tensors.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from .models import LayerSpec
+
+
+def layer_table(specs: Sequence[LayerSpec], val: Sequence[float], test: Sequence[float],
+                strategies: dict[str, float | None], best: int) -> str:
+    """The per-layer accuracy table and the strategy lines, as printed after training."""
+    lines = [f"{'layer':>5} {'channels':>8} {'out HxW':>8} {'P':>3} {'goodness':>8} {'val acc':>8} {'test acc':>8}"]
+    for s, v, t in zip(specs, val, test):
+        mark = "  <- best" if s.index == best else ""
+        lines.append(f"{s.index:>5} {s.channels:>8} {f'{s.height}x{s.width}':>8} {s.partition:>3} "
+                     f"{s.goodness_dim:>8} {100 * v:>7.2f}% {100 * t:>7.2f}%{mark}")
+    lines.append("")
+    for name, acc in strategies.items():
+        label = f"{name} (layer {best})" if name == "best" else name
+        lines.append(f"test accuracy {label:<14} {'n/a' if acc is None else f'{100 * acc:.2f}%'}")
+    return "\n".join(lines)
+
+
+def append_metrics(path: Path, record: dict[str, Any]) -> None:
+    """Append one JSON line to metrics.jsonl and flush it to disk."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not Path(path).is_file():
+        return []
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_layer_accuracy(history: Sequence[dict[str, Any]], path: Path, title: str = "") -> None:
+    """Validation accuracy of every layer over the epochs (the paper's Figure 3)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in history]
+    n_layers = len(history[0]["val_layer_accuracy"])
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for i in range(n_layers):
+        ax.plot(epochs, [100 * r["val_layer_accuracy"][i] for r in history], marker="o", ms=3, label=f"layer {i + 1}")
+    for key, style in (("val_fusion_accuracy", "k--"), ("val_last_accuracy", "k:")):
+        if history[0].get(key) is not None:
+            ax.plot(epochs, [100 * r[key] for r in history], style, label=key.split("_")[1])
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title(title or "layer-wise validation accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    tmp = Path(path).with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)

@@ -1,0 +1,226 @@
+"""The trainer: epochs, schedule, validation, checkpoint selection, resume, outputs.
+
+Contract: ``train(cfg, opts)`` runs a ``Method`` (methods.py) over the data for
+``cfg.train.epochs`` epochs and writes, in ``opts.out``:
+- ``config.json`` and ``model.safetensors``: the checkpoint with the best validation
+  accuracy of the method's selection strategy (Fusion for ASGE, Last for BP);
+- ``state.safetensors``: the latest epoch's weights and optimiser state, for ``--resume``;
+- ``metrics.jsonl``: one line per epoch (per-layer loss and accuracy, lr, seconds);
+- ``layer_accuracy.png``: per-layer validation accuracy over the epochs;
+- ``summary.json``: test accuracy of every strategy, the best layer (chosen on
+  validation, never on test), per-layer accuracies, time and throughput.
+Every file is written atomically. Each epoch's shuffling and augmentation come from a
+generator seeded by (seed, epoch), so a resumed run replays the epochs it has not done
+exactly as an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from . import __version__
+from .checkpoint import (CONFIG_FILE, MODEL_FILE, STATE_FILE, build_net, load_run, load_state, read_json,
+                         save_model, save_state, write_json)
+from .config import RunConfig
+from .data import load_splits, batches
+from .device import resolve_device, to_device
+from .errors import UserError
+from .evaluate import Accuracy, best_layer, evaluate
+from .methods import Method, make_method
+from .report import append_metrics, layer_table, plot_layer_accuracy, read_metrics
+from .schedule import cosine_lr
+
+OUTPUTS = (CONFIG_FILE, MODEL_FILE, STATE_FILE, "metrics.jsonl", "summary.json", "layer_accuracy.png")
+PROGRESS_EVERY = 10   # steps between progress-bar refreshes (each one syncs the device)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How to run (not what): where to write and how loudly."""
+
+    out: Path
+    quiet: bool = False
+    force: bool = False
+    resume: bool = False
+    workers: int = 0
+
+
+def prepare_out_dir(out: Path, force: bool, resume: bool) -> None:
+    """Create ``out``; refuse to overwrite a run unless --force or --resume."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create output directory {out} ({e.strerror}); choose another --out") from None
+    if not os.access(out, os.W_OK):
+        raise UserError(f"output directory {out} is not writable; choose another --out")
+    if resume:
+        if not (out / STATE_FILE).is_file():
+            raise UserError(f"nothing to resume in {out} (no {STATE_FILE}); drop --resume to start a new run")
+        return
+    if any(out.iterdir()):
+        if not force:
+            raise UserError(f"{out} is not empty; pass --resume to continue that run or --force to overwrite it")
+        for name in OUTPUTS:
+            (out / name).unlink(missing_ok=True)
+
+
+def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def _progress_postfix(loss_sum: torch.Tensor, head_sum: torch.Tensor, seen: int) -> str:
+    layers = " ".join(f"{v:.2f}" for v in (loss_sum / seen).tolist() if not math.isnan(v))
+    heads = (head_sum / seen).tolist()
+    parts = [f"loss {layers}"] if layers else []
+    parts += [f"{n} {v:.2f}" for n, v in zip(("last", "fusion"), heads) if not math.isnan(v)]
+    return " | ".join(parts)
+
+
+def _epoch_record(epoch: int, lr: float, seconds: float, images: int, loss_sum: torch.Tensor,
+                  correct: torch.Tensor, head_sum: torch.Tensor, val: Accuracy) -> dict[str, Any]:
+    nan_to_none = lambda xs: [None if math.isnan(v) else v for v in xs]   # noqa: E731 (JSON has no NaN)
+    return {
+        "epoch": epoch, "lr": lr, "seconds": seconds, "images": images,
+        "train_layer_loss": nan_to_none((loss_sum / images).tolist()),
+        "train_layer_accuracy": (correct / images).tolist(),
+        "train_last_loss": nan_to_none([head_sum[0].item() / images])[0],
+        "train_fusion_loss": nan_to_none([head_sum[1].item() / images])[0],
+        "val_layer_accuracy": val.layers, "val_last_accuracy": val.last, "val_fusion_accuracy": val.fusion,
+    }
+
+
+def _run_epoch(method: Method, cfg: RunConfig, splits, device, epoch: int, step0: int, total: int, pbar) -> tuple:
+    tc = cfg.train
+    n_layers = len(method.net.layers)
+    loss_sum = torch.zeros(n_layers, device=device)
+    correct = torch.zeros(n_layers, device=device)
+    head_sum = torch.zeros(2, device=device)
+    seen, step, lr = 0, step0, tc.resolved_lr
+    gen = _epoch_generator(tc.seed, epoch)
+    for x, y in batches(splits.train, tc.batch_size, gen, cfg.data.augment, 0):
+        lr = cosine_lr(step, total, tc.resolved_lr, tc.resolved_lr_min)
+        method.set_lr(lr)
+        x, y = to_device(x, y, device)
+        stats = method.train_step(x, y)
+        loss_sum += stats.layer_loss
+        correct += stats.layer_correct
+        head_sum += stats.head_loss
+        seen += len(y)
+        step += 1
+        if pbar is not None:
+            pbar.update(1)
+            if step % PROGRESS_EVERY == 0:
+                pbar.set_postfix_str(_progress_postfix(loss_sum, head_sum, seen), refresh=False)
+    return loss_sum, correct, head_sum, seen, step, lr
+
+
+def train(cfg: RunConfig, opts: RunOptions) -> dict[str, Any]:
+    """Train, select on validation, evaluate on test; return the summary.
+
+    Args:
+        cfg: the run config (ignored with ``opts.resume``: the run's own config.json is used).
+        opts: output directory and run options.
+
+    Returns:
+        The summary dict also written to ``summary.json``.
+    """
+    out = Path(opts.out)
+    prepare_out_dir(out, opts.force, opts.resume)
+    if opts.resume:
+        cfg = RunConfig.from_dict(read_json(out / CONFIG_FILE))
+    splits = load_splits(cfg.data)
+    cfg = replace(cfg, info=splits.info, version=__version__)
+    device = resolve_device(cfg.train.device)
+    net = build_net(cfg).to(device, memory_format=torch.channels_last)
+    method = make_method(net, cfg.train)
+    tc = cfg.train
+    steps_per_epoch = math.ceil(len(splits.train) / tc.batch_size)
+    total = tc.epochs * steps_per_epoch
+
+    progress: dict[str, Any] = {"epoch": 0, "step": 0, "train_seconds": 0.0, "best": -1.0, "best_epoch": 0}
+    if opts.resume:
+        opt_states, progress = load_state(out, net)
+        method.load_state_dict(opt_states)
+    else:
+        write_json(out / CONFIG_FILE, cfg.to_dict())
+    history = read_metrics(out / "metrics.jsonl")[: progress["epoch"]]
+
+    if not opts.quiet:
+        print(f"asge-edge {__version__}: {tc.method} {cfg.model.arch} x{cfg.model.width} on {cfg.data.dataset} "
+              f"({len(splits.train)}/{len(splits.val)}/{len(splits.test)} train/val/test), {device}, "
+              f"lr {tc.resolved_lr:.3g} -> {tc.resolved_lr_min:.3g}, batch {tc.batch_size}, {tc.epochs} epochs")
+    for epoch in range(progress["epoch"] + 1, tc.epochs + 1):
+        pbar = None if opts.quiet else tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{tc.epochs}", unit="batch",
+                                            dynamic_ncols=True, leave=False)
+        t0 = time.perf_counter()
+        loss_sum, correct, head_sum, seen, step, lr = _run_epoch(method, cfg, splits, device, epoch,
+                                                                 progress["step"], total, pbar)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        if pbar is not None:
+            pbar.close()
+        val = evaluate(net, splits.val, device)
+        record = _epoch_record(epoch, lr, seconds, seen, loss_sum, correct, head_sum, val)
+        score = val.strategy(method.select, best_layer(val.layers))
+        progress = {"epoch": epoch, "step": step, "train_seconds": progress["train_seconds"] + seconds,
+                    "best": progress["best"], "best_epoch": progress["best_epoch"]}
+        if score > progress["best"]:
+            progress.update(best=score, best_epoch=epoch)
+            save_model(out, net, cfg, {"epoch": epoch, "val_accuracy": score})
+        append_metrics(out / "metrics.jsonl", record)
+        save_state(out, net, method.state_dict(), progress)
+        history.append(record)
+        plot_layer_accuracy(history, out / "layer_accuracy.png", f"{tc.method} {cfg.model.arch} on {cfg.data.dataset}")
+        if not opts.quiet:
+            layers = " ".join(f"{100 * a:.1f}" for a in val.layers)
+            print(f"epoch {epoch}/{tc.epochs} {seconds:.0f}s {seen / seconds:.0f} img/s | val layers {layers} | "
+                  f"last {100 * val.last:.2f} fusion {100 * val.fusion:.2f}{' *' if progress['best_epoch'] == epoch else ''}")
+
+    return finish(out, method.strategies, history, progress, device, quiet=opts.quiet)
+
+
+def finish(out: Path, strategies: tuple[str, ...], history: list[dict[str, Any]], progress: dict[str, Any],
+           device: torch.device, quiet: bool = False) -> dict[str, Any]:
+    """Evaluate the selected checkpoint on test, write summary.json, print the table."""
+    cfg, net, _ = load_run(out)
+    net = net.to(device, memory_format=torch.channels_last)
+    splits = load_splits(cfg.data)
+    chosen = history[progress["best_epoch"] - 1]
+    layer_val = chosen["val_layer_accuracy"]
+    val = Accuracy(layer_val, chosen["val_last_accuracy"], chosen["val_fusion_accuracy"], len(splits.val))
+    best = best_layer(layer_val)
+    test = evaluate(net, splits.test, device)
+    images = sum(r["images"] for r in history)
+    summary = {
+        "version": __version__,
+        "method": cfg.train.method,
+        "model": cfg.model.arch,
+        "width": cfg.model.width,
+        "dataset": cfg.data.dataset,
+        "device": str(device),
+        "torch": torch.__version__,
+        "epochs": cfg.train.epochs,
+        "best_epoch": progress["best_epoch"],
+        "test_accuracy": {s: (test.strategy(s, best) if s in strategies else None) for s in ("fusion", "last", "best")},
+        "val_accuracy": {s: (val.strategy(s, best) if s in strategies else None) for s in ("fusion", "last", "best")},
+        "best_layer": best if "best" in strategies else None,
+        "layer_val_accuracy": layer_val,
+        "layer_test_accuracy": test.layers,
+        "train_seconds": progress["train_seconds"],
+        "images_per_second": images / max(progress["train_seconds"], 1e-9),
+    }
+    write_json(out / "summary.json", summary)
+    if not quiet:
+        print(layer_table(net.specs, layer_val, test.layers, summary["test_accuracy"], best))
+        print(f"{images} training images in {progress['train_seconds']:.0f}s ({summary['images_per_second']:.0f} img/s); "
+              f"outputs in {out}")
+    return summary

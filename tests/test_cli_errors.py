@@ -1,0 +1,86 @@
+"""User errors: one line on stderr, exit code 2, no traceback, nothing overwritten."""
+
+import subprocess
+import sys
+
+import pytest
+
+from asge_edge.cli import main
+from conftest import TINY_RUN
+
+
+def _one_line_error(capsys, argv, needle):
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("asge-edge: error: ") and "\n" not in err, err
+    assert needle in err, err
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["train", "--model", "vgg99"], "invalid choice"),
+    (["train", "--dataset", "imagenet22k"], "invalid choice"),
+    (["train", "--width", "-1"], "--width"),
+    (["train", "--epochs", "0"], "--epochs"),
+    (["train", "--input-shape", "3x32"], "CxHxW"),
+    (["train", "--lr", "fast"], "--lr"),
+    (["train", "--no-such-flag"], "unrecognized"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_flags(capsys, argv, needle):
+    _one_line_error(capsys, argv, needle)
+
+
+def test_missing_dataset_root_names_the_fix(capsys, tmp_path):
+    _one_line_error(capsys, ["train", "--data-root", str(tmp_path / "nope"), "--out", str(tmp_path / "o")],
+                    "apt-get install dataset-fashion-mnist")
+
+
+def test_cifar_without_root(capsys, tmp_path):
+    _one_line_error(capsys, ["train", "--dataset", "cifar10", "--data-root", str(tmp_path), "--out",
+                             str(tmp_path / "o")], "--download")
+
+
+def test_input_too_small_for_model(capsys, tmp_path):
+    _one_line_error(capsys, ["train", *TINY_RUN, "--input-shape", "1x4x4", "--out", str(tmp_path / "o")],
+                    "too small")
+
+
+def test_non_empty_out_is_not_overwritten(capsys, tmp_path):
+    (tmp_path / "keep.txt").write_text("precious")
+    _one_line_error(capsys, ["train", *TINY_RUN, "--out", str(tmp_path)], "--force")
+    assert (tmp_path / "keep.txt").read_text() == "precious"
+
+
+def test_resume_without_state(capsys, tmp_path):
+    _one_line_error(capsys, ["train", *TINY_RUN, "--out", str(tmp_path), "--resume"], "nothing to resume")
+
+
+def test_eval_of_a_directory_that_is_not_a_run(capsys, tmp_path):
+    _one_line_error(capsys, ["eval", str(tmp_path)], "not found")
+
+
+def test_corrupt_checkpoint(capsys, tiny_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    data = (run / "model.safetensors").read_bytes()
+    (run / "model.safetensors").write_bytes(data[: len(data) // 2])
+    _one_line_error(capsys, ["eval", str(run)], "corrupt or truncated")
+
+
+def test_pickle_is_refused(capsys, tiny_run, tmp_path):
+    import pickle
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "model.safetensors").write_bytes(pickle.dumps({"weights": [1, 2, 3]}))
+    _one_line_error(capsys, ["eval", str(run)], "corrupt or truncated")
+
+
+def test_console_script_prints_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "asge_edge", "train", "--width", "0"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

@@ -1,0 +1,89 @@
+"""Datasets: the IDX reader, the real Fashion-MNIST package, splits, augmentation."""
+
+import gzip
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+from asge_edge.config import DataConfig
+from asge_edge.data import FASHION_MNIST_ROOT, augment, batches, load_splits, read_idx
+from asge_edge.errors import UserError
+
+
+def _write_idx(path: Path, array: torch.Tensor) -> None:
+    header = b"\0\0\x08" + bytes([array.dim()]) + struct.pack(f">{array.dim()}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.numpy().tobytes())
+
+
+def test_idx_round_trip_and_truncation(tmp_path):
+    arr = torch.randint(0, 256, (5, 3, 4), dtype=torch.uint8)
+    _write_idx(tmp_path / "x.gz", arr)
+    assert torch.equal(read_idx(tmp_path / "x.gz"), arr)
+    raw = gzip.decompress((tmp_path / "x.gz").read_bytes())
+    (tmp_path / "cut").write_bytes(raw[:-7])
+    with pytest.raises(UserError, match="truncated"):
+        read_idx(tmp_path / "cut")
+    (tmp_path / "junk").write_bytes(b"not an idx file")
+    with pytest.raises(UserError, match="not an IDX"):
+        read_idx(tmp_path / "junk")
+
+
+def test_mnist_layout_under_torchvision_folder(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for prefix, n in (("train", 30), ("t10k", 10)):
+        _write_idx(raw / f"{prefix}-images-idx3-ubyte.gz", torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8))
+        _write_idx(raw / f"{prefix}-labels-idx1-ubyte.gz", torch.randint(0, 10, (n,), dtype=torch.uint8))
+    s = load_splits(DataConfig(dataset="mnist", root=str(tmp_path), val_size=5))
+    assert (len(s.train), len(s.val), len(s.test)) == (25, 5, 10)
+    assert s.info.input_shape == (1, 28, 28) and s.info.num_classes == 10
+
+
+@pytest.mark.skipif(not Path(FASHION_MNIST_ROOT).is_dir(), reason="make install puts dataset-fashion-mnist here")
+def test_real_fashion_mnist_from_the_debian_package():
+    s = load_splits(DataConfig())
+    assert (len(s.train), len(s.val), len(s.test)) == (50_000, 10_000, 10_000)   # the paper's split
+    assert s.train.images.shape[1:] == (1, 28, 28) and s.train.images.dtype == torch.uint8
+    assert s.info.class_names[0] == "T-shirt/top" and s.info.num_classes == 10
+    assert torch.bincount(s.test.labels).tolist() == [1000] * 10
+
+
+def test_validation_split_is_fixed_and_disjoint():
+    cfg = DataConfig(dataset="synthetic", train_size=200)
+    a, b = load_splits(cfg), load_splits(cfg)
+    assert torch.equal(a.val.images, b.val.images) and torch.equal(a.train.images, b.train.images)
+    assert len(a.train) + len(a.val) == 200
+    train_rows = {bytes(img.numpy()) for img in a.train.images}
+    assert not any(bytes(img.numpy()) in train_rows for img in a.val.images)
+
+
+def test_synthetic_shapes_follow_the_flags():
+    s = load_splits(DataConfig(dataset="synthetic", input_shape=(3, 12, 10), num_classes=6, train_size=100))
+    assert s.info.input_shape == (3, 12, 10) and s.info.num_classes == 6
+    assert s.train.images.shape[1:] == (3, 12, 10) and int(s.train.labels.max()) < 6
+
+
+def test_batches_cover_the_split_once_in_range():
+    s = load_splits(DataConfig(dataset="synthetic", train_size=100)).train
+    seen = []
+    for x, y in batches(s, 32, torch.Generator().manual_seed(0)):
+        assert x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+        seen.append(y)
+    assert torch.cat(seen).sort().values.tolist() == s.labels.sort().values.tolist()
+
+
+def test_augment_is_seeded_and_keeps_shape():
+    x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    a = augment(x, torch.Generator().manual_seed(1))
+    b = augment(x, torch.Generator().manual_seed(1))
+    assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, x)
+
+
+def test_unknown_dataset_and_bad_val_size():
+    with pytest.raises(UserError, match="unknown dataset"):
+        load_splits(DataConfig(dataset="nope"))
+    with pytest.raises(UserError, match="--val-size"):
+        load_splits(DataConfig(dataset="synthetic", train_size=10, val_size=10))

@@ -1,0 +1,59 @@
+"""Network shapes, presets and the early exit."""
+
+import pytest
+import torch
+
+from asge_edge.config import ModelConfig
+from asge_edge.models import ASGENet, layer_specs
+
+
+def test_vgg8_matches_paper_table3():
+    specs = layer_specs(ModelConfig(arch="vgg8"), (3, 32, 32), 100)
+    assert len(specs) == 7
+    assert {s.channels for s in specs} == {128, 256, 512}
+    # Table 3 (CIFAR-100, batch 128): Fusion stores 1.25 MiB of fp32 GAP features, Last 0.25 MiB.
+    assert sum(s.channels for s in specs[1:]) * 128 * 4 == 1.25 * 2**20
+    assert specs[-1].channels * 128 * 4 == 0.25 * 2**20
+    # ... and the Last head has 5.13e4 parameters.
+    assert specs[-1].channels * 100 + 100 == 51_300
+
+
+def test_width_scales_channels_and_keeps_partitions():
+    full = layer_specs(ModelConfig(width=1.0), (1, 28, 28), 10)
+    small = layer_specs(ModelConfig(width=0.25), (1, 28, 28), 10)
+    assert [s.channels for s in small] == [c.channels // 4 for c in full]
+    assert [s.partition for s in small] == [s.partition for s in full]
+
+
+def test_too_small_input_is_refused():
+    with pytest.raises(ValueError, match="at least 8x8"):
+        layer_specs(ModelConfig(), (1, 4, 4), 10)
+
+
+@pytest.mark.parametrize("arch", ["vgg8", "vgg11"])
+@pytest.mark.parametrize("pool", ["rms", "avg", "max"])
+def test_forward_shapes_and_finite(arch, pool, device):
+    net = ASGENet(ModelConfig(arch=arch, width=0.0625, pool=pool), (3, 32, 32), 7, (0.5,) * 3, (0.25,) * 3).to(device)
+    out = net(torch.rand(5, 3, 32, 32, device=device))
+    assert len(out.layer_logits) == len(net.layers)
+    for logits in (*out.layer_logits, out.last, out.fusion):
+        assert logits.shape == (5, 7) and torch.isfinite(logits).all()
+
+
+def test_early_exit_equals_first_k_layers_of_full_net(device):
+    net = ASGENet(ModelConfig(width=0.125), (1, 28, 28), 10, (0.3,), (0.35,)).to(device).eval()
+    x = torch.rand(4, 1, 28, 28, device=device)
+    with torch.no_grad():
+        full = net(x).layer_logits
+        for k in range(1, len(net.layers) + 1):
+            torch.testing.assert_close(net.exit_logits(x, k), full[k - 1], rtol=0, atol=0)
+    with pytest.raises(ValueError):
+        net.exit_logits(x, len(net.layers) + 1)
+
+
+def test_same_seed_same_network_different_seed_different():
+    make = lambda seed: ASGENet(ModelConfig(width=0.125), (1, 16, 16), 4, (0.5,), (0.25,), seed=seed)  # noqa: E731
+    a, b, c = make(0).state_dict(), make(0).state_dict(), make(1).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["layers.0.proj_w"], c["layers.0.proj_w"])
+    assert not torch.equal(a["layers.0.conv.weight"], c["layers.0.conv.weight"])

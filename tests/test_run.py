@@ -1,0 +1,88 @@
+"""End to end through the CLI: a short synthetic run learns, writes its outputs, and reloads."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from asge_edge.checkpoint import load_run
+from asge_edge.cli import main
+from asge_edge.data import load_splits
+from conftest import TINY_RUN
+
+
+def test_short_synthetic_run_learns_well_above_chance(tiny_run):
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    assert summary["test_accuracy"]["fusion"] > 0.85      # chance is 0.25
+    assert summary["test_accuracy"]["best"] > 0.85
+    assert 1 <= summary["best_layer"] <= 7
+    assert summary["layer_val_accuracy"][summary["best_layer"] - 1] == max(summary["layer_val_accuracy"])
+
+
+def test_run_writes_every_output(tiny_run):
+    for name in ("model.safetensors", "config.json", "metrics.jsonl", "layer_accuracy.png", "summary.json",
+                 "state.safetensors"):
+        assert (tiny_run / name).is_file(), name
+    lines = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2, 3]
+    assert all(len(r["train_layer_loss"]) == 7 and len(r["val_layer_accuracy"]) == 7 for r in lines)
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    for key in ("test_accuracy", "best_layer", "layer_val_accuracy", "layer_test_accuracy", "train_seconds",
+                "images_per_second"):
+        assert key in summary
+    assert set(summary["test_accuracy"]) == {"fusion", "last", "best"}
+    assert (tiny_run / "layer_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    tensors = load_file(str(tiny_run / "model.safetensors"))
+    assert {"layers.0.proj_w", "layers.6.proj_b", "last_head.weight", "fusion_head.weight", "mean"} <= set(tensors)
+
+
+def test_checkpoint_round_trip_gives_identical_logits(tiny_run, device):
+    cfg, net, _ = load_run(tiny_run)
+    _, net2, _ = load_run(tiny_run)
+    x = load_splits(cfg.data).test.images[:16].float().div(255)
+    net.eval(), net2.eval()
+    with torch.no_grad():
+        a, b = net(x), net2(x)
+    for la, lb in zip((*a.layer_logits, a.last, a.fusion), (*b.layer_logits, b.last, b.fusion)):
+        assert torch.equal(la, lb)
+
+
+def test_eval_reproduces_the_summary(tiny_run, capsys):
+    assert main(["eval", str(tiny_run), "--json", "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    assert result["best_layer"] == summary["best_layer"]
+    for k, v in summary["test_accuracy"].items():
+        assert result["test_accuracy"][k] == pytest.approx(v, abs=1e-6)
+
+
+def test_bp_baseline_runs_and_reports_last_only(tmp_path):
+    out = tmp_path / "bp"
+    assert main(["train", *TINY_RUN, "--method", "bp", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["test_accuracy"]["last"] > 0.6
+    assert summary["test_accuracy"]["fusion"] is None and summary["best_layer"] is None
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypatch):
+    args = [*TINY_RUN, "--epochs", "2"]
+    assert main(["train", *args, "--out", str(tmp_path / "a")]) == 0
+
+    import asge_edge.train as train_mod
+    real = train_mod._run_epoch
+
+    def crash_on_epoch_2(method, cfg, splits, device, epoch, *rest):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real(method, cfg, splits, device, epoch, *rest)
+
+    monkeypatch.setattr(train_mod, "_run_epoch", crash_on_epoch_2)
+    assert main(["train", *args, "--out", str(tmp_path / "b")]) == 130
+    monkeypatch.setattr(train_mod, "_run_epoch", real)
+    assert main(["train", *args, "--out", str(tmp_path / "b"), "--resume"]) == 0
+
+    a, b = (load_file(str(tmp_path / r / "state.safetensors")) for r in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = (json.loads((tmp_path / r / "summary.json").read_text()) for r in "ab")
+    assert sa["test_accuracy"] == sb["test_accuracy"]

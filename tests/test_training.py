@@ -1,0 +1,106 @@
+"""Layer-wise training invariants: locality, fixed projections, learning, determinism."""
+
+import copy
+
+import pytest
+import torch
+
+from asge_edge.config import ModelConfig, TrainConfig
+from asge_edge.methods import ASGEMethod, BPMethod, make_method
+from asge_edge.models import ASGENet
+from asge_edge.schedule import cosine_lr
+
+
+def _net(device, seed=0):
+    return ASGENet(ModelConfig(width=0.125), (1, 16, 16), 4, (0.5,), (0.25,), seed=seed).to(
+        device, memory_format=torch.channels_last)
+
+
+def _batch(device, n=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, 16, 16, generator=g).to(device), torch.randint(4, (n,), generator=g).to(device)
+
+
+def test_training_one_layer_leaves_every_other_tensor_bit_identical(device):
+    net = _net(device)
+    method = ASGEMethod(net, TrainConfig(lr=1e-2))
+    x, y = _batch(device)
+    with torch.no_grad():
+        h = net.normalize(x)
+        h = net.layers[0].transition(net.layers[0].activate(h))
+    before = copy.deepcopy(net.state_dict())
+    method.layer_step(1, h, y)
+    after = net.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"layers.1.conv.weight", "layers.1.conv.bias"}
+    others = [p for i, layer in enumerate(net.layers) if i != 1 for p in layer.parameters()]
+    assert all(p.grad is None for p in others)
+
+
+def test_no_gradient_is_computed_for_any_layer_input(device):
+    net = _net(device)
+    method = ASGEMethod(net, TrainConfig())
+    seen = []
+    hooks = [layer.conv.register_forward_pre_hook(lambda m, inp: seen.append(inp[0].requires_grad))
+             for layer in net.layers]
+    method.train_step(*_batch(device))
+    for hk in hooks:
+        hk.remove()
+    assert seen == [False] * len(net.layers)
+
+
+def test_projections_never_change_and_are_not_parameters(device):
+    net = _net(device)
+    proj = {k: v.clone() for k, v in net.state_dict().items() if "proj_" in k}
+    assert len(proj) == 2 * len(net.layers)
+    assert not any("proj_" in name for name, _ in net.named_parameters())
+    method = ASGEMethod(net, TrainConfig(lr=1e-2))
+    for step in range(3):
+        method.train_step(*_batch(device, seed=step))
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in proj.items())
+
+
+def test_every_conv_and_head_gets_updated(device):
+    net = _net(device)
+    before = copy.deepcopy(net.state_dict())
+    ASGEMethod(net, TrainConfig(lr=1e-2)).train_step(*_batch(device))
+    params = [k for k, _ in net.named_parameters()]
+    assert all(not torch.equal(before[k], net.state_dict()[k]) for k in params)
+
+
+def test_bp_step_trains_every_conv_through_one_loss(device):
+    net = _net(device)
+    before = copy.deepcopy(net.state_dict())
+    stats = BPMethod(net, TrainConfig(method="bp", lr=1e-2)).train_step(*_batch(device))
+    after = net.state_dict()
+    assert all(not torch.equal(before[f"layers.{i}.conv.weight"], after[f"layers.{i}.conv.weight"])
+               for i in range(len(net.layers)))
+    assert torch.equal(before["fusion_head.weight"], after["fusion_head.weight"])   # BP trains Last only
+    assert torch.isfinite(stats.head_loss[0])
+
+
+def test_asge_steps_are_deterministic_on_cpu():
+    runs = []
+    for _ in range(2):
+        net = _net("cpu")
+        method = make_method(net, TrainConfig())
+        for step in range(2):
+            method.train_step(*_batch("cpu", seed=step))
+        runs.append(net.state_dict())
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_local_losses_fall_on_a_fixed_batch(device):
+    net = _net(device)
+    method = ASGEMethod(net, TrainConfig(lr=3e-3))
+    x, y = _batch(device, n=64)
+    first = method.train_step(x, y).layer_loss
+    for _ in range(15):
+        last = method.train_step(x, y).layer_loss
+    assert (last < first).all()
+
+
+def test_cosine_schedule_endpoints():
+    assert cosine_lr(0, 100, 1e-3, 1e-5) == pytest.approx(1e-3)
+    assert cosine_lr(100, 100, 1e-3, 1e-5) == pytest.approx(1e-5)
+    assert cosine_lr(50, 100, 1e-3, 1e-5) == pytest.approx((1e-3 + 1e-5) / 2)
