@@ -96,10 +96,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     o.add_argument("--batch-size", type=_positive_int, default=TrainConfig.batch_size)
     o.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS)
     o.add_argument("--lr", type=_positive_float, default=None,
-                   help="initial lr (default: 2e-4*sqrt(max(1, 100/epochs)) for AdamW, see docs/RESULTS.md)")
+                   help="initial lr (default for AdamW: 2e-4 * clamp(100/epochs, 1, 15), i.e. the paper's 2e-4 "
+                   "from 100 epochs on and 3e-3 at 3 epochs; SGD: 0.05; see docs/RESULTS.md)")
     o.add_argument("--lr-min", type=_positive_float, default=None, help="final lr of the cosine (default 1e-5)")
     o.add_argument("--weight-decay", type=_non_negative_float, default=None, help="default 1e-3 (AdamW), 1e-4 (SGD)")
     o.add_argument("--momentum", type=_non_negative_float, default=TrainConfig.momentum, help="SGD momentum")
+    o.add_argument("--head-lr-scale", type=_positive_float, default=TrainConfig.head_lr_scale,
+                   help="lr of the Last/Fusion heads over the layers' lr (default 10, see docs/RESULTS.md)")
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--device", default="auto", choices=DEVICES)
     r = t.add_argument_group("run")
@@ -124,7 +127,7 @@ def _run_config(a: argparse.Namespace) -> RunConfig:
                         train_size=a.train_size, image_size=a.image_size),
         train=TrainConfig(method=a.method, epochs=a.epochs, batch_size=a.batch_size, optimizer=a.optimizer,
                           lr=a.lr, lr_min=a.lr_min, weight_decay=a.weight_decay, momentum=a.momentum,
-                          seed=a.seed, device=a.device),
+                          head_lr_scale=a.head_lr_scale, seed=a.seed, device=a.device),
     )
 
 

@@ -12,7 +12,8 @@ added to ``METHODS``; the trainer needs no change.
   layer l+1 (no gradient crosses a layer, and none is computed for any layer's input).
   Layer l+1 reads layer l's output from before layer l's step: one forward pass per
   batch, as in the paper, and what a micro-batched streaming run computes too.
-  The Last and Fusion heads step on the detached GAP features.
+  The Last and Fusion heads step on the detached GAP features, at ``head_lr_scale``
+  times the layers' lr (config.py says why).
 - ``BPMethod``: the same network trained end to end by backprop through the Last
   head (the paper's "BP (repr.)" row). One optimiser over convs and the Last head.
 """
@@ -37,6 +38,9 @@ class StepStats:
     layer_loss: torch.Tensor      # L: local loss of each layer (NaN where a method has none)
     layer_correct: torch.Tensor   # L: correct goodness-projection predictions of each layer
     head_loss: torch.Tensor       # 2: Last, Fusion classifier losses
+
+
+HEADS = ("last", "fusion")   # optimiser names of the linear heads
 
 
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -65,9 +69,10 @@ class Method(ABC):
         """Update the network on one batch of raw pixels x (B, C, H, W) and labels y (B,)."""
 
     def set_lr(self, lr: float) -> None:
-        for opt in self.optimizers.values():
+        """Set the layers' lr; the Last and Fusion heads get ``lr * cfg.head_lr_scale``."""
+        for name, opt in self.optimizers.items():
             for group in opt.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * (self.cfg.head_lr_scale if name in HEADS else 1.0)
 
     def state_dict(self) -> dict[str, dict]:
         return {name: opt.state_dict() for name, opt in self.optimizers.items()}
@@ -94,8 +99,8 @@ class ASGEMethod(Method):
         super().__init__(net, cfg)
         for i, layer in enumerate(net.layers):
             self.optimizers[f"layer{i + 1}"] = make_optimizer(layer.conv.parameters(), cfg)
-        self.optimizers["last"] = make_optimizer(net.last_head.parameters(), cfg)
-        self.optimizers["fusion"] = make_optimizer(net.fusion_head.parameters(), cfg)
+        for name in HEADS:
+            self.optimizers[name] = make_optimizer(getattr(net, f"{name}_head").parameters(), cfg)
 
     def layer_step(self, i: int, h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Train layer ``i`` (0-based) on its own loss; touch nothing else.
@@ -120,7 +125,7 @@ class ASGEMethod(Method):
         """Train the Last and Fusion heads on detached GAP features; return their loss sums (2,)."""
         last, fusion = self.net.heads(feats)                   # B, N ; B, N
         losses = []
-        for name, logits in (("last", last), ("fusion", fusion)):
+        for name, logits in zip(HEADS, (last, fusion)):
             loss = F.cross_entropy(logits, y)
             _step(self.optimizers[name], loss)
             losses.append(loss.detach() * len(y))

@@ -17,7 +17,7 @@ from .models import LayerSpec
 def layer_table(specs: Sequence[LayerSpec], val: Sequence[float], test: Sequence[float],
                 strategies: dict[str, float | None], best: int) -> str:
     """The per-layer accuracy table and the strategy lines, as printed after training."""
-    lines = [f"{'layer':>5} {'channels':>8} {'out HxW':>8} {'P':>3} {'goodness':>8} {'val acc':>8} {'test acc':>8}"]
+    lines = [f"{'layer':>5} {'channels':>8} {'conv HxW':>8} {'P':>3} {'goodness':>8} {'val acc':>8} {'test acc':>8}"]
     for s, v, t in zip(specs, val, test):
         mark = "  <- best" if s.index == best else ""
         lines.append(f"{s.index:>5} {s.channels:>8} {f'{s.height}x{s.width}':>8} {s.partition:>3} "

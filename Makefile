@@ -1,0 +1,37 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+# Each installs what is missing first: .venv/ (torch pinned in pyproject.toml) and
+# Debian's dataset-fashion-mnist.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+DEMO_OUT ?= runs/demo
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP) $(FMNIST)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+$(FMNIST):
+	$(SUDO) apt-get update -qq
+	$(SUDO) apt-get install -y -qq dataset-fashion-mnist
+
+# The CPU-sized model on real Fashion-MNIST (docs/RESULTS.md has the figures).
+demo: install
+	$(PY) -m asge_edge train --dataset fashion-mnist --model vgg8 --width 0.25 --epochs 3 --out $(DEMO_OUT) --force
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) bench/step_time.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
