@@ -1,12 +1,14 @@
 """ASGE step time / BP step time, same model, same batch, measured side by side on the CPU.
 
-Claim (issue 2): an ASGE training step costs at most 0.7x a backprop step, because a
-layer's update needs no gradient with respect to its input (none is computed: each
-layer's input carries no graph) and the goodness backward is fused (asge.relu_goodness).
+Claims:
+- Issue 2: an ASGE training step costs at most 0.7x a backprop step. A layer's update
+  needs no gradient with respect to its input, and none is computed: each layer's input
+  carries no graph. The goodness backward is also fused (asge.relu_goodness).
+- device.py: channels_last makes both faster on the CPU (oneDNN); this prints by how much.
 
-Method: build the same seeded network twice, one per method; warm up; then alternate
-ASGE and BP rounds of ``--steps`` steps so that any drift in machine speed hits both
-alike, and report the median round of each. Both use channels_last, as the trainer does.
+Method: one seeded network per (method, memory format), each warmed up; then rounds of
+``--steps`` steps that alternate between all four, so that drift in machine speed hits
+them alike. Each row gives the median round.
 
     python bench/step_time.py [--model vgg8] [--width 0.25] [--input-shape 1x28x28] [--batch-size 128]
 """
@@ -25,14 +27,16 @@ from asge_edge.methods import make_method
 from asge_edge.models import ASGENet
 
 TARGET = 0.7
+FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 
 
-def make_round(method_name: str, cfg: ModelConfig, shape, batch: int, steps: int) -> Callable[[], float]:
+def make_round(method_name: str, cfg: ModelConfig, shape, batch: int, steps: int,
+               memory_format: torch.memory_format) -> Callable[[], float]:
     """A warmed-up closure that times ``steps`` training steps and returns seconds per step."""
-    net = ASGENet(cfg, shape, 10, (0.5,) * shape[0], (0.25,) * shape[0]).to(memory_format=torch.channels_last)
+    net = ASGENet(cfg, shape, 10, (0.5,) * shape[0], (0.25,) * shape[0]).to(memory_format=memory_format)
     method = make_method(net, TrainConfig(method=method_name))
     g = torch.Generator().manual_seed(0)
-    x = torch.rand(batch, *shape, generator=g).contiguous(memory_format=torch.channels_last)
+    x = torch.rand(batch, *shape, generator=g).contiguous(memory_format=memory_format)
     y = torch.randint(10, (batch,), generator=g)
     for _ in range(2):
         method.train_step(x, y)
@@ -57,19 +61,23 @@ def main() -> None:
     a = p.parse_args()
     shape = tuple(int(v) for v in a.input_shape.split("x"))
     cfg = ModelConfig(arch=a.model, width=a.width)
-    rounds = {m: make_round(m, cfg, shape, a.batch_size, a.steps) for m in ("asge", "bp")}
-    times = {m: [] for m in rounds}
+    keys = [(m, f) for f in FORMATS for m in ("asge", "bp")]
+    rounds = {k: make_round(k[0], cfg, shape, a.batch_size, a.steps, FORMATS[k[1]]) for k in keys}
+    times = {k: [] for k in keys}
     for _ in range(a.rounds):
-        for m, fn in rounds.items():
-            times[m].append(fn())
-    med = {m: statistics.median(v) for m, v in times.items()}
-    ratio = med["asge"] / med["bp"]
-    print(f"{a.model} width {a.width}, input {a.input_shape}, batch {a.batch_size}, CPU threads {torch.get_num_threads()}, "
-          f"torch {torch.__version__}")
-    print(f"{'method':<6} {'median step (ms)':>17} {'min (ms)':>9} {'max (ms)':>9}")
+        for k, fn in rounds.items():
+            times[k].append(fn())
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"{a.model} width {a.width}, input {a.input_shape}, batch {a.batch_size}, "
+          f"{a.rounds} rounds x {a.steps} steps, CPU threads {torch.get_num_threads()}, torch {torch.__version__}")
+    print(f"{'method':<6} {'memory format':<14} {'median step (ms)':>17} {'min (ms)':>9} {'max (ms)':>9}")
+    for k in keys:
+        print(f"{k[0]:<6} {k[1]:<14} {1e3 * med[k]:>17.1f} {1e3 * min(times[k]):>9.1f} {1e3 * max(times[k]):>9.1f}")
+    for f in FORMATS:
+        ratio = med[("asge", f)] / med[("bp", f)]
+        print(f"ASGE / BP step time, {f}: {ratio:.3f} (target <= {TARGET}: {'met' if ratio <= TARGET else 'NOT met'})")
     for m in ("asge", "bp"):
-        print(f"{m:<6} {1e3 * med[m]:>17.1f} {1e3 * min(times[m]):>9.1f} {1e3 * max(times[m]):>9.1f}")
-    print(f"ASGE / BP step time: {ratio:.3f} (target <= {TARGET}: {'met' if ratio <= TARGET else 'NOT met'})")
+        print(f"{m}: contiguous / channels_last step time: {med[(m, 'contiguous')] / med[(m, 'channels_last')]:.2f}x")
 
 
 if __name__ == "__main__":

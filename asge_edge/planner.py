@@ -1,0 +1,149 @@
+"""Memory planner for layer-streaming ASGE training (pure: shapes + budget -> plan).
+
+Contract: ``plan_memory`` is a pure function of (layer specs, input shape, logical batch,
+precision, optimiser, budget). It returns, per layer, the bytes each sample keeps
+resident while that layer trains, the layer's fixed bytes (weights, gradients, optimiser
+state, fixed projection), and the micro-batch that keeps the largest layer phase within
+the budget. Streaming ASGE trains one layer at a time on one micro-batch at a time, so the
+planned peak is the maximum over layers, never their sum:
+
+    peak = max_l (fixed_l + micro_batch * per_sample_l) + batch_bytes
+
+``batch_bytes`` is what must stay for the whole logical batch: the raw input batch, its
+labels, and the per-layer GAP features that the Last and Fusion heads read (sum C_l per
+sample), with the heads' own weights, gradients and optimiser state.
+
+Per-sample bytes of layer l. ``in`` is C_in*H*W fp32, ``act`` is C*H*W elements at the
+compute width s (4 bytes in fp32, 2 under bf16/fp16), and ``out`` is C*H'*W' fp32.
+Goodness squares and pooling energies are always fp32 (4 bytes); see asge.py.
+- forward: in + cast + z + a + a^2 (fp32) = in + cast + act*(2s + 4). z is the conv
+  output, a = ReLU(z), and a^2 is the goodness temporary. ``cast`` is the s-byte copy of
+  the input that the conv makes (and autograd saves) under mixed precision, 0 in fp32.
+- backward: in + cast + a (saved) + dL/dz = in + cast + act*2s (z is gone).
+- transition (no autograd): in + a + a^2 (fp32) + pooled energy (fp32) + out, with the
+  pooled energy act/4*4 where the layer pools, else 0.
+per_sample_l is the largest of the three. Measured peaks (streaming.measure) stay below
+the plan on the CPU; the planner's tests pin that.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from .models import LayerSpec
+
+FP32 = 4
+PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+OPTIMIZER_STATE = {"adamw": 2, "sgd": 1}   # fp32 state tensors per parameter (Adam: m, v; SGD: momentum)
+
+
+@dataclass(frozen=True)
+class LayerMemory:
+    """Bytes of one layer's training phase."""
+
+    index: int
+    input: int          # per sample: the layer's input, resident while it trains
+    output: int         # per sample: what it hands to the next layer
+    saved: int          # per sample: what autograd saves for backward (goodness path included)
+    per_sample: int     # per sample: the phase's peak
+    fixed: int          # weights + gradients + optimiser state + fixed projection
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The memory plan of a streaming run."""
+
+    layers: tuple[LayerMemory, ...]
+    batch: int
+    micro_batch: int
+    accumulation_steps: int
+    precision: str
+    budget: int | None
+    batch_bytes: int         # whole-logical-batch state: input batch, labels, GAP features, heads
+    parked_bytes: int        # state of the layers that are not training (host RAM, or device without --offload)
+    planned_peak: int
+    min_budget: int          # the smallest budget that admits a micro-batch of 1
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def peak_layer(self) -> int:
+        """1-based index of the layer whose phase sets the peak."""
+        costs = [lm.fixed + self.micro_batch * lm.per_sample for lm in self.layers]
+        return costs.index(max(costs)) + 1
+
+    def to_dict(self) -> dict:
+        return {
+            "batch": self.batch, "micro_batch": self.micro_batch, "accumulation_steps": self.accumulation_steps,
+            "precision": self.precision, "budget_bytes": self.budget, "batch_bytes": self.batch_bytes,
+            "parked_bytes": self.parked_bytes, "planned_peak_bytes": self.planned_peak,
+            "min_budget_bytes": self.min_budget, "peak_layer": self.peak_layer(),
+            "layers": [lm.__dict__ for lm in self.layers],
+        }
+
+
+class BudgetTooSmall(ValueError):
+    """No micro-batch fits; ``min_budget`` is the smallest budget that would."""
+
+    def __init__(self, budget: int, min_budget: int):
+        super().__init__(f"memory budget {budget} B is too small: even a micro-batch of 1 needs {min_budget} B")
+        self.budget, self.min_budget = budget, min_budget
+
+
+def layer_memory(spec: LayerSpec, precision: str, optimizer: str) -> LayerMemory:
+    """Per-sample and fixed bytes of one layer's training phase (see module docstring)."""
+    s = PRECISION_BYTES[precision]
+    act = spec.channels * spec.height * spec.width                   # elements
+    inp = spec.in_channels * spec.height * spec.width * FP32
+    out = spec.channels * spec.out_height * spec.out_width * FP32
+    cast = spec.in_channels * spec.height * spec.width * s if precision != "fp32" else 0
+    pooled = act // 4 * FP32 if spec.pool else 0
+    forward = inp + cast + act * (2 * s + FP32)
+    backward = inp + cast + act * 2 * s
+    transition = inp + act * s + act * FP32 + pooled + out
+    params = spec.channels * (spec.in_channels * 9 + 1)
+    fixed = params * FP32 * (2 + OPTIMIZER_STATE[optimizer]) + (spec.goodness_dim + 1) * spec.num_classes * FP32
+    return LayerMemory(spec.index, inp, out, cast + act * s, max(forward, backward, transition), fixed)
+
+
+def _batch_bytes(specs: Sequence[LayerSpec], input_shape: tuple[int, int, int], batch: int, optimizer: str) -> int:
+    n = specs[0].num_classes
+    feats = sum(s.channels for s in specs)
+    fusion_in = sum(s.channels for s in specs[1:]) or specs[0].channels
+    head_params = (specs[-1].channels + 1) * n + (fusion_in + 1) * n
+    return (batch * (math.prod(input_shape) * FP32 + 8 + feats * FP32)
+            + head_params * FP32 * (2 + OPTIMIZER_STATE[optimizer]))
+
+
+def plan_memory(specs: Sequence[LayerSpec], input_shape: tuple[int, int, int], batch: int,
+                budget: int | None, precision: str = "fp32", optimizer: str = "adamw") -> Plan:
+    """Choose the micro-batch for a streaming ASGE run.
+
+    Args:
+        specs: the network's layer specs (models.layer_specs).
+        input_shape: (C, H, W) of the images.
+        batch: the logical batch (the optimiser steps once per logical batch).
+        budget: bytes for the training working set, or None for no limit (micro-batch = batch).
+        precision: fp32, bf16 or fp16 (the compute width of convs and activations).
+        optimizer: adamw or sgd (how much state each parameter carries).
+
+    Returns:
+        The Plan.
+
+    Raises:
+        BudgetTooSmall: not even a micro-batch of 1 fits; it carries the minimum budget.
+    """
+    layers = tuple(layer_memory(s, precision, optimizer) for s in specs)
+    fixed_total = sum(lm.fixed for lm in layers)
+    batch_bytes = _batch_bytes(specs, input_shape, batch, optimizer)
+    min_budget = max(lm.fixed + lm.per_sample for lm in layers) + batch_bytes
+    if budget is None:
+        micro = batch
+    else:
+        room = [(budget - batch_bytes - lm.fixed) // lm.per_sample for lm in layers]
+        micro = min(batch, min(room))
+        if micro < 1:
+            raise BudgetTooSmall(budget, min_budget)
+    peak = max(lm.fixed + micro * lm.per_sample for lm in layers) + batch_bytes
+    parked = fixed_total - max(lm.fixed for lm in layers)
+    return Plan(layers, batch, micro, math.ceil(batch / micro), precision, budget, batch_bytes, parked, peak, min_budget)
