@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import METHODS, OPTIMIZERS, POOLS, STRATEGIES, DataConfig, ModelConfig, RunConfig, TrainConfig
+from .budget import parse_size
 from .data import DATASETS
 from .device import DEVICES
 from .errors import UserError
@@ -66,6 +67,13 @@ def _non_negative_float(text: str) -> float:
     return _float(text, 0.0, strict=False)
 
 
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="asge-edge", description="Backprop-free ASGE training for memory-starved hardware.")
     p.add_argument("--version", action="version", version=f"asge-edge {__version__}")
@@ -105,11 +113,25 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="lr of the Last/Fusion heads over the layers' lr (default 10, see docs/RESULTS.md)")
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--device", default="auto", choices=DEVICES)
+    o.add_argument("--memory-budget", type=_size, default=None, metavar="SIZE",
+                   help="bound the training working set (64MB = 64e6 B, 64MiB = 2^26 B): layers stream "
+                   "micro-batches and accumulate gradients to keep the logical batch (see 'asge-edge plan')")
     r = t.add_argument_group("run")
     r.add_argument("--out", type=Path, default=Path("runs/latest"), help="output directory (default runs/latest)")
     r.add_argument("--force", action="store_true", help="overwrite the outputs of a previous run in --out")
     r.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
     r.add_argument("--quiet", action="store_true", help="no progress bar or tables")
+
+    pl = sub.add_parser("plan", help="show the memory plan of a streaming run (no data needed)")
+    pl.add_argument("--model", default="vgg8", choices=tuple(PRESETS))
+    pl.add_argument("--width", type=_positive_float, default=1.0)
+    pl.add_argument("--alpha", type=_non_negative_float, default=1.0)
+    pl.add_argument("--input-shape", type=_shape, default=(1, 28, 28), help="CxHxW (default 1x28x28, Fashion-MNIST)")
+    pl.add_argument("--num-classes", type=_positive_int, default=10)
+    pl.add_argument("--batch-size", type=_positive_int, default=TrainConfig.batch_size)
+    pl.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS)
+    pl.add_argument("--memory-budget", type=_size, default=None, metavar="SIZE")
+    pl.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     e = sub.add_parser("eval", help="re-evaluate a finished run on its test set")
     e.add_argument("run_dir", type=Path)
@@ -127,7 +149,8 @@ def _run_config(a: argparse.Namespace) -> RunConfig:
                         train_size=a.train_size, image_size=a.image_size),
         train=TrainConfig(method=a.method, epochs=a.epochs, batch_size=a.batch_size, optimizer=a.optimizer,
                           lr=a.lr, lr_min=a.lr_min, weight_decay=a.weight_decay, momentum=a.momentum,
-                          head_lr_scale=a.head_lr_scale, seed=a.seed, device=a.device),
+                          head_lr_scale=a.head_lr_scale, memory_budget=a.memory_budget, seed=a.seed,
+                          device=a.device),
     )
 
 
@@ -150,10 +173,27 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(a: argparse.Namespace) -> int:
+    from .models import layer_specs
+    from .planner import BudgetTooSmall, plan_memory
+    from .report import plan_table
+
+    try:
+        specs = layer_specs(ModelConfig(arch=a.model, width=a.width, alpha=a.alpha), a.input_shape, a.num_classes)
+        plan = plan_memory(specs, a.input_shape, a.batch_size, a.memory_budget, "fp32", a.optimizer)
+    except BudgetTooSmall as e:
+        raise UserError(f"--memory-budget {e.budget} B is too small for {a.model} x{a.width} at "
+                        f"{'x'.join(map(str, a.input_shape))}; the smallest that works is {e.min_budget} B") from None
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    print(json.dumps(plan.to_dict(), indent=2) if a.json else plan_table(plan))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = get_args_parser().parse_args(argv)
-        return {"train": _cmd_train, "eval": _cmd_eval}[args.command](args)
+        return {"train": _cmd_train, "eval": _cmd_eval, "plan": _cmd_plan}[args.command](args)
     except UserError as e:
         print(f"asge-edge: error: {e}", file=sys.stderr)
         return 2

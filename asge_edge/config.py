@@ -92,6 +92,7 @@ class TrainConfig:
     weight_decay: float | None = None  # None: 1e-3 (AdamW) or 1e-4 (SGD)
     momentum: float = SGD_MOMENTUM
     head_lr_scale: float = HEAD_LR_SCALE
+    memory_budget: int | None = None  # bytes for the training working set (planner.py); None: no limit
     seed: int = 0
     device: str = "auto"
 

@@ -11,7 +11,8 @@ added to ``METHODS``; the trainer needs no change.
   cross-entropy; its output is computed without autograd and so carries no graph into
   layer l+1 (no gradient crosses a layer, and none is computed for any layer's input).
   Layer l+1 reads layer l's output from before layer l's step: one forward pass per
-  batch, as in the paper, and what a micro-batched streaming run computes too.
+  batch, as in the paper. With ``micro_batch`` set, the batch streams through the layers
+  in micro-batches that accumulate gradients, and the result is the same (issue 3).
   The Last and Fusion heads step on the detached GAP features, at ``head_lr_scale``
   times the layers' lr (config.py says why).
 - ``BPMethod``: the same network trained end to end by backprop through the Last
@@ -101,25 +102,36 @@ class ASGEMethod(Method):
             self.optimizers[f"layer{i + 1}"] = make_optimizer(layer.conv.parameters(), cfg)
         for name in HEADS:
             self.optimizers[name] = make_optimizer(getattr(net, f"{name}_head").parameters(), cfg)
+        self.micro_batch: int | None = None   # streaming: images per micro-batch (None: the whole batch)
 
-    def layer_step(self, i: int, h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Train layer ``i`` (0-based) on its own loss; touch nothing else.
+    def layer_backward(self, i: int, h: torch.Tensor, y: torch.Tensor, weight: float = 1.0
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Accumulate layer ``i``'s (0-based) local gradient; touch nothing else.
 
         Args:
             i: layer index.
-            h: the layer's input (B, C_in, H, W), without a graph.
-            y: labels (B,).
+            h: the layer's input (b, C_in, H, W), without a graph.
+            y: labels (b,).
+            weight: this micro-batch's share of the logical batch, b / B, so that the
+                accumulated gradient is that of the mean loss over the logical batch.
 
         Returns:
-            (output for layer i+1 (B, C, H', W') without a graph, loss sum, correct count).
+            (output for layer i+1 (b, C, H', W') without a graph, loss sum, correct count).
         """
         layer = self.net.layers[i]
-        a, logits = layer.local_forward(h)                     # B, C, H, W ; B, N (graph: this conv only)
+        a, logits = layer.local_forward(h)                     # b, C, H, W ; b, N (graph: this conv only)
         loss = F.cross_entropy(logits, y)
-        _step(self.optimizers[f"layer{i + 1}"], loss)
+        (loss * weight).backward()
         with torch.no_grad():
-            h_next = layer.transition(a)                       # B, C, H', W'
+            h_next = layer.transition(a)                       # b, C, H', W'
             return h_next, loss.detach() * len(y), (logits.argmax(1) == y).sum()
+
+    def step_layers(self) -> None:
+        """Each layer's optimiser steps once on its accumulated gradient, then drops it."""
+        for i in range(len(self.net.layers)):
+            opt = self.optimizers[f"layer{i + 1}"]
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
     def heads_step(self, feats: list[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
         """Train the Last and Fusion heads on detached GAP features; return their loss sums (2,)."""
@@ -132,16 +144,28 @@ class ASGEMethod(Method):
         return torch.stack(losses)                             # 2
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> StepStats:
-        n = len(self.net.layers)
+        """One logical batch, streamed in micro-batches of ``self.micro_batch`` images.
+
+        A micro-batch flows through the layers one at a time, so only one layer's input and
+        output are resident; each layer accumulates its gradient, and every optimiser steps
+        once the logical batch is through. Layer l+1 reads layer l's pre-step output either
+        way, and LayerNorm is per sample, so any micro-batch size computes the same update.
+        """
+        n, total = len(self.net.layers), len(y)
         losses = torch.zeros(n, device=x.device)
         correct = torch.zeros(n, device=x.device)
-        feats = []
-        with torch.no_grad():
-            h = self.net.normalize(x)                          # B, C0, H, W
-        for i in range(n):
-            h, losses[i], correct[i] = self.layer_step(i, h, y)
-            feats.append(gap(h))                               # B, C
-        return StepStats(losses, correct, self.heads_step(feats, y))
+        feats: list[list[torch.Tensor]] = [[] for _ in range(n)]
+        for xm, ym in zip(x.split(self.micro_batch or total), y.split(self.micro_batch or total)):
+            with torch.no_grad():
+                h = self.net.normalize(xm)                     # b, C0, H, W
+            for i in range(n):
+                h, loss_sum, hits = self.layer_backward(i, h, ym, len(ym) / total)
+                losses[i] += loss_sum
+                correct[i] += hits
+                feats[i].append(gap(h))                        # b, C
+            del h
+        self.step_layers()
+        return StepStats(losses, correct, self.heads_step([torch.cat(f) for f in feats], y))
 
 
 class BPMethod(Method):

@@ -22,8 +22,9 @@ Goodness squares and pooling energies are always fp32 (4 bytes); see asge.py.
 - backward: in + cast + a (saved) + dL/dz = in + cast + act*2s (z is gone).
 - transition (no autograd): in + a + a^2 (fp32) + pooled energy (fp32) + out, with the
   pooled energy act/4*4 where the layer pools, else 0.
-per_sample_l is the largest of the three. Measured peaks (streaming.measure) stay below
-the plan on the CPU; the planner's tests pin that.
+per_sample_l is the largest of the three. fixed_l is the weights, gradient and optimiser
+state, plus the parameter-sized temporaries of ``OPTIMIZER_TEMPS``. Measured peaks
+(memory.measure_step) stay within the plan on the CPU; tests/test_streaming.py pins that.
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ from .models import LayerSpec
 FP32 = 4
 PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 OPTIMIZER_STATE = {"adamw": 2, "sgd": 1}   # fp32 state tensors per parameter (Adam: m, v; SGD: momentum)
+# Parameter-sized temporaries at the layer's busiest moment, measured with memory.measure_step:
+# torch's AdamW step allocates two (sqrt(v) / bias correction, then the update), SGD one;
+# a later micro-batch's fresh gradient lives beside the accumulated one, which is one more.
+OPTIMIZER_TEMPS = {"adamw": 2, "sgd": 1}
 
 
 @dataclass(frozen=True)
@@ -48,7 +53,7 @@ class LayerMemory:
     output: int         # per sample: what it hands to the next layer
     saved: int          # per sample: what autograd saves for backward (goodness path included)
     per_sample: int     # per sample: the phase's peak
-    fixed: int          # weights + gradients + optimiser state + fixed projection
+    fixed: int          # weights + gradients + optimiser state + their temporaries + fixed projection
 
 
 @dataclass(frozen=True)
@@ -102,7 +107,8 @@ def layer_memory(spec: LayerSpec, precision: str, optimizer: str) -> LayerMemory
     backward = inp + cast + act * 2 * s
     transition = inp + act * s + act * FP32 + pooled + out
     params = spec.channels * (spec.in_channels * 9 + 1)
-    fixed = params * FP32 * (2 + OPTIMIZER_STATE[optimizer]) + (spec.goodness_dim + 1) * spec.num_classes * FP32
+    temps = max(1, OPTIMIZER_TEMPS[optimizer])
+    fixed = params * FP32 * (2 + OPTIMIZER_STATE[optimizer] + temps) + (spec.goodness_dim + 1) * spec.num_classes * FP32
     return LayerMemory(spec.index, inp, out, cast + act * s, max(forward, backward, transition), fixed)
 
 

@@ -11,7 +11,9 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
+from .budget import format_size
 from .models import LayerSpec
+from .planner import Plan
 
 
 def layer_table(specs: Sequence[LayerSpec], val: Sequence[float], test: Sequence[float],
@@ -26,6 +28,24 @@ def layer_table(specs: Sequence[LayerSpec], val: Sequence[float], test: Sequence
     for name, acc in strategies.items():
         label = f"{name} (layer {best})" if name == "best" else name
         lines.append(f"test accuracy {label:<14} {'n/a' if acc is None else f'{100 * acc:.2f}%'}")
+    return "\n".join(lines)
+
+
+def plan_table(plan: Plan) -> str:
+    """The memory plan as a table: per-sample bytes of every layer, then the totals."""
+    lines = [f"{'layer':>5} {'input/sample':>13} {'output/sample':>14} {'saved/sample':>13} {'peak/sample':>12} {'fixed':>11}"]
+    for lm in plan.layers:
+        lines.append(f"{lm.index:>5} {lm.input:>13,} {lm.output:>14,} {lm.saved:>13,} {lm.per_sample:>12,} {lm.fixed:>11,}")
+    budget = "none" if plan.budget is None else f"{plan.budget:,} B ({format_size(plan.budget)})"
+    lines += [
+        "",
+        f"budget             {budget}",
+        f"logical batch      {plan.batch} = micro-batch {plan.micro_batch} x {plan.accumulation_steps} accumulation steps",
+        f"batch state        {plan.batch_bytes:,} B (input batch, labels, GAP features, heads)",
+        f"planned peak       {plan.planned_peak:,} B ({format_size(plan.planned_peak)}), set by layer {plan.peak_layer()}",
+        f"parked             {plan.parked_bytes:,} B (the other layers' weights, gradients, optimiser state)",
+        f"smallest budget    {plan.min_budget:,} B ({format_size(plan.min_budget)}) for a micro-batch of 1",
+    ]
     return "\n".join(lines)
 
 

@@ -33,8 +33,11 @@ from .config import RunConfig
 from .data import load_splits, batches
 from .device import resolve_device, to_device
 from .errors import UserError
+from .budget import format_size
 from .evaluate import Accuracy, best_layer, evaluate
-from .methods import Method, make_method
+from .memory import measure_step
+from .methods import ASGEMethod, Method, make_method
+from .planner import BudgetTooSmall, Plan, plan_memory
 from .report import append_metrics, layer_table, plot_layer_accuracy, read_metrics
 from .schedule import cosine_lr
 
@@ -97,19 +100,40 @@ def _epoch_record(epoch: int, lr: float, seconds: float, images: int, loss_sum: 
     }
 
 
-def _run_epoch(method: Method, cfg: RunConfig, splits, device, epoch: int, step0: int, total: int, pbar) -> tuple:
+def make_plan(cfg: RunConfig, method: Method) -> Plan | None:
+    """The streaming plan of an ASGE run (None for methods that do not stream)."""
+    if not isinstance(method, ASGEMethod):
+        if cfg.train.memory_budget is not None:
+            raise UserError(f"--memory-budget streams ASGE layer by layer; --method {cfg.train.method} cannot stream, drop the budget")
+        return None
+    try:
+        plan = plan_memory(method.net.specs, cfg.info.input_shape, cfg.train.batch_size, cfg.train.memory_budget,
+                           "fp32", cfg.train.optimizer)
+    except BudgetTooSmall as e:
+        raise UserError(f"--memory-budget {e.budget} B is too small for {cfg.model.arch} x{cfg.model.width} at this "
+                        f"input; the smallest that works is {e.min_budget} B") from None
+    method.micro_batch = plan.micro_batch
+    return plan
+
+
+def _run_epoch(method: Method, cfg: RunConfig, splits, device, epoch: int, step0: int, total: int, pbar,
+               measure_at: int | None = None) -> tuple:
+    """One epoch; the step numbered ``measure_at`` (global, 0-based) also measures memory."""
     tc = cfg.train
     n_layers = len(method.net.layers)
     loss_sum = torch.zeros(n_layers, device=device)
     correct = torch.zeros(n_layers, device=device)
     head_sum = torch.zeros(2, device=device)
-    seen, step, lr = 0, step0, tc.resolved_lr
+    seen, step, lr, measured = 0, step0, tc.resolved_lr, None
     gen = _epoch_generator(tc.seed, epoch)
     for x, y in batches(splits.train, tc.batch_size, gen, cfg.data.augment, 0):
         lr = cosine_lr(step, total, tc.resolved_lr, tc.resolved_lr_min)
         method.set_lr(lr)
         x, y = to_device(x, y, device)
-        stats = method.train_step(x, y)
+        if step == measure_at:
+            stats, measured = measure_step(method, x, y)
+        else:
+            stats = method.train_step(x, y)
         loss_sum += stats.layer_loss
         correct += stats.layer_correct
         head_sum += stats.head_loss
@@ -119,7 +143,7 @@ def _run_epoch(method: Method, cfg: RunConfig, splits, device, epoch: int, step0
             pbar.update(1)
             if step % PROGRESS_EVERY == 0:
                 pbar.set_postfix_str(_progress_postfix(loss_sum, head_sum, seen), refresh=False)
-    return loss_sum, correct, head_sum, seen, step, lr
+    return loss_sum, correct, head_sum, seen, step, lr, measured
 
 
 def train(cfg: RunConfig, opts: RunOptions) -> dict[str, Any]:
@@ -141,11 +165,13 @@ def train(cfg: RunConfig, opts: RunOptions) -> dict[str, Any]:
     device = resolve_device(cfg.train.device)
     net = build_net(cfg).to(device, memory_format=torch.channels_last)
     method = make_method(net, cfg.train)
+    plan = make_plan(cfg, method)
     tc = cfg.train
     steps_per_epoch = math.ceil(len(splits.train) / tc.batch_size)
     total = tc.epochs * steps_per_epoch
 
-    progress: dict[str, Any] = {"epoch": 0, "step": 0, "train_seconds": 0.0, "best": -1.0, "best_epoch": 0}
+    progress: dict[str, Any] = {"epoch": 0, "step": 0, "train_seconds": 0.0, "best": -1.0, "best_epoch": 0,
+                                "memory": None}
     if opts.resume:
         opt_states, progress = load_state(out, net)
         method.load_state_dict(opt_states)
@@ -157,12 +183,24 @@ def train(cfg: RunConfig, opts: RunOptions) -> dict[str, Any]:
         print(f"asge-edge {__version__}: {tc.method} {cfg.model.arch} x{cfg.model.width} on {cfg.data.dataset} "
               f"({len(splits.train)}/{len(splits.val)}/{len(splits.test)} train/val/test), {device}, "
               f"lr {tc.resolved_lr:.3g} -> {tc.resolved_lr_min:.3g}, batch {tc.batch_size}, {tc.epochs} epochs")
+        if plan is not None and tc.memory_budget is not None:
+            print(f"memory plan: micro-batch {plan.micro_batch} x {plan.accumulation_steps} steps, planned peak "
+                  f"{format_size(plan.planned_peak)} within {format_size(tc.memory_budget)}")
+    # Memory is measured on a real step once optimiser state exists: the second step of a
+    # fresh run, or the first after a resume.
+    measure_at = None if plan is None else progress["step"] + (1 if progress["step"] == 0 else 0)
     for epoch in range(progress["epoch"] + 1, tc.epochs + 1):
         pbar = None if opts.quiet else tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{tc.epochs}", unit="batch",
                                             dynamic_ncols=True, leave=False)
         t0 = time.perf_counter()
-        loss_sum, correct, head_sum, seen, step, lr = _run_epoch(method, cfg, splits, device, epoch,
-                                                                 progress["step"], total, pbar)
+        loss_sum, correct, head_sum, seen, step, lr, measured = _run_epoch(
+            method, cfg, splits, device, epoch, progress["step"], total, pbar, measure_at)
+        memory = progress.get("memory")
+        if measured is not None:
+            memory = {"budget_bytes": tc.memory_budget, "micro_batch": plan.micro_batch,
+                      "accumulation_steps": plan.accumulation_steps, "planned_peak_bytes": plan.planned_peak,
+                      "measured_peak_bytes": measured[0], "measured_by": measured[1],
+                      "parked_bytes": plan.parked_bytes}
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
@@ -172,7 +210,7 @@ def train(cfg: RunConfig, opts: RunOptions) -> dict[str, Any]:
         record = _epoch_record(epoch, lr, seconds, seen, loss_sum, correct, head_sum, val)
         score = val.strategy(method.select, best_layer(val.layers))
         progress = {"epoch": epoch, "step": step, "train_seconds": progress["train_seconds"] + seconds,
-                    "best": progress["best"], "best_epoch": progress["best_epoch"]}
+                    "best": progress["best"], "best_epoch": progress["best_epoch"], "memory": memory}
         if score > progress["best"]:
             progress.update(best=score, best_epoch=epoch)
             save_model(out, net, cfg, {"epoch": epoch, "val_accuracy": score})
@@ -217,6 +255,7 @@ def finish(out: Path, strategies: tuple[str, ...], history: list[dict[str, Any]]
         "layer_test_accuracy": test.layers,
         "train_seconds": progress["train_seconds"],
         "images_per_second": images / max(progress["train_seconds"], 1e-9),
+        "memory": progress.get("memory"),
     }
     write_json(out / "summary.json", summary)
     if not quiet:

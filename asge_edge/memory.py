@@ -1,0 +1,138 @@
+"""Measuring the training working set: CUDA peak statistics, or live tensor bytes on the CPU.
+
+Contract: ``measure_step(method, x, y)`` runs one training step and returns the peak
+bytes of its working set, the quantity the planner (planner.py) bounds:
+    the active layer's state (weights, gradients, optimiser state, fixed projection)
+  + the activations and temporaries in flight
+  + the logical batch's own state (input batch, labels, GAP features, heads).
+Inactive layers' weights, gradients and optimiser state are parked, and are not counted.
+
+How it is measured (``measured_by`` in summary.json):
+- ``cuda-peak-stats``: torch.cuda.max_memory_allocated over the step, less what was
+  allocated before it, plus the batch and the largest layer's state. This counts every
+  tensor the caching allocator handed out, cuDNN workspaces included. It has not been
+  run yet (no GPU in the session that wrote it).
+- ``cpu-live-tensors``: a TorchDispatchMode sees every tensor that an aten op creates
+  during the step (forward, backward, optimiser) and tracks its storage until the last
+  tensor on it dies; in-place results and views of tensors that predate the step are not
+  new allocations. At each op it adds up the live storages, less the gradients of the
+  layers that are not training (parked), plus the active layer's weights, projection
+  and optimiser state (which predate the step, so they are counted directly from the
+  tensors). Hooks say which layer is active (its conv runs, or its optimiser steps).
+  The peak over the step is reported, plus the batch's own state. Not counted: oneDNN's private scratch buffers, the
+  allocator's free-but-cached memory, and Python objects. So this measures tensor
+  bytes, not the process's resident set size.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.untyped_storage().nbytes() for t in tensors if t is not None)
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Tracks the storage bytes of tensors created by aten ops while the mode is active.
+
+    Args:
+        adjust: called at every op; returns bytes to add to the live total (negative
+            to leave out parked tensors), so that ``peak`` measures the working set.
+    """
+
+    def __init__(self, adjust: Callable[[], int] = lambda: 0):
+        super().__init__()
+        self.adjust = adjust
+        self.live: dict[int, list[int]] = {}   # storage data_ptr -> [nbytes, live tensors on it]
+        self.current = 0
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                self._track(t, inputs)
+        self.peak = max(self.peak, self.current + self.adjust())
+        return out
+
+    def _track(self, t: torch.Tensor, inputs: set[int]) -> None:
+        storage = t.untyped_storage()
+        ptr, n = storage.data_ptr(), storage.nbytes()
+        entry = self.live.get(ptr)
+        if entry is None:
+            if n == 0 or ptr in inputs:
+                return   # an in-place result or a view of a tensor that predates the step
+            entry = self.live[ptr] = [n, 0]
+            self.current += n
+        entry[1] += 1
+        weakref.finalize(t, self._release, ptr)
+
+    def _release(self, ptr: int) -> None:
+        entry = self.live.get(ptr)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            del self.live[ptr]
+            self.current -= entry[0]
+
+
+def _layer_state(method, i: int) -> list[torch.Tensor]:
+    """Tensors of layer i that exist before a step: weights, projection, optimiser state."""
+    layer = method.net.layers[i]
+    opt = method.optimizers[f"layer{i + 1}"]
+    state = [v for p in layer.parameters() for v in opt.state.get(p, {}).values() if isinstance(v, torch.Tensor)]
+    return [*layer.parameters(), *layer.buffers(), *state]
+
+
+def measure_step(method, x: torch.Tensor, y: torch.Tensor):
+    """Run ``method.train_step(x, y)``; return (its StepStats, (peak working-set bytes, how measured)).
+
+    The active layer is tracked with hooks: a layer becomes active when its conv runs
+    forward or its optimiser steps; the heads are active while theirs step. Call this
+    after at least one step, so that optimiser state already exists, with gradients
+    cleared (every Method leaves them so).
+    """
+    net = method.net
+    n = len(net.layers)
+    batch_state = _nbytes([x, y]) + _nbytes([*net.last_head.parameters(), *net.fusion_head.parameters()])
+    resident = [_nbytes(_layer_state(method, i)) for i in range(n)]
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+        before = torch.cuda.memory_allocated(x.device)
+        torch.cuda.reset_peak_memory_stats(x.device)
+        stats = method.train_step(x, y)
+        torch.cuda.synchronize(x.device)
+        peak = torch.cuda.max_memory_allocated(x.device) - before + batch_state + max(resident)
+        return stats, (peak, "cuda-peak-stats")
+
+    active = [None]   # index of the training layer; None while the heads train
+    hooks = []
+    for i, layer in enumerate(net.layers):
+        hooks.append(layer.conv.register_forward_pre_hook(lambda *_, i=i: active.__setitem__(0, i)))
+        hooks.append(method.optimizers[f"layer{i + 1}"].register_step_pre_hook(lambda *_, i=i: active.__setitem__(0, i)))
+    for name in ("last", "fusion"):
+        hooks.append(method.optimizers[name].register_step_pre_hook(lambda *_: active.__setitem__(0, None)))
+    params = [list(layer.parameters()) for layer in net.layers]
+
+    def working_set_adjustment() -> int:
+        """Leave out the parked layers' gradients; add the active layer's pre-existing state."""
+        grads = [_nbytes(p.grad for p in ps) for ps in params]
+        a = active[0]
+        return -(sum(grads) - (grads[a] if a is not None else 0)) + (resident[a] if a is not None else 0)
+
+    tracker = LiveTensorBytes(working_set_adjustment)
+    try:
+        with tracker:
+            stats = method.train_step(x, y)
+    finally:
+        for h in hooks:
+            h.remove()
+    return stats, (tracker.peak + batch_state, "cpu-live-tensors")

@@ -1,0 +1,137 @@
+"""The memory budget: size parsing, the planner, exact micro-batching, measured peaks."""
+
+import json
+
+import pytest
+import torch
+
+from asge_edge.budget import parse_size
+from asge_edge.cli import main
+from asge_edge.config import ModelConfig, TrainConfig
+from asge_edge.memory import measure_step
+from asge_edge.methods import ASGEMethod
+from asge_edge.models import ASGENet, layer_specs
+from asge_edge.planner import BudgetTooSmall, plan_memory
+from conftest import TINY_RUN
+
+# Micro-batched vs full-batch weights after 4 AdamW steps, fp32 on the CPU: measured at
+# most 1.5e-5 (summation order differs); 1e-4 leaves room, and a wrong loss weighting
+# (sum instead of mean over the logical batch) misses it by orders of magnitude.
+STREAMING_ATOL = 1e-4
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("64MB", 64_000_000), ("64MiB", 64 * 2**20), ("0.5GB", 500_000_000), ("65536KB", 65_536_000),
+    ("1234", 1234), ("4 mib", 4 * 2**20), ("2k", 2000),
+])
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "MB", "-5MB", "0", "0.5", "64XB", "1e-9MB", "nan"])
+def test_parse_size_rejects(text):
+    with pytest.raises(ValueError, match="64MB, 64MiB"):
+        parse_size(text)
+
+
+def _specs():
+    return layer_specs(ModelConfig(width=0.125), (1, 16, 16), 4)
+
+
+def test_plan_without_budget_is_the_whole_batch():
+    plan = plan_memory(_specs(), (1, 16, 16), 48, None)
+    assert (plan.micro_batch, plan.accumulation_steps) == (48, 1)
+
+
+def test_planner_picks_the_largest_micro_batch_that_fits():
+    specs = _specs()
+    full = plan_memory(specs, (1, 16, 16), 48, None)
+    budget = (full.planned_peak + full.min_budget) // 2
+    plan = plan_memory(specs, (1, 16, 16), 48, budget)
+    assert 1 <= plan.micro_batch < 48 and plan.planned_peak <= budget
+    assert plan.accumulation_steps == -(-48 // plan.micro_batch)
+    bigger = max(lm.fixed + (plan.micro_batch + 1) * lm.per_sample for lm in plan.layers) + plan.batch_bytes
+    assert bigger > budget
+
+
+def test_budget_below_minimum_reports_the_minimum():
+    specs = _specs()
+    with pytest.raises(BudgetTooSmall) as e:
+        plan_memory(specs, (1, 16, 16), 48, 1000)
+    assert plan_memory(specs, (1, 16, 16), 48, e.value.min_budget).micro_batch == 1
+    with pytest.raises(BudgetTooSmall):
+        plan_memory(specs, (1, 16, 16), 48, e.value.min_budget - 1)
+
+
+def test_planner_counts_layer_state_once_not_per_layer():
+    plan = plan_memory(layer_specs(ModelConfig(), (3, 32, 32), 10), (3, 32, 32), 128, None)
+    total_state = sum(lm.fixed for lm in plan.layers)
+    assert plan.min_budget < total_state   # streaming holds one layer's state at a time
+    assert plan.planned_peak == max(lm.fixed + 128 * lm.per_sample for lm in plan.layers) + plan.batch_bytes
+    assert plan.parked_bytes == total_state - max(lm.fixed for lm in plan.layers)
+
+
+def _train(micro_batch, optimizer="adamw", steps=4):
+    net = ASGENet(ModelConfig(width=0.125), (1, 16, 16), 4, (0.5,), (0.25,), seed=0).to(
+        memory_format=torch.channels_last)
+    method = ASGEMethod(net, TrainConfig(optimizer=optimizer))
+    method.micro_batch = micro_batch
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        method.train_step(torch.rand(48, 1, 16, 16, generator=g), torch.randint(4, (48,), generator=g))
+    return net.state_dict()
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+@pytest.mark.parametrize("micro_batch", [1, 7, 16])
+def test_micro_batched_training_equals_full_batch(optimizer, micro_batch):
+    full, streamed = _train(None, optimizer), _train(micro_batch, optimizer)
+    for k in full:
+        torch.testing.assert_close(streamed[k], full[k], rtol=0, atol=STREAMING_ATOL, msg=k)
+
+
+@pytest.mark.parametrize("budget_scale", [1.0, 1.5])
+def test_measured_peak_stays_within_budget(budget_scale):
+    net = ASGENet(ModelConfig(width=0.25), (1, 28, 28), 10, (0.5,), (0.25,), seed=0).to(
+        memory_format=torch.channels_last)
+    method = ASGEMethod(net, TrainConfig())
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 1, 28, 28, generator=g).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(10, (64,), generator=g)
+    method.train_step(x, y)   # optimiser state now exists, as in every later step
+    budget = int(plan_memory(net.specs, (1, 28, 28), 64, None).min_budget * budget_scale)
+    plan = plan_memory(net.specs, (1, 28, 28), 64, budget)
+    method.micro_batch = plan.micro_batch
+    _, (peak, how) = measure_step(method, x, y)
+    assert how == "cpu-live-tensors"
+    assert peak <= budget
+    assert peak >= 0.8 * plan.planned_peak   # it measures real tensors, not nothing
+
+
+def test_plan_command_json(capsys):
+    assert main(["plan", "--model", "vgg8", "--input-shape", "3x32x32", "--batch-size", "128",
+                 "--memory-budget", "64MB", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["budget_bytes"] == 64_000_000 and plan["planned_peak_bytes"] <= 64_000_000
+    assert plan["micro_batch"] * plan["accumulation_steps"] >= 128 and len(plan["layers"]) == 7
+
+
+def test_plan_command_too_small_gives_the_minimum(capsys):
+    assert main(["plan", "--memory-budget", "1MB"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "smallest that works is" in err
+
+
+def test_train_with_budget_records_plan_and_measurement(tmp_path):
+    out = tmp_path / "run"
+    plan = plan_memory(layer_specs(ModelConfig(width=0.125), (1, 16, 16), 4), (1, 16, 16), 64, None)
+    budget = int(plan.min_budget * 1.3)
+    assert main(["train", *TINY_RUN, "--epochs", "1", "--memory-budget", str(budget), "--out", str(out)]) == 0
+    memory = json.loads((out / "summary.json").read_text())["memory"]
+    assert memory["budget_bytes"] == budget and memory["micro_batch"] < 64
+    assert memory["measured_peak_bytes"] <= budget and memory["measured_by"] == "cpu-live-tensors"
+
+
+def test_bp_refuses_a_budget(capsys, tmp_path):
+    assert main(["train", *TINY_RUN, "--method", "bp", "--memory-budget", "64MB", "--out", str(tmp_path / "o")]) == 2
+    assert "cannot stream" in capsys.readouterr().err
