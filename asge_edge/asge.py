@@ -191,6 +191,7 @@ def project(g: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         b: (N,).
 
     Returns:
-        (B, N) logits.
+        (B, N) logits, fp32 even under autocast (which would cast addmm to half).
     """
-    return torch.addmm(b.float(), g.float(), w.float())     # B, N
+    with torch.autocast(g.device.type, enabled=False):
+        return torch.addmm(b.float(), g.float(), w.float())     # B, N

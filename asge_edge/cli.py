@@ -17,7 +17,7 @@ from . import __version__
 from .config import METHODS, OPTIMIZERS, POOLS, STRATEGIES, DataConfig, ModelConfig, RunConfig, TrainConfig
 from .budget import parse_size
 from .data import DATASETS
-from .device import DEVICES
+from .device import AMP_MODES, DEVICES
 from .errors import UserError
 from .models import PRESETS
 
@@ -113,6 +113,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="lr of the Last/Fusion heads over the layers' lr (default 10, see docs/RESULTS.md)")
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--device", default="auto", choices=DEVICES)
+    o.add_argument("--amp", default="auto", choices=AMP_MODES, help="mixed precision for the convs: auto = bf16 "
+                   "(or fp16 + GradScaler) on a GPU, off on the CPU; goodness, squares and LayerNorm stay fp32")
     o.add_argument("--memory-budget", type=_size, default=None, metavar="SIZE",
                    help="bound the training working set (64MB = 64e6 B, 64MiB = 2^26 B): layers stream "
                    "micro-batches and accumulate gradients to keep the logical batch (see 'asge-edge plan')")
@@ -131,6 +133,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     pl.add_argument("--batch-size", type=_positive_int, default=TrainConfig.batch_size)
     pl.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS)
     pl.add_argument("--memory-budget", type=_size, default=None, metavar="SIZE")
+    pl.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"), help="compute precision of the convs")
     pl.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     e = sub.add_parser("eval", help="re-evaluate a finished run on its test set")
@@ -149,8 +152,8 @@ def _run_config(a: argparse.Namespace) -> RunConfig:
                         train_size=a.train_size, image_size=a.image_size),
         train=TrainConfig(method=a.method, epochs=a.epochs, batch_size=a.batch_size, optimizer=a.optimizer,
                           lr=a.lr, lr_min=a.lr_min, weight_decay=a.weight_decay, momentum=a.momentum,
-                          head_lr_scale=a.head_lr_scale, memory_budget=a.memory_budget, seed=a.seed,
-                          device=a.device),
+                          head_lr_scale=a.head_lr_scale, memory_budget=a.memory_budget, amp=a.amp,
+                          seed=a.seed, device=a.device),
     )
 
 
@@ -180,7 +183,8 @@ def _cmd_plan(a: argparse.Namespace) -> int:
 
     try:
         specs = layer_specs(ModelConfig(arch=a.model, width=a.width, alpha=a.alpha), a.input_shape, a.num_classes)
-        plan = plan_memory(specs, a.input_shape, a.batch_size, a.memory_budget, "fp32", a.optimizer)
+        plan = plan_memory(specs, a.input_shape, a.batch_size, a.memory_budget,
+                           "fp32" if a.amp == "off" else a.amp, a.optimizer)
     except BudgetTooSmall as e:
         raise UserError(f"--memory-budget {e.budget} B is too small for {a.model} x{a.width} at "
                         f"{'x'.join(map(str, a.input_shape))}; the smallest that works is {e.min_budget} B") from None

@@ -15,6 +15,7 @@ import torch
 from .errors import UserError
 
 DEVICES = ("auto", "cpu", "cuda")
+AMP_MODES = ("auto", "bf16", "fp16", "off")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -31,3 +32,18 @@ def resolve_device(name: str) -> torch.device:
 def to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Move a batch (B, C, H, W), (B,) to ``device``, images in channels_last."""
     return x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last), y.to(device, non_blocking=True)
+
+
+def resolve_precision(amp: str, device: torch.device) -> str:
+    """fp32, bf16 or fp16 for ``--amp``: auto picks bf16 on a GPU that has it, else fp16
+    (with GradScalers), and fp32 on the CPU. bf16 and fp16 may be asked for on the CPU too
+    (torch's CPU autocast runs both; mostly useful to test the mixed-precision path)."""
+    if amp not in AMP_MODES:
+        raise UserError(f"unknown --amp {amp!r}: use auto, bf16, fp16 or off")
+    if amp == "off":
+        return "fp32"
+    if amp != "auto":
+        return amp
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"

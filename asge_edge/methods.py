@@ -53,17 +53,52 @@ def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}: use adamw or sgd")
 
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 class Method(ABC):
-    """A training method for an ASGENet."""
+    """A training method for an ASGENet.
+
+    ``precision`` is fp32, bf16 or fp16: the convs run under autocast in that dtype, while
+    goodness, squares, pooling energy, LayerNorm and the projection stay fp32 (asge.py).
+    fp16 steps each optimiser through its own GradScaler, since every layer has its own loss.
+    """
 
     name: ClassVar[str]
     strategies: ClassVar[tuple[str, ...]]   # prediction strategies this method trains
     select: ClassVar[str]                   # the strategy whose validation accuracy picks the checkpoint
 
-    def __init__(self, net: ASGENet, cfg: TrainConfig):
+    def __init__(self, net: ASGENet, cfg: TrainConfig, precision: str = "fp32"):
         self.net = net
         self.cfg = cfg
+        self.precision = precision
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.scalers: dict[str, torch.amp.GradScaler] = {}
+
+    def _add_scalers(self, names) -> None:
+        if self.precision == "fp16":
+            device = next(self.net.parameters()).device.type
+            self.scalers = {name: torch.amp.GradScaler(device) for name in names}
+
+    def autocast(self, device_type: str):
+        """Autocast in the run's precision (a no-op in fp32)."""
+        dtype = AMP_DTYPES.get(self.precision)
+        return torch.autocast(device_type, dtype=dtype, enabled=dtype is not None)
+
+    def backward(self, name: str, loss: torch.Tensor) -> None:
+        """Backward of ``loss`` for optimiser ``name``, scaled under fp16."""
+        scaler = self.scalers.get(name)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+
+    def step(self, name: str) -> None:
+        """Step optimiser ``name`` on its accumulated gradients, then drop them."""
+        opt, scaler = self.optimizers[name], self.scalers.get(name)
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
 
     @abstractmethod
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> StepStats:
@@ -82,11 +117,14 @@ class Method(ABC):
         for name, opt in self.optimizers.items():
             opt.load_state_dict(state[name])
 
+    def scaler_state(self) -> dict[str, dict]:
+        """GradScaler states (plain numbers, JSON-safe); empty unless fp16."""
+        return {name: sc.state_dict() for name, sc in self.scalers.items()}
 
-def _step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+    def load_scaler_state(self, state: dict[str, dict]) -> None:
+        for name, sc in self.scalers.items():
+            if name in state:
+                sc.load_state_dict(state[name])
 
 
 class ASGEMethod(Method):
@@ -96,13 +134,14 @@ class ASGEMethod(Method):
     strategies = ("fusion", "last", "best")
     select = "fusion"
 
-    def __init__(self, net: ASGENet, cfg: TrainConfig):
-        super().__init__(net, cfg)
+    def __init__(self, net: ASGENet, cfg: TrainConfig, precision: str = "fp32"):
+        super().__init__(net, cfg, precision)
         for i, layer in enumerate(net.layers):
             self.optimizers[f"layer{i + 1}"] = make_optimizer(layer.conv.parameters(), cfg)
         for name in HEADS:
             self.optimizers[name] = make_optimizer(getattr(net, f"{name}_head").parameters(), cfg)
         self.micro_batch: int | None = None   # streaming: images per micro-batch (None: the whole batch)
+        self._add_scalers([f"layer{i + 1}" for i in range(len(net.layers))])   # heads stay fp32
 
     def layer_backward(self, i: int, h: torch.Tensor, y: torch.Tensor, weight: float = 1.0
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -119,9 +158,10 @@ class ASGEMethod(Method):
             (output for layer i+1 (b, C, H', W') without a graph, loss sum, correct count).
         """
         layer = self.net.layers[i]
-        a, logits = layer.local_forward(h)                     # b, C, H, W ; b, N (graph: this conv only)
+        with self.autocast(h.device.type):
+            a, logits = layer.local_forward(h)                 # b, C, H, W ; b, N fp32 (graph: this conv only)
         loss = F.cross_entropy(logits, y)
-        (loss * weight).backward()
+        self.backward(f"layer{i + 1}", loss * weight)
         with torch.no_grad():
             h_next = layer.transition(a)                       # b, C, H', W'
             return h_next, loss.detach() * len(y), (logits.argmax(1) == y).sum()
@@ -129,9 +169,7 @@ class ASGEMethod(Method):
     def step_layers(self) -> None:
         """Each layer's optimiser steps once on its accumulated gradient, then drops it."""
         for i in range(len(self.net.layers)):
-            opt = self.optimizers[f"layer{i + 1}"]
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            self.step(f"layer{i + 1}")
 
     def heads_step(self, feats: list[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
         """Train the Last and Fusion heads on detached GAP features; return their loss sums (2,)."""
@@ -139,7 +177,8 @@ class ASGEMethod(Method):
         losses = []
         for name, logits in zip(HEADS, (last, fusion)):
             loss = F.cross_entropy(logits, y)
-            _step(self.optimizers[name], loss)
+            loss.backward()
+            self.step(name)
             losses.append(loss.detach() * len(y))
         return torch.stack(losses)                             # 2
 
@@ -175,18 +214,21 @@ class BPMethod(Method):
     strategies = ("last",)
     select = "last"
 
-    def __init__(self, net: ASGENet, cfg: TrainConfig):
-        super().__init__(net, cfg)
+    def __init__(self, net: ASGENet, cfg: TrainConfig, precision: str = "fp32"):
+        super().__init__(net, cfg, precision)
         params = [p for layer in net.layers for p in layer.conv.parameters()]
         self.optimizers["net"] = make_optimizer(params + list(net.last_head.parameters()), cfg)
+        self._add_scalers(["net"])
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> StepStats:
-        h = self.net.normalize(x)                                  # B, C0, H, W
-        for layer in self.net.layers:
-            h = layer.transition(layer.activate(h))                # B, C, H', W' (graph kept)
-        logits = self.net.last_head(gap(h))                        # B, N
-        loss = F.cross_entropy(logits, y)
-        _step(self.optimizers["net"], loss)
+        with self.autocast(x.device.type):
+            h = self.net.normalize(x)                              # B, C0, H, W
+            for layer in self.net.layers:
+                h = layer.transition(layer.activate(h))            # B, C, H', W' (graph kept)
+            logits = self.net.last_head(gap(h))                    # B, N
+        loss = F.cross_entropy(logits.float(), y)
+        self.backward("net", loss)
+        self.step("net")
         n = len(self.net.layers)
         nan = torch.full((n,), float("nan"), device=x.device)
         head = torch.stack([loss.detach() * len(y), torch.tensor(float("nan"), device=x.device)])
@@ -196,8 +238,8 @@ class BPMethod(Method):
 METHODS: dict[str, type[Method]] = {m.name: m for m in (ASGEMethod, BPMethod)}
 
 
-def make_method(net: ASGENet, cfg: TrainConfig) -> Method:
-    """The method named by ``cfg.method``, ready to train ``net``."""
+def make_method(net: ASGENet, cfg: TrainConfig, precision: str = "fp32") -> Method:
+    """The method named by ``cfg.method``, ready to train ``net`` in ``precision``."""
     if cfg.method not in METHODS:
         raise ValueError(f"unknown method {cfg.method!r}: choose one of {', '.join(METHODS)}")
-    return METHODS[cfg.method](net, cfg)
+    return METHODS[cfg.method](net, cfg, precision)

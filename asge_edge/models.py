@@ -142,9 +142,10 @@ class ASGELayer(nn.Module):
         return project(g, self.proj_w, self.proj_b)            # B, N
 
     def transition(self, a: torch.Tensor) -> torch.Tensor:
-        """What the next layer reads: pool (if any), then LayerNorm over (C, H, W)."""
+        """What the next layer reads, in fp32: pool (if any), then LayerNorm over (C, H, W)."""
+        a = a.float()                                          # B, C, H, W (no-op in fp32)
         if self.spec.pool:
-            a = pool2d(a, self.pool_kind).to(a.dtype)          # B, C, H/2, W/2
+            a = pool2d(a, self.pool_kind)                      # B, C, H/2, W/2
         return layer_norm_chw(a, LN_EPS)                       # B, C, H', W'
 
 

@@ -16,12 +16,13 @@ sample), with the heads' own weights, gradients and optimiser state.
 Per-sample bytes of layer l. ``in`` is C_in*H*W fp32, ``act`` is C*H*W elements at the
 compute width s (4 bytes in fp32, 2 under bf16/fp16), and ``out`` is C*H'*W' fp32.
 Goodness squares and pooling energies are always fp32 (4 bytes); see asge.py.
-- forward: in + cast + z + a + a^2 (fp32) = in + cast + act*(2s + 4). z is the conv
-  output, a = ReLU(z), and a^2 is the goodness temporary. ``cast`` is the s-byte copy of
-  the input that the conv makes (and autograd saves) under mixed precision, 0 in fp32.
+- forward: in + cast + z + a + up + a^2 (fp32) = in + cast + act*(2s + 4) + up. z is the
+  conv output, a = ReLU(z), and a^2 is the goodness temporary. ``cast`` is the s-byte
+  copy of the input that the conv makes (and autograd saves) under mixed precision, and
+  ``up`` the fp32 copy of a that the squares read; both are 0 in fp32.
 - backward: in + cast + a (saved) + dL/dz = in + cast + act*2s (z is gone).
-- transition (no autograd): in + a + a^2 (fp32) + pooled energy (fp32) + out, with the
-  pooled energy act/4*4 where the layer pools, else 0.
+- transition (no autograd): in + a + up + a^2 (fp32) + pooled energy (fp32) + out, with
+  the pooled energy act/4*4 where the layer pools, else 0.
 per_sample_l is the largest of the three. fixed_l is the weights, gradient and optimiser
 state, plus the parameter-sized temporaries of ``OPTIMIZER_TEMPS``. Measured peaks
 (memory.measure_step) stay within the plan on the CPU; tests/test_streaming.py pins that.
@@ -103,9 +104,10 @@ def layer_memory(spec: LayerSpec, precision: str, optimizer: str) -> LayerMemory
     out = spec.channels * spec.out_height * spec.out_width * FP32
     cast = spec.in_channels * spec.height * spec.width * s if precision != "fp32" else 0
     pooled = act // 4 * FP32 if spec.pool else 0
-    forward = inp + cast + act * (2 * s + FP32)
+    upcast = act * FP32 if s != FP32 else 0                           # a.float() under mixed precision
+    forward = inp + cast + act * (2 * s + FP32) + upcast
     backward = inp + cast + act * 2 * s
-    transition = inp + act * s + act * FP32 + pooled + out
+    transition = inp + act * s + upcast + act * FP32 + pooled + out
     params = spec.channels * (spec.in_channels * 9 + 1)
     temps = max(1, OPTIMIZER_TEMPS[optimizer])
     fixed = params * FP32 * (2 + OPTIMIZER_STATE[optimizer] + temps) + (spec.goodness_dim + 1) * spec.num_classes * FP32

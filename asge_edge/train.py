@@ -31,7 +31,7 @@ from .checkpoint import (CONFIG_FILE, MODEL_FILE, STATE_FILE, build_net, load_ru
                          save_model, save_state, write_json)
 from .config import RunConfig
 from .data import load_splits, batches
-from .device import resolve_device, to_device
+from .device import resolve_device, resolve_precision, to_device
 from .errors import UserError
 from .budget import format_size
 from .evaluate import Accuracy, best_layer, evaluate
@@ -108,7 +108,7 @@ def make_plan(cfg: RunConfig, method: Method) -> Plan | None:
         return None
     try:
         plan = plan_memory(method.net.specs, cfg.info.input_shape, cfg.train.batch_size, cfg.train.memory_budget,
-                           "fp32", cfg.train.optimizer)
+                           method.precision, cfg.train.optimizer)
     except BudgetTooSmall as e:
         raise UserError(f"--memory-budget {e.budget} B is too small for {cfg.model.arch} x{cfg.model.width} at this "
                         f"input; the smallest that works is {e.min_budget} B") from None
@@ -164,7 +164,8 @@ def train(cfg: RunConfig, opts: RunOptions) -> dict[str, Any]:
     cfg = replace(cfg, info=splits.info, version=__version__)
     device = resolve_device(cfg.train.device)
     net = build_net(cfg).to(device, memory_format=torch.channels_last)
-    method = make_method(net, cfg.train)
+    precision = resolve_precision(cfg.train.amp, device)
+    method = make_method(net, cfg.train, precision)
     plan = make_plan(cfg, method)
     tc = cfg.train
     steps_per_epoch = math.ceil(len(splits.train) / tc.batch_size)
@@ -175,13 +176,14 @@ def train(cfg: RunConfig, opts: RunOptions) -> dict[str, Any]:
     if opts.resume:
         opt_states, progress = load_state(out, net)
         method.load_state_dict(opt_states)
+        method.load_scaler_state(progress.get("scalers", {}))
     else:
         write_json(out / CONFIG_FILE, cfg.to_dict())
     history = read_metrics(out / "metrics.jsonl")[: progress["epoch"]]
 
     if not opts.quiet:
         print(f"asge-edge {__version__}: {tc.method} {cfg.model.arch} x{cfg.model.width} on {cfg.data.dataset} "
-              f"({len(splits.train)}/{len(splits.val)}/{len(splits.test)} train/val/test), {device}, "
+              f"({len(splits.train)}/{len(splits.val)}/{len(splits.test)} train/val/test), {device} {precision}, "
               f"lr {tc.resolved_lr:.3g} -> {tc.resolved_lr_min:.3g}, batch {tc.batch_size}, {tc.epochs} epochs")
         if plan is not None and tc.memory_budget is not None:
             print(f"memory plan: micro-batch {plan.micro_batch} x {plan.accumulation_steps} steps, planned peak "
@@ -198,7 +200,8 @@ def train(cfg: RunConfig, opts: RunOptions) -> dict[str, Any]:
         memory = progress.get("memory")
         if measured is not None:
             memory = {"budget_bytes": tc.memory_budget, "micro_batch": plan.micro_batch,
-                      "accumulation_steps": plan.accumulation_steps, "planned_peak_bytes": plan.planned_peak,
+                      "accumulation_steps": plan.accumulation_steps, "precision": precision,
+                      "planned_peak_bytes": plan.planned_peak,
                       "measured_peak_bytes": measured[0], "measured_by": measured[1],
                       "parked_bytes": plan.parked_bytes}
         if device.type == "cuda":
@@ -210,7 +213,8 @@ def train(cfg: RunConfig, opts: RunOptions) -> dict[str, Any]:
         record = _epoch_record(epoch, lr, seconds, seen, loss_sum, correct, head_sum, val)
         score = val.strategy(method.select, best_layer(val.layers))
         progress = {"epoch": epoch, "step": step, "train_seconds": progress["train_seconds"] + seconds,
-                    "best": progress["best"], "best_epoch": progress["best_epoch"], "memory": memory}
+                    "best": progress["best"], "best_epoch": progress["best_epoch"], "memory": memory,
+                    "scalers": method.scaler_state()}
         if score > progress["best"]:
             progress.update(best=score, best_epoch=epoch)
             save_model(out, net, cfg, {"epoch": epoch, "val_accuracy": score})

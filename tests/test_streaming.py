@@ -135,3 +135,33 @@ def test_train_with_budget_records_plan_and_measurement(tmp_path):
 def test_bp_refuses_a_budget(capsys, tmp_path):
     assert main(["train", *TINY_RUN, "--method", "bp", "--memory-budget", "64MB", "--out", str(tmp_path / "o")]) == 2
     assert "cannot stream" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_steps_keep_goodness_fp32(precision):
+    net = ASGENet(ModelConfig(width=0.125), (1, 16, 16), 4, (0.5,), (0.25,), seed=0).to(
+        memory_format=torch.channels_last)
+    method = ASGEMethod(net, TrainConfig(), precision)
+    assert bool(method.scalers) == (precision == "fp16")   # one GradScaler per layer under fp16
+    x, y = torch.rand(32, 1, 16, 16), torch.randint(4, (32,))
+    with method.autocast("cpu"):
+        a, logits = net.layers[1].local_forward(torch.randn(32, net.specs[1].in_channels, 16, 16))
+    assert a.dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    assert logits.dtype == torch.float32 and net.layers[1].transition(a).dtype == torch.float32
+    before = net.layers[3].conv.weight.detach().clone()
+    for _ in range(3):
+        stats = method.train_step(x, y)
+    assert torch.isfinite(stats.layer_loss).all()
+    assert not torch.equal(before, net.layers[3].conv.weight)
+
+
+def test_bf16_measured_peak_stays_within_bf16_plan():
+    net = ASGENet(ModelConfig(width=0.25), (1, 28, 28), 10, (0.5,), (0.25,), seed=0).to(
+        memory_format=torch.channels_last)
+    method = ASGEMethod(net, TrainConfig(), "bf16")
+    x, y = torch.rand(64, 1, 28, 28).contiguous(memory_format=torch.channels_last), torch.randint(10, (64,))
+    method.train_step(x, y)
+    budget = int(plan_memory(net.specs, (1, 28, 28), 64, None, "bf16").min_budget * 1.5)
+    method.micro_batch = plan_memory(net.specs, (1, 28, 28), 64, budget, "bf16").micro_batch
+    _, (peak, _) = measure_step(method, x, y)
+    assert peak <= budget
