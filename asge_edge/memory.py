@@ -95,23 +95,23 @@ def _layer_state(method, i: int) -> list[torch.Tensor]:
 def measure_step(method, x: torch.Tensor, y: torch.Tensor):
     """Run ``method.train_step(x, y)``; return (its StepStats, (peak working-set bytes, how measured)).
 
-    The active layer is tracked with hooks: a layer becomes active when its conv runs
-    forward or its optimiser steps; the heads are active while theirs step. Call this
-    after at least one step, so that optimiser state already exists, with gradients
-    cleared (every Method leaves them so).
+    For a streaming method (one optimiser per layer) the active layer is tracked with
+    hooks: a layer becomes active when its conv runs forward or its optimiser steps; the
+    heads are active while theirs step. For an end-to-end method (BP) nothing is parked:
+    every weight and all optimiser state count. Call this after at least one step, so
+    that optimiser state already exists, with gradients cleared (every Method leaves them so).
     """
     net = method.net
     n = len(net.layers)
-    batch_state = _nbytes([x, y]) + _nbytes([*net.last_head.parameters(), *net.fusion_head.parameters()])
+    heads = [*net.last_head.parameters(), *net.fusion_head.parameters()]
+    batch_state = _nbytes([x, y]) + _nbytes(heads)
+    streams = all(f"layer{i + 1}" in method.optimizers for i in range(n))
+    if not streams:   # end-to-end methods: every weight and all optimiser state stay resident
+        state = [v for opt in method.optimizers.values() for st in opt.state.values() for v in st.values()
+                 if isinstance(v, torch.Tensor)]
+        resident_all = _nbytes([*net.parameters(), *net.buffers(), *state]) - _nbytes(heads)   # heads: in batch_state
+        return _measure_cpu_or_cuda(method, x, y, lambda: resident_all, [], batch_state, resident_all)
     resident = [_nbytes(_layer_state(method, i)) for i in range(n)]
-    if x.device.type == "cuda":
-        torch.cuda.synchronize(x.device)
-        before = torch.cuda.memory_allocated(x.device)
-        torch.cuda.reset_peak_memory_stats(x.device)
-        stats = method.train_step(x, y)
-        torch.cuda.synchronize(x.device)
-        peak = torch.cuda.max_memory_allocated(x.device) - before + batch_state + max(resident)
-        return stats, (peak, "cuda-peak-stats")
 
     active = [None]   # index of the training layer; None while the heads train
     hooks = []
@@ -128,11 +128,24 @@ def measure_step(method, x: torch.Tensor, y: torch.Tensor):
         a = active[0]
         return -(sum(grads) - (grads[a] if a is not None else 0)) + (resident[a] if a is not None else 0)
 
-    tracker = LiveTensorBytes(working_set_adjustment)
+    return _measure_cpu_or_cuda(method, x, y, working_set_adjustment, hooks, batch_state, max(resident))
+
+
+def _measure_cpu_or_cuda(method, x, y, adjust, hooks, batch_state: int, resident: int):
+    """One step under CUDA peak stats or the live-tensor tracker; removes ``hooks`` after."""
     try:
+        if x.device.type == "cuda":
+            torch.cuda.synchronize(x.device)
+            before = torch.cuda.memory_allocated(x.device)
+            torch.cuda.reset_peak_memory_stats(x.device)
+            stats = method.train_step(x, y)
+            torch.cuda.synchronize(x.device)
+            peak = torch.cuda.max_memory_allocated(x.device) - before + batch_state + resident
+            return stats, (peak, "cuda-peak-stats")
+        tracker = LiveTensorBytes(adjust)
         with tracker:
             stats = method.train_step(x, y)
+        return stats, (tracker.peak + batch_state, "cpu-live-tensors")
     finally:
         for h in hooks:
             h.remove()
-    return stats, (tracker.peak + batch_state, "cpu-live-tensors")

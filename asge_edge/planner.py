@@ -39,10 +39,10 @@ from .models import LayerSpec
 FP32 = 4
 PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 OPTIMIZER_STATE = {"adamw": 2, "sgd": 1}   # fp32 state tensors per parameter (Adam: m, v; SGD: momentum)
-# Parameter-sized temporaries at the layer's busiest moment, measured with memory.measure_step:
-# torch's AdamW step allocates two (sqrt(v) / bias correction, then the update), SGD one;
-# a later micro-batch's fresh gradient lives beside the accumulated one, which is one more.
-OPTIMIZER_TEMPS = {"adamw": 2, "sgd": 1}
+# Parameter-sized temporaries of the optimiser step, measured with memory.measure_step: the
+# fused AdamW (methods.make_optimizer) needs none, SGD one. Accumulation always needs one:
+# a later micro-batch's fresh gradient lives beside the accumulated one until it is added.
+OPTIMIZER_TEMPS = {"adamw": 0, "sgd": 1}
 
 
 @dataclass(frozen=True)

@@ -165,3 +165,18 @@ def test_bf16_measured_peak_stays_within_bf16_plan():
     method.micro_batch = plan_memory(net.specs, (1, 28, 28), 64, budget, "bf16").micro_batch
     _, (peak, _) = measure_step(method, x, y)
     assert peak <= budget
+
+
+def test_asge_working_set_is_smaller_than_bp_at_the_same_batch():
+    from asge_edge.methods import BPMethod
+
+    def peak(method_cls, cfg):
+        net = ASGENet(ModelConfig(width=0.25), (1, 28, 28), 10, (0.5,), (0.25,), seed=0).to(
+            memory_format=torch.channels_last)
+        method = method_cls(net, cfg)
+        x, y = torch.rand(32, 1, 28, 28).contiguous(memory_format=torch.channels_last), torch.randint(10, (32,))
+        method.train_step(x, y)
+        return measure_step(method, x, y)[1][0]
+
+    asge, bp = peak(ASGEMethod, TrainConfig()), peak(BPMethod, TrainConfig(method="bp"))
+    assert asge < 0.5 * bp   # BP keeps every layer's activations and all state; ASGE one layer's

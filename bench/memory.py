@@ -1,0 +1,121 @@
+"""Peak training memory and images/s: BP, BP + checkpointing + accumulation, streaming ASGE.
+
+Claims (issue 3), for VGG8 at full width, input 3x32x32, logical batch 128, on the CPU:
+- ASGE's measured peak at a 64MB budget stays within 64MB;
+- it is at least 20x below BP's at the same logical batch;
+- ASGE's images/s at 64MB is at least 0.8x ASGE's with no budget.
+The fair baseline is BP with per-layer gradient checkpointing and gradient accumulation
+in micro-batches. It keeps all weights, gradients and optimiser state resident, so it can
+only approach a budget as small as its state, and going below that would need weight
+offloading on top. That variant lives here, as a baseline only, not in the product.
+
+Every row is measured in this one run, side by side, with memory.measure_step (live tensor
+bytes on the CPU; see its docstring for what is and is not counted), after one warm-up step.
+images/s is the median of ``--steps`` timed steps.
+
+    python bench/memory.py [--width 1.0] [--input-shape 3x32x32] [--batch-size 128] [--steps 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from asge_edge.budget import format_size, parse_size
+from asge_edge.config import ModelConfig, TrainConfig
+from asge_edge.memory import measure_step
+from asge_edge.methods import ASGEMethod, BPMethod
+from asge_edge.models import ASGENet, gap
+from asge_edge.planner import BudgetTooSmall, plan_memory
+
+BUDGETS = ("64MB", "16MB", "4MB")
+
+
+class CheckpointedBP(BPMethod):
+    """BP that recomputes each layer in backward (checkpointing) and accumulates micro-batches."""
+
+    def __init__(self, net: ASGENet, cfg: TrainConfig, micro_batch: int):
+        super().__init__(net, cfg)
+        self.micro_batch = micro_batch
+
+    def train_step(self, x, y):
+        for xm, ym in zip(x.split(self.micro_batch), y.split(self.micro_batch)):
+            h = self.net.normalize(xm)                                          # b, C0, H, W
+            for layer in self.net.layers:
+                h = checkpoint(lambda t, lyr=layer: lyr.transition(lyr.activate(t)), h, use_reentrant=False)
+            loss = F.cross_entropy(self.net.last_head(gap(h)), ym) * (len(ym) / len(y))
+            self.backward("net", loss)
+        self.step("net")
+
+
+def run(label: str, method, x, y, steps: int) -> dict:
+    method.train_step(x, y)                       # warm-up: optimiser state now exists
+    _, (peak, how) = measure_step(method, x, y)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        method.train_step(x, y)
+        times.append(time.perf_counter() - t0)
+    return {"label": label, "peak": peak, "how": how, "ips": len(y) / statistics.median(times)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--width", type=float, default=1.0)
+    p.add_argument("--input-shape", default="3x32x32")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=2)
+    a = p.parse_args()
+    shape = tuple(int(v) for v in a.input_shape.split("x"))
+    cfg = ModelConfig(width=a.width)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(a.batch_size, *shape, generator=g).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(10, (a.batch_size,), generator=g)
+
+    def net() -> ASGENet:
+        return ASGENet(cfg, shape, 10, (0.5,) * shape[0], (0.25,) * shape[0]).to(memory_format=torch.channels_last)
+
+    rows, notes = [], []
+    rows.append(run("BP", BPMethod(net(), TrainConfig(method="bp")), x, y, a.steps))
+    rows.append(run("BP + checkpoint + accumulation (micro-batch 1)",
+                    CheckpointedBP(net(), TrainConfig(method="bp"), 1), x, y, a.steps))
+    rows.append(run("ASGE, no budget", ASGEMethod(net(), TrainConfig()), x, y, a.steps))
+    specs = net().specs
+    for text in BUDGETS:
+        budget = parse_size(text)
+        try:
+            plan = plan_memory(specs, shape, a.batch_size, budget)
+        except BudgetTooSmall as e:
+            notes.append(f"ASGE at {text}: does not fit; the smallest budget is {format_size(e.min_budget)} "
+                         f"({e.min_budget} B), set by one layer's weights, gradient and AdamW state")
+            continue
+        method = ASGEMethod(net(), TrainConfig())
+        method.micro_batch = plan.micro_batch
+        row = run(f"ASGE, {text} (micro-batch {plan.micro_batch} x {plan.accumulation_steps})", method, x, y, a.steps)
+        row["budget"] = budget
+        rows.append(row)
+
+    print(f"vgg8 width {a.width}, input {a.input_shape}, logical batch {a.batch_size}, CPU threads "
+          f"{torch.get_num_threads()}, torch {torch.__version__}, peak by {rows[0]['how']}")
+    print(f"{'run':<52} {'peak':>10} {'bytes':>13} {'images/s':>9}")
+    for r in rows:
+        print(f"{r['label']:<52} {format_size(r['peak']):>10} {r['peak']:>13,} {r['ips']:>9.1f}")
+    for n in notes:
+        print(n)
+    by = {r["label"].split(" (")[0]: r for r in rows}
+    bp, free = by["BP"], by["ASGE, no budget"]
+    for r in rows:
+        if "budget" in r:
+            print(f"{r['label'].split(' (')[0]}: peak {'within' if r['peak'] <= r['budget'] else 'OVER'} budget; "
+                  f"BP / ASGE peak {bp['peak'] / r['peak']:.1f}x (target >= 20); "
+                  f"images/s vs no budget {r['ips'] / free['ips']:.2f}x (target >= 0.8)")
+    print(f"BP + checkpoint + accumulation / BP peak: {by['BP + checkpoint + accumulation']['peak'] / bp['peak']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
