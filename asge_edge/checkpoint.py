@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
 
 from . import __version__
 from .config import RunConfig
@@ -71,11 +71,9 @@ def _load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     if not Path(path).is_file():
         raise UserError(f"{path} not found; is this an asge-edge run directory?")
     try:
-        tensors = load_file(str(path))
-        from safetensors import safe_open
-
         with safe_open(str(path), "pt") as f:
             header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"{path} is corrupt or truncated ({e}); restore it or retrain") from None
     if header.get("format") != FORMAT:

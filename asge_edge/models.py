@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .asge import layer_norm_chw, make_projection, partition_factor, pool2d, project, relu_goodness, spatial_goodness
+from .asge import layer_norm_chw, make_projection, partition_factor, pool2d, project, relu_goodness
 from .config import ModelConfig
 
 # (out_channels, pool_after) per conv layer, at width 1.
@@ -135,11 +135,6 @@ class ASGELayer(nn.Module):
         """
         a, g = relu_goodness(self.conv(h), self.spec.partition)   # B, C, H, W ; B, C*P*P
         return a, project(g, self.proj_w, self.proj_b)             # B, N
-
-    def goodness_logits(self, a: torch.Tensor) -> torch.Tensor:
-        """Local class logits from the activation: (B, C, H, W) -> (B, N), fp32."""
-        g = spatial_goodness(a, self.spec.partition)          # B, C*P*P
-        return project(g, self.proj_w, self.proj_b)            # B, N
 
     def transition(self, a: torch.Tensor) -> torch.Tensor:
         """What the next layer reads, in fp32: pool (if any), then LayerNorm over (C, H, W)."""
