@@ -137,7 +137,7 @@ def _download(cfg: DataConfig, root: Path) -> None:
            "cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100}[cfg.dataset]
     try:
         for train in (True, False):
-            cls(str(root), train=train, download=True)
+            cls(str(root), train=train, download=cfg.download)
     except Exception as e:   # network errors come in many types
         raise UserError(f"--download of {cfg.dataset} into {root} failed ({type(e).__name__}); check the network or copy the files there") from None
 
