@@ -12,8 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .data import Split, batches
-from .device import to_device
+from .checkpoint import load_run
+from .data import Split, batches, load_splits
+from .device import resolve_device, to_device
+from .methods import METHODS
 from .models import ASGENet
 
 EVAL_BATCH = 512   # inference holds no gradients, so a larger batch fits the same memory
@@ -67,11 +69,6 @@ def evaluate_run(run_dir, device_name: str = "auto", strategy: str | None = None
         {"test_accuracy": {strategy: fraction or None}, "best_layer": k or None,
          "layer_test_accuracy": [...], "layer_val_accuracy": [...]}.
     """
-    from .checkpoint import load_run
-    from .data import load_splits
-    from .device import resolve_device
-    from .methods import METHODS
-
     device = resolve_device(device_name)
     cfg, net, _ = load_run(run_dir)
     net = net.to(device, memory_format=torch.channels_last)

@@ -100,8 +100,12 @@ def _epoch_record(epoch: int, lr: float, seconds: float, images: int, loss_sum: 
     }
 
 
-def make_plan(cfg: RunConfig, method: Method) -> Plan | None:
-    """The streaming plan of an ASGE run (None for methods that do not stream)."""
+def configure_streaming(cfg: RunConfig, method: Method) -> Plan | None:
+    """Plan the run's memory and set the method's micro-batch from it.
+
+    Returns:
+        The plan, or None for methods that do not stream (they refuse a budget).
+    """
     if not isinstance(method, ASGEMethod):
         if cfg.train.memory_budget is not None:
             raise UserError(f"--memory-budget streams ASGE layer by layer; --method {cfg.train.method} cannot stream, drop the budget")
@@ -116,8 +120,15 @@ def make_plan(cfg: RunConfig, method: Method) -> Plan | None:
     return plan
 
 
+def _memory_record(plan: Plan, measured: tuple[int, str], budget: int | None, precision: str) -> dict[str, Any]:
+    """summary.json's ``memory``: the plan beside the measured peak."""
+    return {"budget_bytes": budget, "micro_batch": plan.micro_batch, "accumulation_steps": plan.accumulation_steps,
+            "precision": precision, "planned_peak_bytes": plan.planned_peak, "measured_peak_bytes": measured[0],
+            "measured_by": measured[1], "parked_bytes": plan.parked_bytes}
+
+
 def _run_epoch(method: Method, cfg: RunConfig, splits, device, epoch: int, step0: int, total: int, pbar,
-               measure_at: int | None = None) -> tuple:
+               measure_at: int | None = None, workers: int = 0) -> tuple:
     """One epoch; the step numbered ``measure_at`` (global, 0-based) also measures memory."""
     tc = cfg.train
     n_layers = len(method.net.layers)
@@ -126,7 +137,7 @@ def _run_epoch(method: Method, cfg: RunConfig, splits, device, epoch: int, step0
     head_sum = torch.zeros(2, device=device)
     seen, step, lr, measured = 0, step0, tc.resolved_lr, None
     gen = _epoch_generator(tc.seed, epoch)
-    for x, y in batches(splits.train, tc.batch_size, gen, cfg.data.augment, 0):
+    for x, y in batches(splits.train, tc.batch_size, gen, cfg.data.augment, workers):
         lr = cosine_lr(step, total, tc.resolved_lr, tc.resolved_lr_min)
         method.set_lr(lr)
         x, y = to_device(x, y, device)
@@ -166,7 +177,7 @@ def train(cfg: RunConfig, opts: RunOptions) -> dict[str, Any]:
     net = build_net(cfg).to(device, memory_format=torch.channels_last)
     precision = resolve_precision(cfg.train.amp, device)
     method = make_method(net, cfg.train, precision)
-    plan = make_plan(cfg, method)
+    plan = configure_streaming(cfg, method)
     tc = cfg.train
     steps_per_epoch = math.ceil(len(splits.train) / tc.batch_size)
     total = tc.epochs * steps_per_epoch
@@ -196,14 +207,8 @@ def train(cfg: RunConfig, opts: RunOptions) -> dict[str, Any]:
                                             dynamic_ncols=True, leave=False)
         t0 = time.perf_counter()
         loss_sum, correct, head_sum, seen, step, lr, measured = _run_epoch(
-            method, cfg, splits, device, epoch, progress["step"], total, pbar, measure_at)
-        memory = progress.get("memory")
-        if measured is not None:
-            memory = {"budget_bytes": tc.memory_budget, "micro_batch": plan.micro_batch,
-                      "accumulation_steps": plan.accumulation_steps, "precision": precision,
-                      "planned_peak_bytes": plan.planned_peak,
-                      "measured_peak_bytes": measured[0], "measured_by": measured[1],
-                      "parked_bytes": plan.parked_bytes}
+            method, cfg, splits, device, epoch, progress["step"], total, pbar, measure_at, opts.workers)
+        memory = progress.get("memory") if measured is None else _memory_record(plan, measured, tc.memory_budget, precision)
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
@@ -227,15 +232,14 @@ def train(cfg: RunConfig, opts: RunOptions) -> dict[str, Any]:
             print(f"epoch {epoch}/{tc.epochs} {seconds:.0f}s {seen / seconds:.0f} img/s | val layers {layers} | "
                   f"last {100 * val.last:.2f} fusion {100 * val.fusion:.2f}{' *' if progress['best_epoch'] == epoch else ''}")
 
-    return finish(out, method.strategies, history, progress, device, quiet=opts.quiet)
+    return finish(out, method.strategies, history, progress, device, splits, quiet=opts.quiet)
 
 
 def finish(out: Path, strategies: tuple[str, ...], history: list[dict[str, Any]], progress: dict[str, Any],
-           device: torch.device, quiet: bool = False) -> dict[str, Any]:
+           device: torch.device, splits, quiet: bool = False) -> dict[str, Any]:
     """Evaluate the selected checkpoint on test, write summary.json, print the table."""
     cfg, net, _ = load_run(out)
     net = net.to(device, memory_format=torch.channels_last)
-    splits = load_splits(cfg.data)
     chosen = history[progress["best_epoch"] - 1]
     layer_val = chosen["val_layer_accuracy"]
     val = Accuracy(layer_val, chosen["val_last_accuracy"], chosen["val_fusion_accuracy"], len(splits.val))
