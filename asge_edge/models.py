@@ -47,6 +47,7 @@ PRESETS: dict[str, tuple[tuple[int, bool], ...]] = {
     ),
 }
 LN_EPS = 1e-5   # torch.nn.LayerNorm's default
+HEAD_NORM_MOMENTUM, HEAD_NORM_EPS = 0.1, 1e-5   # torch.nn.BatchNorm1d's defaults
 
 
 @dataclass(frozen=True)
@@ -153,6 +154,30 @@ class NetOutput:
     fusion: torch.Tensor               # B, N
 
 
+class LinearHead(nn.Module):
+    """A linear classifier on standardised features: batch normalisation without affine
+    parameters, then Linear.
+
+    Training normalises with the logical batch's statistics, and the heads always step on
+    the whole logical batch (methods.ASGEMethod.heads_step), so streaming does not change
+    them. A batch of one sample has no statistics of its own and uses the running ones.
+    Inference uses the running statistics, an affine map that folds into the Linear, so at
+    deployment this is one linear layer, as in the paper.
+    """
+
+    def __init__(self, in_features: int, num_classes: int):
+        super().__init__()
+        self.register_buffer("running_mean", torch.zeros(in_features))
+        self.register_buffer("running_var", torch.ones(in_features))
+        self.fc = nn.Linear(in_features, num_classes)
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        batch_stats = self.training and f.shape[0] > 1
+        z = F.batch_norm(f, self.running_mean, self.running_var, training=batch_stats,
+                         momentum=HEAD_NORM_MOMENTUM, eps=HEAD_NORM_EPS)   # B, D
+        return self.fc(z)                                                  # B, N
+
+
 def gap(h: torch.Tensor) -> torch.Tensor:
     """Global average pooling (B, C, H, W) -> (B, C)."""
     return h.float().mean(dim=(2, 3))
@@ -173,8 +198,8 @@ class ASGENet(nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)   # conv and head initialisation follow the run's seed
             self.layers = nn.ModuleList(ASGELayer(s, cfg.pool, gen) for s in self.specs)
-            self.last_head = nn.Linear(self.specs[-1].channels, num_classes)
-            self.fusion_head = nn.Linear(sum(s.channels for s in self.fusion_specs), num_classes)
+            self.last_head = LinearHead(self.specs[-1].channels, num_classes)
+            self.fusion_head = LinearHead(sum(s.channels for s in self.fusion_specs), num_classes)
 
     @property
     def fusion_specs(self) -> tuple[LayerSpec, ...]:

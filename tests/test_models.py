@@ -57,3 +57,18 @@ def test_same_seed_same_network_different_seed_different():
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["layers.0.proj_w"], c["layers.0.proj_w"])
     assert not torch.equal(a["layers.0.conv.weight"], c["layers.0.conv.weight"])
+
+
+def test_heads_standardise_in_training_and_fold_to_affine_in_eval():
+    from asge_edge.models import LinearHead
+
+    torch.manual_seed(0)
+    head = LinearHead(6, 3)
+    f = torch.randn(64, 6) * 5 + 2
+    head(f)                                                      # training: batch stats, running stats move
+    assert not torch.equal(head.running_mean, torch.zeros(6))
+    head(f[:1])                                                  # a batch of one sample does not fail
+    head.eval()
+    scale = (head.running_var + 1e-5).rsqrt()
+    folded = torch.nn.functional.linear(f, head.fc.weight * scale, head.fc.bias - (head.fc.weight * scale) @ head.running_mean)
+    torch.testing.assert_close(head(f), folded, rtol=1e-5, atol=1e-5)

@@ -34,7 +34,7 @@ def test_run_writes_every_output(tiny_run):
     assert set(summary["test_accuracy"]) == {"fusion", "last", "best"}
     assert (tiny_run / "layer_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     tensors = load_file(str(tiny_run / "model.safetensors"))
-    assert {"layers.0.proj_w", "layers.6.proj_b", "last_head.weight", "fusion_head.weight", "mean"} <= set(tensors)
+    assert {"layers.0.proj_w", "layers.6.proj_b", "last_head.fc.weight", "fusion_head.fc.weight", "fusion_head.running_var", "mean"} <= set(tensors)
 
 
 def test_checkpoint_round_trip_gives_identical_logits(tiny_run, device):

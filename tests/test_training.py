@@ -76,7 +76,7 @@ def test_bp_step_trains_every_conv_through_one_loss(device):
     after = net.state_dict()
     assert all(not torch.equal(before[f"layers.{i}.conv.weight"], after[f"layers.{i}.conv.weight"])
                for i in range(len(net.layers)))
-    assert torch.equal(before["fusion_head.weight"], after["fusion_head.weight"])   # BP trains Last only
+    assert torch.equal(before["fusion_head.fc.weight"], after["fusion_head.fc.weight"])   # BP trains Last only
     assert torch.isfinite(stats.head_loss[0])
 
 
