@@ -110,7 +110,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     o.add_argument("--weight-decay", type=_non_negative_float, default=None, help="default 1e-3 (AdamW), 1e-4 (SGD)")
     o.add_argument("--momentum", type=_non_negative_float, default=TrainConfig.momentum, help="SGD momentum")
     o.add_argument("--head-lr-scale", type=_positive_float, default=TrainConfig.head_lr_scale,
-                   help="lr of the Last/Fusion heads over the layers' lr (default 10, see docs/RESULTS.md)")
+                   help="lr of the Last/Fusion heads over the layers' lr (default 3, see docs/RESULTS.md)")
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--device", default="auto", choices=DEVICES)
     o.add_argument("--amp", default="auto", choices=AMP_MODES, help="mixed precision for the convs: auto = bf16 "
