@@ -4,8 +4,8 @@ Contract: ``resolve_device`` maps ``auto|cpu|cuda`` to a torch.device (auto take
 when present) and raises UserError when CUDA is asked for but absent. Batches and
 models use channels_last on every device, one code path: cuDNN's tensor-core
 convolutions want NHWC, and on the CPU a whole training step costs about the same in
-either layout (bench/step_time.py: 0.93x-1.08x, docs/BENCHMARKS.md), though oneDNN's
-conv forward alone is 1.5x faster in it. Nothing here is CUDA-only.
+either layout (bench/step_time.py: 0.93x-1.08x, docs/BENCHMARKS.md). Nothing here is
+CUDA-only.
 """
 
 from __future__ import annotations

@@ -19,9 +19,9 @@ How it is measured (``measured_by`` in summary.json):
   layers that are not training (parked), plus the active layer's weights, projection
   and optimiser state (which predate the step, so they are counted directly from the
   tensors). Hooks say which layer is active (its conv runs, or its optimiser steps).
-  The peak over the step is reported, plus the batch's own state. Not counted: oneDNN's private scratch buffers, the
-  allocator's free-but-cached memory, and Python objects. So this measures tensor
-  bytes, not the process's resident set size.
+  The peak over the step is reported, plus the batch's own state. Not counted: oneDNN's
+  private scratch buffers, the allocator's free-but-cached memory, and Python objects.
+  So this measures tensor bytes, not the process's resident set size.
 """
 
 from __future__ import annotations

@@ -1,0 +1,58 @@
+"""Planned vs measured training working set, one streaming ASGE step per budget (CPU).
+
+Claim (issue 3): the planner's peak bounds the measured peak, so a run planned within a
+budget stays within it. Prints planned and measured bytes (memory.measure_step) for a
+range of budgets, on the CPU-sized VGG8 and Fashion-MNIST's input shape.
+
+    python bench/plan_vs_measured.py [--width 0.25] [--input-shape 1x28x28] [--batch-size 128] [--amp off]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from asge_edge.budget import format_size, parse_size
+from asge_edge.config import ModelConfig, TrainConfig
+from asge_edge.memory import measure_step
+from asge_edge.methods import ASGEMethod
+from asge_edge.models import ASGENet
+from asge_edge.planner import BudgetTooSmall, plan_memory
+
+BUDGETS = ("none", "64MB", "16MB", "6MB", "4.2MB", "2MB")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--width", type=float, default=0.25)
+    p.add_argument("--input-shape", default="1x28x28")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"))
+    a = p.parse_args()
+    shape = tuple(int(v) for v in a.input_shape.split("x"))
+    precision = "fp32" if a.amp == "off" else a.amp
+    net = ASGENet(ModelConfig(width=a.width), shape, 10, (0.5,) * shape[0], (0.25,) * shape[0]).to(
+        memory_format=torch.channels_last)
+    method = ASGEMethod(net, TrainConfig(), precision)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(a.batch_size, *shape, generator=g).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(10, (a.batch_size,), generator=g)
+    method.train_step(x, y)   # optimiser state now exists, as in every later step
+    print(f"vgg8 width {a.width}, input {a.input_shape}, batch {a.batch_size}, {precision}")
+    print(f"{'budget':>8} {'micro-batch':>12} {'planned':>10} {'measured':>10} {'measured/planned':>17}")
+    for text in BUDGETS:
+        budget = None if text == "none" else parse_size(text)
+        try:
+            plan = plan_memory(net.specs, shape, a.batch_size, budget, precision)
+        except BudgetTooSmall as e:
+            print(f"{text:>8} does not fit (smallest budget {format_size(e.min_budget)})")
+            continue
+        method.micro_batch = plan.micro_batch
+        _, (peak, _) = measure_step(method, x, y)
+        print(f"{text:>8} {plan.micro_batch:>12} {format_size(plan.planned_peak):>10} {format_size(peak):>10} "
+              f"{peak / plan.planned_peak:>17.3f}")
+
+
+if __name__ == "__main__":
+    main()
