@@ -10,10 +10,12 @@ arXiv 2509.12394) exactly where the paper is explicit:
 - ``rms_pool``          Eq. (8): sqrt(mean(x^2)) over k x k windows.
 - ``make_projection``   Eq. (4): W ~ N(0, 1/sqrt(N)), b ~ N(0, 1/sqrt(N)); never trained.
 - ``project``           Eq. (5): a = g W + b.
-- ``relu_goodness``     ReLU and goodness fused, for training: the same values as
-  ``spatial_goodness(relu(z), p)``, with a backward pass that reads the activation once
-  (``2 * a * expand(dL/dg) / patch_area``) instead of autograd's five full-size passes
-  (pow, mul, adaptive-pool and ReLU backward). bench/step_time.py measures the gain.
+- ``conv_relu_goodness``  a layer's training forward in one autograd node: conv, ReLU
+  in place, goodness, and (optionally) the RMS pool's energy from the same squares. Its
+  backward reads the activation once (``dL/dz = 2 * a * expand(dL/dg) / patch_area``,
+  written into a's memory) and asks the conv for weight and bias gradients only, where
+  autograd would make five full-size passes and allocate each. bench/step_time.py
+  measures the result.
 
 Squares, goodness and pooling energy are always computed in float32, whatever the input
 dtype, because squares of fp16 activations overflow (65504 is reached at |x| = 256).
@@ -54,6 +56,11 @@ def partition_factor(alpha: float, c_last: int, c: int, h: int, w: int) -> int:
     return min(max(1, p), h, w)
 
 
+def square(x: torch.Tensor) -> torch.Tensor:
+    """x^2 in float32 at least: half-precision inputs are upcast first (fp16 overflows at |x| = 256)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32)).square()
+
+
 def spatial_goodness(y: torch.Tensor, p: int) -> torch.Tensor:
     """Spatial goodness: mean of y^2 over each of the p x p patches of every channel.
 
@@ -70,52 +77,23 @@ def spatial_goodness(y: torch.Tensor, p: int) -> torch.Tensor:
         Float32 tensor of shape (B, C*p*p), channel-major (the flattening of
         (B, C, p, p)).
     """
-    energy = y.float().square()                    # B, C, H, W
-    g = F.adaptive_avg_pool2d(energy, p)           # B, C, p, p
+    energy = square(y)                             # B, C, H, W
+    even = y.shape[2] % p == 0 and y.shape[3] % p == 0
+    g = patch_mean(energy, p) if even else F.adaptive_avg_pool2d(energy, p)   # B, C, p, p
     return g.flatten(1)                            # B, C*p*p
 
 
-class _ReluGoodness(torch.autograd.Function):
-    """a = relu(z) and g = patch energy of a, for p dividing H and W.
+def patch_mean(e: torch.Tensor, p: int) -> torch.Tensor:
+    """Mean of ``e`` (B, C, H, W) over each of p x p equal patches; p divides H and W.
 
-    The backward needs no separate ReLU step: where z <= 0, a = 0 and so is 2*a*dg.
+    Returns (B, C, p, p).
     """
-
-    @staticmethod
-    def forward(ctx, z: torch.Tensor, p: int):
-        a = torch.relu(z)                                      # B, C, H, W
-        g = F.avg_pool2d(a.float().square(), (a.shape[2] // p, a.shape[3] // p))   # B, C, p, p
-        ctx.save_for_backward(a)
-        ctx.p = p
-        ctx.mark_non_differentiable(a)
-        return a, g.flatten(1)                                 # B, C, H, W ; B, C*p*p
-
-    @staticmethod
-    def backward(ctx, _grad_a, grad_g):
-        (a,) = ctx.saved_tensors
-        b, c, h, w = a.shape
-        p = ctx.p
-        scale = grad_g.view(b, c, p, 1, p, 1) * (2.0 / ((h // p) * (w // p)))   # B, C, p, 1, p, 1
-        grad_z = a.view(b, c, p, h // p, p, w // p) * scale     # B, C, p, H/p, p, W/p
-        return grad_z.view(b, c, h, w).to(a.dtype), None        # B, C, H, W
+    return F.avg_pool2d(e, (e.shape[2] // p, e.shape[3] // p))
 
 
-def relu_goodness(z: torch.Tensor, p: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """ReLU then spatial goodness, with a fused backward where p divides H and W.
-
-    Args:
-        z: pre-activation (B, C, H, W).
-        p: patches per side.
-
-    Returns:
-        (a, g): a = relu(z) (B, C, H, W), which carries no gradient (the layer's
-        output is detached anyway), and g = spatial_goodness(a, p) (B, C*p*p), fp32,
-        differentiable with respect to z. Uneven patches fall back to autograd.
-    """
-    if z.shape[2] % p == 0 and z.shape[3] % p == 0:
-        return _ReluGoodness.apply(z, p)
-    a = torch.relu(z)
-    return a.detach(), spatial_goodness(a, p)
+def rms_from_energy(energy: torch.Tensor) -> torch.Tensor:
+    """sqrt of a pooled mean energy, clamped at ``RMS_EPS`` first (see RMS_EPS)."""
+    return energy.clamp_min(RMS_EPS).sqrt()
 
 
 def rms_pool(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -131,8 +109,84 @@ def rms_pool(x: torch.Tensor, k: int) -> torch.Tensor:
     Returns:
         Float32 tensor (B, C, H//k, W//k).
     """
-    energy = F.avg_pool2d(x.float().square(), k, k)    # B, C, H//k, W//k
-    return energy.clamp_min(RMS_EPS).sqrt()
+    return rms_from_energy(F.avg_pool2d(square(x), k, k))    # B, C, H//k, W//k
+
+
+class _ConvReluGoodness(torch.autograd.Function):
+    """a = relu(conv(h)), its patch goodness g and, when asked, its k x k mean energy.
+
+    For p dividing H and W (and H/k, W/k when k > 1). Forward and backward run in the
+    autocast dtype, if any, with the squares in fp32. The backward computes the conv's
+    weight and bias gradients only (never h's), from dL/dz = 2 * a * expand(dL/dg) / area,
+    which it writes into a's memory: ``a`` must not be read after backward.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, padding, p, k):
+        dev = h.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+        ctx.param_dtypes = (weight.dtype, bias.dtype)
+        h, weight, bias = h.to(dtype), weight.to(dtype), bias.to(dtype)
+        with torch.autocast(dev, enabled=False):
+            a = F.conv2d(h, weight, bias, padding=padding).relu_()        # B, C, H, W
+            energy = square(a)                                            # B, C, H, W fp32
+            pooled = F.avg_pool2d(energy, k) if k > 1 else None           # B, C, H/k, W/k
+            g = patch_mean(energy if pooled is None else pooled, p)       # B, C, p, p
+        ctx.save_for_backward(h, weight, a)
+        ctx.p, ctx.padding = p, padding
+        ctx.set_materialize_grads(False)   # no zero-filled full-size gradients for a and pooled
+        ctx.mark_non_differentiable(*(t for t in (a, pooled) if t is not None))
+        return a, g.flatten(1), pooled                                    # a ; B, C*p*p ; pooled
+
+    @staticmethod
+    def backward(ctx, _grad_a, grad_g, _grad_pooled):
+        h, weight, a = ctx.saved_tensors
+        b, c, hh, ww = a.shape
+        p = ctx.p
+        scale = grad_g.view(b, c, p, 1, p, 1) * (2.0 / ((hh // p) * (ww // p)))       # B, C, p, 1, p, 1
+        grad_z = a.view(b, c, p, hh // p, p, ww // p).mul_(scale).view(b, c, hh, ww)   # B, C, H, W (in a)
+        _, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad_z, h, weight, [c], [1, 1], list(ctx.padding), [1, 1], False, [0, 0], 1, [False, True, True])
+        return None, grad_w.to(ctx.param_dtypes[0]), grad_b.to(ctx.param_dtypes[1]), None, None, None
+
+
+def energy_window(h: int, w: int, p: int, k: int) -> int:
+    """k where k x k windows tile an (h, w) activation and p divides the tiled size, else 1.
+
+    Where it is k, the goodness can be read from the k x k mean energy (the RMS pool's)
+    instead of from the full-size squares: the same patches, averaged in two steps.
+    """
+    return k if k > 1 and h % k == 0 and w % k == 0 and (h // k) % p == 0 and (w // k) % p == 0 else 1
+
+
+def conv_relu_goodness(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, padding: tuple[int, int],
+                       p: int, k: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """An ASGE layer's training forward: conv (stride 1), ReLU and goodness in one autograd node.
+
+    The activation is computed in place, and its memory becomes dL/dz in the backward,
+    which computes no gradient for ``h`` (ASGE detaches every layer's input). Where p does
+    not divide the activation, this falls back to plain autograd, with the same values.
+
+    Args:
+        h: the layer's input (B, C_in, H, W), without a graph.
+        weight, bias: the conv's parameters (C, C_in, kh, kw) and (C,).
+        padding: the conv's padding (rows, columns).
+        p: patches per side.
+        k: when > 1, also return the k x k mean energy of a (what an RMS pool reads), and
+            read g from it, where k and then p divide the activation evenly.
+
+    Returns:
+        (a, g, energy): a = relu(conv(h)) (B, C, H, W) without a graph, which must not be
+        read after backward; g = spatial_goodness(a, p) (B, C*p*p), fp32, differentiable
+        with respect to weight and bias; energy = avg_pool(a^2, k) (B, C, H/k, W/k) fp32,
+        or None when k == 1 or the windows do not align with the patches.
+    """
+    hh = h.shape[2] + 2 * padding[0] - weight.shape[2] + 1
+    ww = h.shape[3] + 2 * padding[1] - weight.shape[3] + 1
+    if hh % p or ww % p:
+        a = torch.relu(F.conv2d(h, weight, bias, padding=padding))   # B, C, H, W
+        return a.detach(), spatial_goodness(a, p), None
+    return _ConvReluGoodness.apply(h, weight, bias, padding, p, energy_window(hh, ww, p, k))
 
 
 def pool2d(x: torch.Tensor, kind: str, k: int = 2) -> torch.Tensor:

@@ -18,7 +18,7 @@ How it is measured (``measured_by`` in summary.json):
   new allocations. At each op it adds up the live storages, less the gradients of the
   layers that are not training (parked), plus the active layer's weights, projection
   and optimiser state (which predate the step, so they are counted directly from the
-  tensors). Hooks say which layer is active (its conv runs, or its optimiser steps).
+  tensors). Hooks say which layer is active (it runs forward, or its optimiser steps).
   The peak over the step is reported, plus the batch's own state. Not counted: oneDNN's
   private scratch buffers, the allocator's free-but-cached memory, and Python objects.
   So this measures tensor bytes, not the process's resident set size.
@@ -96,7 +96,7 @@ def measure_step(method, x: torch.Tensor, y: torch.Tensor):
     """Run ``method.train_step(x, y)``; return (its StepStats, (peak working-set bytes, how measured)).
 
     For a streaming method (one optimiser per layer) the active layer is tracked with
-    hooks: a layer becomes active when its conv runs forward or its optimiser steps; the
+    hooks: a layer becomes active when it runs forward or its optimiser steps; the
     heads are active while theirs step. For an end-to-end method (BP) nothing is parked:
     every weight and all optimiser state count. Call this after at least one step, so
     that optimiser state already exists, with gradients cleared (every Method leaves them so).
@@ -116,7 +116,7 @@ def measure_step(method, x: torch.Tensor, y: torch.Tensor):
     active = [None]   # index of the training layer; None while the heads train
     hooks = []
     for i, layer in enumerate(net.layers):
-        hooks.append(layer.conv.register_forward_pre_hook(lambda *_, i=i: active.__setitem__(0, i)))
+        hooks.append(layer.register_forward_pre_hook(lambda *_, i=i: active.__setitem__(0, i)))
         hooks.append(method.optimizers[f"layer{i + 1}"].register_step_pre_hook(lambda *_, i=i: active.__setitem__(0, i)))
     for name in ("last", "fusion"):
         hooks.append(method.optimizers[name].register_step_pre_hook(lambda *_: active.__setitem__(0, None)))

@@ -174,12 +174,10 @@ class ASGEMethod(Method):
         """
         layer = self.net.layers[i]
         with self.autocast(h.device.type):
-            a, logits = layer.local_forward(h)                 # b, C, H, W ; b, N fp32 (graph: this conv only)
+            h_next, logits = layer(h)            # b, C, H', W' ; b, N fp32 (graph: this conv only)
         loss = F.cross_entropy(logits, y)
         self.backward(f"layer{i + 1}", loss * weight)
-        with torch.no_grad():
-            h_next = layer.transition(a)                       # b, C, H', W'
-            return h_next, loss.detach() * len(y), (logits.argmax(1) == y).sum()
+        return h_next, loss.detach() * len(y), (logits.argmax(1) == y).sum()
 
     def step_layers(self) -> None:
         """Each layer's optimiser steps once on its accumulated gradient, then drops it."""

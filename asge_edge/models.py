@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .asge import layer_norm_chw, make_projection, partition_factor, pool2d, project, relu_goodness
+from .asge import conv_relu_goodness, energy_window, layer_norm_chw, make_projection, partition_factor, pool2d, project, rms_from_energy
 from .config import ModelConfig
 
 # (out_channels, pool_after) per conv layer, at width 1.
@@ -62,7 +62,7 @@ class LayerSpec:
     channels: int
     height: int          # conv output size (pre-pool): the goodness is read here
     width: int
-    pool: bool
+    pool: str | None     # "rms", "avg" or "max" (2x2, stride 2) after this layer, or None
     partition: int       # P_l
     goodness_dim: int    # C_l * P_l^2
     num_classes: int
@@ -74,6 +74,16 @@ class LayerSpec:
     @property
     def out_width(self) -> int:
         return self.width // 2 if self.pool else self.width
+
+    @property
+    def even_patches(self) -> bool:
+        """Whether P divides H and W (else the patches take adaptive-pool boundaries)."""
+        return self.height % self.partition == 0 and self.width % self.partition == 0
+
+    @property
+    def energy_window(self) -> int:
+        """2 where the RMS pool's 2x2 energy also gives the goodness (asge.energy_window), else 1."""
+        return energy_window(self.height, self.width, self.partition, 2 if self.pool == "rms" else 1)
 
 
 def layer_specs(cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes: int) -> tuple[LayerSpec, ...]:
@@ -104,7 +114,7 @@ def layer_specs(cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes
             smallest = 2 ** sum(p for _, p in preset)
             raise ValueError(f"input {h}x{w} is too small for {cfg.arch}: it pools {sum(p for _, p in preset)} times, so it needs at least {smallest}x{smallest}")
         p = partition_factor(cfg.alpha, c_last, c, h, w)
-        specs.append(LayerSpec(i + 1, c_in, c, h, w, pool, p, c * p * p, num_classes))
+        specs.append(LayerSpec(i + 1, c_in, c, h, w, cfg.pool if pool else None, p, c * p * p, num_classes))
         c_in = c
         if pool:
             h, w = h // 2, w // 2
@@ -114,10 +124,9 @@ def layer_specs(cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes
 class ASGELayer(nn.Module):
     """conv3x3 + ReLU, with a fixed goodness projection and a pool + LayerNorm exit."""
 
-    def __init__(self, spec: LayerSpec, pool: str, generator: torch.Generator):
+    def __init__(self, spec: LayerSpec, generator: torch.Generator):
         super().__init__()
         self.spec = spec
-        self.pool_kind = pool
         self.conv = nn.Conv2d(spec.in_channels, spec.channels, 3, padding=1)
         # He init, the standard for ReLU convs. Against torch's default (kaiming_uniform
         # with a=sqrt(5), 3x smaller variance) it gave layers 4-7 2-3 points more after
@@ -132,19 +141,28 @@ class ASGELayer(nn.Module):
         """Post-ReLU activation a: (B, C_in, H, W) -> (B, C, H, W)."""
         return F.relu(self.conv(h))
 
-    def local_forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ASGE path: (B, C_in, H, W) -> activation a (B, C, H, W), logits (B, N).
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ASGE path: (B, C_in, H, W) -> next layer's input (B, C, H', W'), logits (B, N).
 
-        The logits carry the graph back to this layer's conv; ``a`` carries none.
+        The logits carry the graph back to this layer's conv; the output carries none. The
+        activation stays inside: backward reuses its memory (asge.conv_relu_goodness), and an
+        RMS pool reads the squares the goodness already computed.
         """
-        a, g = relu_goodness(self.conv(h), self.spec.partition)   # B, C, H, W ; B, C*P*P
-        return a, project(g, self.proj_w, self.proj_b)             # B, N
+        a, g, energy = conv_relu_goodness(h, self.conv.weight, self.conv.bias, self.conv.padding,
+                                          self.spec.partition, self.spec.energy_window)
+        # a: B, C, H, W ; g: B, C*P*P ; energy: B, C, H/2, W/2 or None
+        logits = project(g, self.proj_w, self.proj_b)                # B, N
+        with torch.no_grad():
+            return self.transition(a, energy), logits                # B, C, H', W' ; B, N
 
-    def transition(self, a: torch.Tensor) -> torch.Tensor:
-        """What the next layer reads, in fp32: pool (if any), then LayerNorm over (C, H, W)."""
+    def transition(self, a: torch.Tensor, energy: torch.Tensor | None = None) -> torch.Tensor:
+        """What the next layer reads, in fp32: pool (if any), then LayerNorm over (C, H, W).
+
+        ``energy``, when given, is avg_pool(a^2, 2), from which the RMS pool is read.
+        """
         a = a.float()                                          # B, C, H, W (no-op in fp32)
         if self.spec.pool:
-            a = pool2d(a, self.pool_kind)                      # B, C, H/2, W/2
+            a = pool2d(a, self.spec.pool) if energy is None else rms_from_energy(energy)   # B, C, H/2, W/2
         return layer_norm_chw(a, LN_EPS)                       # B, C, H', W'
 
 
@@ -200,7 +218,7 @@ class ASGENet(nn.Module):
         gen = torch.Generator().manual_seed(seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)   # conv and head initialisation follow the run's seed
-            self.layers = nn.ModuleList(ASGELayer(s, cfg.pool, gen) for s in self.specs)
+            self.layers = nn.ModuleList(ASGELayer(s, gen) for s in self.specs)
             self.last_head = LinearHead(self.specs[-1].channels, num_classes)
             self.fusion_head = LinearHead(sum(s.channels for s in self.fusion_specs), num_classes)
 
@@ -222,9 +240,8 @@ class ASGENet(nn.Module):
         h = self.normalize(x)                                   # B, C0, H, W
         layer_logits, feats = [], []
         for layer in self.layers:
-            a, logits = layer.local_forward(h)                  # B, C, H, W ; B, N
+            h, logits = layer(h)                  # B, C, H', W' ; B, N
             layer_logits.append(logits)
-            h = layer.transition(a)                             # B, C, H', W'
             feats.append(gap(h))                                # B, C
         last, fusion = self.heads(feats)
         return NetOutput(layer_logits, last, fusion)
@@ -241,7 +258,7 @@ class ASGENet(nn.Module):
         """
         if not 1 <= k <= len(self.layers):
             raise ValueError(f"exit layer {k} is out of range 1..{len(self.layers)}")
-        h = self.normalize(x)
-        for layer in self.layers[: k - 1]:
-            h = layer.transition(layer.activate(h))             # B, C, H', W'
-        return self.layers[k - 1].local_forward(h)[1]          # B, N
+        h = self.normalize(x)                                   # B, C0, H, W
+        for layer in self.layers[:k]:
+            h, logits = layer(h)                  # B, C, H', W' ; B, N
+        return logits

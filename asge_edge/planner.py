@@ -15,14 +15,20 @@ sample), with the heads' own weights, gradients and optimiser state.
 
 Per-sample bytes of layer l. ``in`` is C_in*H*W fp32, ``act`` is C*H*W elements at the
 compute width s (4 bytes in fp32, 2 under bf16/fp16), and ``out`` is C*H'*W' fp32.
-Goodness squares and pooling energies are always fp32 (4 bytes); see asge.py.
-- forward: in + cast + z + a + up + a^2 (fp32) = in + cast + act*(2s + 4) + up. z is the
-  conv output, a = ReLU(z), and a^2 is the goodness temporary. ``cast`` is the s-byte
-  copy of the input that the conv makes (and autograd saves) under mixed precision, and
-  ``up`` the fp32 copy of a that the squares read; both are 0 in fp32.
-- backward: in + cast + a (saved) + dL/dz = in + cast + act*2s (z is gone).
-- transition (no autograd): in + a + up + a^2 (fp32) + pooled energy (fp32) + out, with
-  the pooled energy act/4*4 where the layer pools, else 0.
+Goodness squares and pooling energies are always fp32 (4 bytes); see asge.py. ``cast`` is
+the s-byte copy of the input that the conv reads (and backward keeps) under mixed
+precision, ``up`` the fp32 copy of a that the squares read, and ``pooled`` the 2x2 energy
+(act/4 fp32) where the layer pools; ``cast`` and ``up`` are 0 in fp32. The phases of
+``ASGELayer.forward`` (asge.conv_relu_goodness) are:
+- forward: in + cast + a + a^2 (fp32) + the larger of up and, where the RMS pool shares
+  the squares (LayerSpec.energy_window), its pooled energy. The ReLU runs in place on the
+  conv output.
+- transition (no autograd, before backward): in + cast + a + up + pooling temporaries +
+  out: 3 pooled (energy, clamp, sqrt) where the squares are shared, a^2 + pooled where the
+  layer pools otherwise, and 0 where it does not pool.
+- backward: in + cast + a, which dL/dz overwrites in place.
+Where P does not divide H and W the layer falls back to autograd, which adds a full-size
+dL/da (fp32) and dL/dz (s) to the backward.
 per_sample_l is the largest of the three. fixed_l is the weights, gradient and optimiser
 state, plus the parameter-sized temporaries of ``OPTIMIZER_TEMPS``. Measured peaks
 (memory.measure_step) stay within the plan on the CPU; tests/test_streaming.py pins that.
@@ -105,13 +111,16 @@ def layer_memory(spec: LayerSpec, precision: str, optimizer: str) -> LayerMemory
     cast = spec.in_channels * spec.height * spec.width * s if precision != "fp32" else 0
     pooled = act // 4 * FP32 if spec.pool else 0
     upcast = act * FP32 if s != FP32 else 0                           # a.float() under mixed precision
-    forward = inp + cast + act * (2 * s + FP32) + upcast
-    backward = inp + cast + act * 2 * s
-    transition = inp + act * s + upcast + act * FP32 + pooled + out
+    shared = spec.energy_window > 1
+    resident = inp + cast + act * s                                   # input, its cast, the activation a
+    forward = resident + act * FP32 + max(upcast, pooled if shared else 0)
+    pooling = 3 * pooled if shared else act * FP32 + pooled if spec.pool else 0
+    transition = resident + upcast + pooling + out
+    backward = resident if spec.even_patches else resident + act * (FP32 + s)
     params = spec.channels * (spec.in_channels * 9 + 1)
     temps = max(1, OPTIMIZER_TEMPS[optimizer])
     fixed = params * FP32 * (2 + OPTIMIZER_STATE[optimizer] + temps) + (spec.goodness_dim + 1) * spec.num_classes * FP32
-    return LayerMemory(spec.index, inp, out, cast + act * s, max(forward, backward, transition), fixed)
+    return LayerMemory(spec.index, inp, out, cast + act * s, max(forward, transition, backward), fixed)
 
 
 def _batch_bytes(specs: Sequence[LayerSpec], input_shape: tuple[int, int, int], batch: int, optimizer: str) -> int:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from asge_edge import partition_factor, rms_pool, spatial_goodness
-from asge_edge.asge import RMS_EPS, layer_norm_chw, make_projection, project, relu_goodness
+from asge_edge.asge import RMS_EPS, conv_relu_goodness, layer_norm_chw, make_projection, project
 from asge_edge.config import ModelConfig
 from asge_edge.models import layer_specs
 
@@ -78,21 +78,66 @@ def test_rms_pool_gradient_is_finite_on_zero_windows():
     assert torch.isfinite(x.grad).all()
 
 
-@pytest.mark.parametrize("shape,p", [((3, 8, 8, 8), 4), ((2, 5, 6, 6), 2), ((2, 4, 7, 7), 2), ((2, 4, 3, 3), 1)])
+def _reference(h, w, b, p, k):
+    """conv, ReLU, goodness and k x k energy by plain autograd."""
+    a = torch.relu(F.conv2d(h, w, b, padding=1))
+    return a, spatial_goodness(a, p), F.avg_pool2d(a.square(), k)
+
+
+# (input shape, out channels, p, k): even patches, uneven patches (autograd fallback),
+# energy shared with the goodness, and energy not shareable (7 // 2 rows drop one).
+CASES = [((3, 5, 8, 8), 4, 4, 1), ((2, 3, 6, 6), 4, 4, 1), ((2, 3, 8, 8), 6, 2, 2), ((2, 3, 7, 7), 4, 1, 2),
+         ((2, 3, 3, 3), 4, 1, 1)]
+
+
+@pytest.mark.parametrize("shape,c,p,k", CASES)
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_fused_relu_goodness_equals_reference(shape, p, channels_last):
-    z = torch.randn(*shape, dtype=torch.float64)
+def test_conv_relu_goodness_equals_autograd(shape, c, p, k, channels_last):
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(*shape, dtype=torch.float64, generator=g)
     if channels_last:
-        z = z.contiguous(memory_format=torch.channels_last)
-    z1, z2 = z.clone().requires_grad_(), z.clone().requires_grad_()
-    a, g = relu_goodness(z1, p)
-    g_ref = spatial_goodness(torch.relu(z2), p)
-    torch.testing.assert_close(a, torch.relu(z))
-    torch.testing.assert_close(g, g_ref)
-    w = torch.randn_like(g)
-    (g * w).sum().backward()
-    (g_ref * w).sum().backward()
-    torch.testing.assert_close(z1.grad, z2.grad)
+        h = h.contiguous(memory_format=torch.channels_last)
+    w1 = torch.randn(c, shape[1], 3, 3, dtype=torch.float64, generator=g).requires_grad_()
+    b1 = torch.randn(c, dtype=torch.float64, generator=g).requires_grad_()
+    w2, b2 = w1.detach().clone().requires_grad_(), b1.detach().clone().requires_grad_()
+    a_ref, g_ref, e_ref = _reference(h, w2, b2, p, k)
+    a, gd, energy = conv_relu_goodness(h, w1, b1, (1, 1), p, k)
+    torch.testing.assert_close(a, a_ref.detach())
+    torch.testing.assert_close(gd, g_ref)
+    if energy is not None:
+        torch.testing.assert_close(energy, e_ref.detach())
+    shareable = k > 1 and shape[2] % k == 0 and (shape[2] // k) % p == 0
+    assert (energy is not None) == shareable
+    u = torch.randn(gd.shape, dtype=torch.float64, generator=g)
+    (gd * u).sum().backward()
+    (g_ref * u).sum().backward()
+    torch.testing.assert_close(w1.grad, w2.grad)
+    torch.testing.assert_close(b1.grad, b2.grad)
+
+
+def test_conv_relu_goodness_computes_no_input_gradient():
+    h = torch.randn(2, 3, 8, 8, requires_grad=True)
+    w, b = torch.randn(4, 3, 3, 3, requires_grad=True), torch.zeros(4, requires_grad=True)
+    _, g, _ = conv_relu_goodness(h, w, b, (1, 1), 2)
+    g.sum().backward()
+    assert h.grad is None and w.grad is not None
+
+
+def test_conv_relu_goodness_under_bf16_autocast_matches_autograd():
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(4, 8, 8, 8, generator=g)
+    w1 = (torch.randn(16, 8, 3, 3, generator=g) * 0.2).requires_grad_()
+    b1 = torch.zeros(16, requires_grad=True)
+    w2, b2 = w1.detach().clone().requires_grad_(), b1.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, gd, _ = conv_relu_goodness(h, w1, b1, (1, 1), 2)
+        g_ref = spatial_goodness(torch.relu(F.conv2d(h, w2, b2, padding=1)), 2)
+    assert a.dtype == torch.bfloat16 and gd.dtype == torch.float32
+    torch.testing.assert_close(gd, g_ref, rtol=1e-6, atol=1e-6)   # same bf16 conv, fp32 squares
+    gd.sum().backward()
+    g_ref.sum().backward()
+    assert w1.grad.dtype == torch.float32
+    torch.testing.assert_close(w1.grad, w2.grad, rtol=2e-2, atol=2e-2)   # bf16 gradients
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

@@ -9,7 +9,7 @@ from asge_edge.budget import parse_size
 from asge_edge.cli import main
 from asge_edge.config import ModelConfig, TrainConfig
 from asge_edge.memory import measure_step
-from asge_edge.methods import ASGEMethod
+from asge_edge.methods import AMP_DTYPES, ASGEMethod
 from asge_edge.models import ASGENet, layer_specs
 from asge_edge.planner import BudgetTooSmall, plan_memory
 from conftest import TINY_RUN
@@ -145,9 +145,9 @@ def test_mixed_precision_steps_keep_goodness_fp32(precision):
     assert bool(method.scalers) == (precision == "fp16")   # one GradScaler per layer under fp16
     x, y = torch.rand(32, 1, 16, 16), torch.randint(4, (32,))
     with method.autocast("cpu"):
-        a, logits = net.layers[1].local_forward(torch.randn(32, net.specs[1].in_channels, 16, 16))
-    assert a.dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    assert logits.dtype == torch.float32 and net.layers[1].transition(a).dtype == torch.float32
+        h_next, logits = net.layers[1](torch.randn(32, net.specs[1].in_channels, 16, 16))
+        assert net.layers[1].activate(torch.randn(2, net.specs[1].in_channels, 16, 16)).dtype == AMP_DTYPES[precision]
+    assert logits.dtype == torch.float32 and h_next.dtype == torch.float32
     before = net.layers[3].conv.weight.detach().clone()
     for _ in range(3):
         stats = method.train_step(x, y)

@@ -1,0 +1,55 @@
+"""Where an ASGE step and a BP step spend their time, op by op (torch.profiler, CPU).
+
+Backs the breakdown in docs/BENCHMARKS.md: same model, batch and memory format as
+bench/step_time.py; prints, per method, the ops with the most self time per step,
+grouped by input shape so that each layer's conv shows on its own line.
+
+    python bench/profile_step.py [--width 0.25] [--input-shape 1x28x28] [--batch-size 128] [--rows 14]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from asge_edge.config import ModelConfig, TrainConfig
+from asge_edge.methods import make_method
+from asge_edge.models import ASGENet
+
+STEPS = 3
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--width", type=float, default=0.25)
+    p.add_argument("--input-shape", default="1x28x28")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--rows", type=int, default=14)
+    a = p.parse_args()
+    shape = tuple(int(v) for v in a.input_shape.split("x"))
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(a.batch_size, *shape, generator=g).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(10, (a.batch_size,), generator=g)
+    for name in ("asge", "bp"):
+        net = ASGENet(ModelConfig(width=a.width), shape, 10, (0.5,) * shape[0], (0.25,) * shape[0]).to(
+            memory_format=torch.channels_last)
+        method = make_method(net, TrainConfig(method=name))
+        for _ in range(2):
+            method.train_step(x, y)
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            for _ in range(STEPS):
+                method.train_step(x, y)
+        events = prof.key_averages(group_by_input_shape=True)
+        total = sum(e.self_cpu_time_total for e in events) / STEPS / 1e3
+        conv = sum(e.self_cpu_time_total for e in events if "convolution" in e.key) / STEPS / 1e3
+        print(f"{name}: {total:.1f} ms/step of op self time, of which conv forward + backward {conv:.1f} ms "
+              f"({conv / total:.0%})")
+        for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[: a.rows]:
+            shapes = ", ".join("x".join(map(str, s)) for s in e.input_shapes if s)
+            print(f"  {e.key:<28} {e.self_cpu_time_total / STEPS / 1e3:7.1f} ms  {shapes}")
+
+
+if __name__ == "__main__":
+    main()
