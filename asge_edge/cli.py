@@ -118,6 +118,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     o.add_argument("--memory-budget", type=_size, default=None, metavar="SIZE",
                    help="bound the training working set (64MB = 64e6 B, 64MiB = 2^26 B): layers stream "
                    "micro-batches and accumulate gradients to keep the logical batch (see 'asge-edge plan')")
+    o.add_argument("--offload", action="store_true", help="GPU: park inactive layers (weights and optimiser state) "
+                   "in host memory and bring each to the device in turn, for models larger than the device")
     r = t.add_argument_group("run")
     r.add_argument("--out", type=Path, default=Path("runs/latest"), help="output directory (default runs/latest)")
     r.add_argument("--force", action="store_true", help="overwrite the outputs of a previous run in --out")
@@ -152,7 +154,7 @@ def _run_config(a: argparse.Namespace) -> RunConfig:
                         train_size=a.train_size, image_size=a.image_size),
         train=TrainConfig(method=a.method, epochs=a.epochs, batch_size=a.batch_size, optimizer=a.optimizer,
                           lr=a.lr, lr_min=a.lr_min, weight_decay=a.weight_decay, momentum=a.momentum,
-                          head_lr_scale=a.head_lr_scale, memory_budget=a.memory_budget, amp=a.amp,
+                          head_lr_scale=a.head_lr_scale, memory_budget=a.memory_budget, amp=a.amp, offload=a.offload,
                           seed=a.seed, device=a.device),
     )
 

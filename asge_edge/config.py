@@ -95,6 +95,7 @@ class TrainConfig:
     head_lr_scale: float = HEAD_LR_SCALE
     memory_budget: int | None = None  # bytes for the training working set (planner.py); None: no limit
     amp: str = "auto"                 # auto, bf16, fp16 or off (device.resolve_precision)
+    offload: bool = False             # park inactive layers in host memory (offload.py); GPU only
     seed: int = 0
     device: str = "auto"
 

@@ -8,6 +8,7 @@ it never changes the network. ``best_layer`` picks the exit by validation accura
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,7 @@ from .data import Split, batches, load_splits
 from .device import resolve_device, to_device
 from .methods import METHODS
 from .models import ASGENet
+from .offload import Offloader, make_offloader
 
 EVAL_BATCH = 512   # inference holds no gradients, so a larger batch fits the same memory
 
@@ -36,16 +38,19 @@ class Accuracy:
 
 
 @torch.inference_mode()
-def evaluate(net: ASGENet, split: Split, device: torch.device, batch_size: int = EVAL_BATCH) -> Accuracy:
-    """Accuracy of every layer and of the Last and Fusion heads on ``split``."""
+def evaluate(net: ASGENet, split: Split, device: torch.device, batch_size: int = EVAL_BATCH,
+             offloader: Offloader | None = None) -> Accuracy:
+    """Accuracy of every layer and of the Last and Fusion heads on ``split``; with an
+    ``offloader``, each layer visits the device only while it runs."""
     was_training = net.training
     net.eval()
     correct = torch.zeros(len(net.layers) + 2, device=device)
-    for x, y in batches(split, batch_size):
-        x, y = to_device(x, y, device)
-        out = net(x)
-        preds = torch.stack([lg.argmax(1) for lg in (*out.layer_logits, out.last, out.fusion)])   # L+2, B
-        correct += (preds == y).sum(1)
+    with offloader.streaming(net.layers) if offloader is not None else nullcontext():
+        for x, y in batches(split, batch_size):
+            x, y = to_device(x, y, device)
+            out = net(x)
+            preds = torch.stack([lg.argmax(1) for lg in (*out.layer_logits, out.last, out.fusion)])   # L+2, B
+            correct += (preds == y).sum(1)
     net.train(was_training)
     acc = (correct / max(1, len(split))).tolist()
     return Accuracy(acc[:-2], acc[-2], acc[-1], len(split))
@@ -71,10 +76,11 @@ def evaluate_run(run_dir, device_name: str = "auto", strategy: str | None = None
     """
     device = resolve_device(device_name)
     cfg, net, _ = load_run(run_dir)
-    net = net.to(device, memory_format=torch.channels_last)
+    off = make_offloader(cfg.train.offload and device.type != "cpu", device)
+    net = net.place(device, off.park_device if off else None)
     splits = load_splits(cfg.data)
     trained = METHODS[cfg.train.method].strategies
-    val, test = evaluate(net, splits.val, device), evaluate(net, splits.test, device)
+    val, test = evaluate(net, splits.val, device, offloader=off), evaluate(net, splits.test, device, offloader=off)
     best = best_layer(val.layers)
     names = (strategy,) if strategy else ("fusion", "last", "best")
     return {

@@ -9,9 +9,10 @@ Inactive layers' weights, gradients and optimiser state are parked, and are not 
 
 How it is measured (``measured_by`` in summary.json):
 - ``cuda-peak-stats``: torch.cuda.max_memory_allocated over the step, less what was
-  allocated before it, plus the batch and the largest layer's state. This counts every
-  tensor the caching allocator handed out, cuDNN workspaces included. It has not been
-  run yet (no GPU in the session that wrote it).
+  allocated before it, plus the batch and the largest device-resident layer's state (with
+  --offload, layers arrive during the step, so the peak already holds the active one).
+  This counts every tensor the caching allocator handed out, cuDNN workspaces included.
+  It has not been run yet (no GPU in the sessions that wrote it).
 - ``cpu-live-tensors``: a TorchDispatchMode sees every tensor that an aten op creates
   during the step (forward, backward, optimiser) and tracks its storage until the last
   tensor on it dies; in-place results and views of tensors that predate the step are not
@@ -112,6 +113,7 @@ def measure_step(method, x: torch.Tensor, y: torch.Tensor):
         resident_all = _nbytes([*net.parameters(), *net.buffers(), *state]) - _nbytes(heads)   # heads: in batch_state
         return _measure_cpu_or_cuda(method, x, y, lambda: resident_all, [], batch_state, resident_all)
     resident = [_nbytes(_layer_state(method, i)) for i in range(n)]
+    on_device = [r if net.layers[i].conv.weight.device == x.device else 0 for i, r in enumerate(resident)]
 
     active = [None]   # index of the training layer; None while the heads train
     hooks = []
@@ -128,7 +130,7 @@ def measure_step(method, x: torch.Tensor, y: torch.Tensor):
         a = active[0]
         return -(sum(grads) - (grads[a] if a is not None else 0)) + (resident[a] if a is not None else 0)
 
-    return _measure_cpu_or_cuda(method, x, y, working_set_adjustment, hooks, batch_state, max(resident))
+    return _measure_cpu_or_cuda(method, x, y, working_set_adjustment, hooks, batch_state, max(on_device))
 
 
 def _measure_cpu_or_cuda(method, x, y, adjust, hooks, batch_state: int, resident: int):

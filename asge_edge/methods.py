@@ -12,7 +12,10 @@ added to ``METHODS``; the trainer needs no change.
   layer l+1 (no gradient crosses a layer, and none is computed for any layer's input).
   Layer l+1 reads layer l's output from before layer l's step: one forward pass per
   batch, as in the paper. With ``micro_batch`` set, the batch streams through the layers
-  in micro-batches that accumulate gradients, and the result is the same (issue 3).
+  in micro-batches that accumulate gradients, and the result is the same (issue 3). With
+  an ``Offloader`` (``--offload``) the schedule turns layer-major: each layer visits the
+  device once per logical batch and trains on every micro-batch in turn, while the
+  boundary activations wait in host memory; again the same update.
   The Last and Fusion heads step on the detached GAP features, at ``head_lr_scale``
   times the layers' lr (config.py says why).
 - ``BPMethod``: the same network trained end to end by backprop through the Last
@@ -30,6 +33,7 @@ import torch.nn.functional as F
 
 from .config import TrainConfig
 from .models import ASGENet, gap
+from .offload import Offloader
 
 
 @dataclass
@@ -79,6 +83,7 @@ class Method(ABC):
         self.precision = precision
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.scalers: dict[str, torch.amp.GradScaler] = {}
+        self.offloader: Offloader | None = None   # --offload (streaming methods): layers parked in host memory
 
     def _add_scalers(self, names) -> None:
         if self.precision == "fp16":
@@ -203,6 +208,8 @@ class ASGEMethod(Method):
         once the logical batch is through. Layer l+1 reads layer l's pre-step output either
         way, and LayerNorm is per sample, so any micro-batch size computes the same update.
         """
+        if self.offloader is not None:
+            return self._layer_major_step(x, y, self.offloader)
         n, total = len(self.net.layers), len(y)
         losses = torch.zeros(n, device=x.device)
         correct = torch.zeros(n, device=x.device)
@@ -218,6 +225,34 @@ class ASGEMethod(Method):
             del h
         self.step_layers()
         return StepStats(losses, correct, self.heads_step([torch.cat(f) for f in feats], y))
+
+    def _layer_major_step(self, x: torch.Tensor, y: torch.Tensor, off: Offloader) -> StepStats:
+        """The same update, layer by layer: layer l is loaded, trains on every micro-batch,
+        steps and is parked before layer l+1 is loaded. The micro-batches' inputs and outputs
+        wait on the parking device between layers, so each layer crosses to the compute
+        device once per logical batch, not once per micro-batch."""
+        n, total, size = len(self.net.layers), len(y), self.micro_batch or len(y)
+        losses = torch.zeros(n, device=x.device)
+        correct = torch.zeros(n, device=x.device)
+        ys = y.split(size)
+        with torch.no_grad():
+            hs = [self.net.normalize(xm).to(off.park_device) for xm in x.split(size)]   # M x (b, C0, H, W)
+        feats = []
+        for i, layer in enumerate(self.net.layers):
+            name = f"layer{i + 1}"
+            off.load(layer, self.optimizers[name])
+            outs, f = [], []
+            for h, ym in zip(hs, ys):
+                h_next, loss_sum, hits = self.layer_backward(i, h.to(x.device), ym, len(ym) / total)
+                losses[i] += loss_sum
+                correct[i] += hits
+                f.append(gap(h_next))                          # b, C
+                outs.append(h_next.to(off.park_device))        # b, C, H', W'
+            self.step(name)
+            off.park(layer, self.optimizers[name])
+            feats.append(torch.cat(f))                         # B, C
+            hs = outs
+        return StepStats(losses, correct, self.heads_step(feats, y))
 
 
 class BPMethod(Method):

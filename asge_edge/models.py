@@ -222,6 +222,16 @@ class ASGENet(nn.Module):
             self.last_head = LinearHead(self.specs[-1].channels, num_classes)
             self.fusion_head = LinearHead(sum(s.channels for s in self.fusion_specs), num_classes)
 
+    def place(self, device: torch.device, layer_device: torch.device | None = None) -> "ASGENet":
+        """Move the net to ``device`` in channels_last, its conv layers to ``layer_device``
+        when given (offloading parks them in host memory). Returns the net."""
+        for child in self.children():
+            child.to(layer_device if child is self.layers and layer_device is not None else device,
+                     memory_format=torch.channels_last)
+        for name, buf in self.named_buffers(recurse=False):
+            setattr(self, name, buf.to(device))
+        return self
+
     @property
     def fusion_specs(self) -> tuple[LayerSpec, ...]:
         """Layers 2..L feed Fusion (the paper drops layer 1); a 1-layer net uses layer 1."""

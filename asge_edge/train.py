@@ -37,6 +37,7 @@ from .budget import format_size
 from .evaluate import Accuracy, best_layer, evaluate
 from .memory import measure_step
 from .methods import ASGEMethod, Method, make_method
+from .offload import Offloader, make_offloader
 from .planner import BudgetTooSmall, Plan, plan_memory
 from .report import append_metrics, layer_table, plot_layer_accuracy, read_metrics
 from .schedule import cosine_lr
@@ -100,16 +101,21 @@ def _epoch_record(epoch: int, lr: float, seconds: float, images: int, loss_sum: 
     }
 
 
-def configure_streaming(cfg: RunConfig, method: Method) -> Plan | None:
-    """Plan the run's memory and set the method's micro-batch from it.
+def configure_streaming(cfg: RunConfig, method: Method, device: torch.device) -> Plan | None:
+    """Plan the run's memory; set the method's micro-batch from it and, for --offload, its
+    offloader; place the net on ``device`` (its layers parked in host memory with --offload).
 
     Returns:
-        The plan, or None for methods that do not stream (they refuse a budget).
+        The plan, or None for methods that do not stream (they refuse a budget and --offload).
     """
     if not isinstance(method, ASGEMethod):
-        if cfg.train.memory_budget is not None:
-            raise UserError(f"--memory-budget streams ASGE layer by layer; --method {cfg.train.method} cannot stream, drop the budget")
+        for flag, given in (("--memory-budget", cfg.train.memory_budget is not None), ("--offload", cfg.train.offload)):
+            if given:
+                raise UserError(f"{flag} streams ASGE layer by layer; --method {cfg.train.method} cannot stream, drop {flag}")
+        method.net.place(device)
         return None
+    method.offloader = make_offloader(cfg.train.offload, device)
+    method.net.place(device, method.offloader.park_device if method.offloader else None)
     try:
         plan = plan_memory(method.net.specs, cfg.info.input_shape, cfg.train.batch_size, cfg.train.memory_budget,
                            method.precision, cfg.train.optimizer)
@@ -120,11 +126,12 @@ def configure_streaming(cfg: RunConfig, method: Method) -> Plan | None:
     return plan
 
 
-def _memory_record(plan: Plan, measured: tuple[int, str], budget: int | None, precision: str) -> dict[str, Any]:
+def _memory_record(plan: Plan, measured: tuple[int, str], budget: int | None, precision: str,
+                   offload: bool) -> dict[str, Any]:
     """summary.json's ``memory``: the plan beside the measured peak."""
     return {"budget_bytes": budget, "micro_batch": plan.micro_batch, "accumulation_steps": plan.accumulation_steps,
             "precision": precision, "planned_peak_bytes": plan.planned_peak, "measured_peak_bytes": measured[0],
-            "measured_by": measured[1], "parked_bytes": plan.parked_bytes}
+            "measured_by": measured[1], "parked_bytes": plan.parked_bytes, "offload": offload}
 
 
 def _run_epoch(method: Method, cfg: RunConfig, splits, device, epoch: int, step0: int, total: int, pbar,
@@ -174,10 +181,11 @@ def train(cfg: RunConfig, opts: RunOptions) -> dict[str, Any]:
     splits = load_splits(cfg.data)
     cfg = replace(cfg, info=splits.info, version=__version__)
     device = resolve_device(cfg.train.device)
-    net = build_net(cfg).to(device, memory_format=torch.channels_last)
+    net = build_net(cfg)
     precision = resolve_precision(cfg.train.amp, device)
     method = make_method(net, cfg.train, precision)
-    plan = configure_streaming(cfg, method)
+    plan = configure_streaming(cfg, method, device)
+    off = method.offloader
     tc = cfg.train
     steps_per_epoch = math.ceil(len(splits.train) / tc.batch_size)
     total = tc.epochs * steps_per_epoch
@@ -198,7 +206,8 @@ def train(cfg: RunConfig, opts: RunOptions) -> dict[str, Any]:
               f"lr {tc.resolved_lr:.3g} -> {tc.resolved_lr_min:.3g}, batch {tc.batch_size}, {tc.epochs} epochs")
         if plan is not None and tc.memory_budget is not None:
             print(f"memory plan: micro-batch {plan.micro_batch} x {plan.accumulation_steps} steps, planned peak "
-                  f"{format_size(plan.planned_peak)} within {format_size(tc.memory_budget)}")
+                  f"{format_size(plan.planned_peak)} within {format_size(tc.memory_budget)}"
+                  f"{'; inactive layers offloaded to host memory' if off is not None else ''}")
     # Memory is measured on a real step once optimiser state exists: the second step of a
     # fresh run, or the first after a resume.
     measure_at = None if plan is None else progress["step"] + (1 if progress["step"] == 0 else 0)
@@ -208,13 +217,13 @@ def train(cfg: RunConfig, opts: RunOptions) -> dict[str, Any]:
         t0 = time.perf_counter()
         loss_sum, correct, head_sum, seen, step, lr, measured = _run_epoch(
             method, cfg, splits, device, epoch, progress["step"], total, pbar, measure_at, opts.workers)
-        memory = progress.get("memory") if measured is None else _memory_record(plan, measured, tc.memory_budget, precision)
+        memory = progress.get("memory") if measured is None else _memory_record(plan, measured, tc.memory_budget, precision, off is not None)
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
         if pbar is not None:
             pbar.close()
-        val = evaluate(net, splits.val, device)
+        val = evaluate(net, splits.val, device, offloader=off)
         record = _epoch_record(epoch, lr, seconds, seen, loss_sum, correct, head_sum, val)
         score = val.strategy(method.select, best_layer(val.layers))
         progress = {"epoch": epoch, "step": step, "train_seconds": progress["train_seconds"] + seconds,
@@ -232,19 +241,19 @@ def train(cfg: RunConfig, opts: RunOptions) -> dict[str, Any]:
             print(f"epoch {epoch}/{tc.epochs} {seconds:.0f}s {seen / seconds:.0f} img/s | val layers {layers} | "
                   f"last {100 * val.last:.2f} fusion {100 * val.fusion:.2f}{' *' if progress['best_epoch'] == epoch else ''}")
 
-    return finish(out, method.strategies, history, progress, device, splits, quiet=opts.quiet)
+    return finish(out, method.strategies, history, progress, device, splits, off, quiet=opts.quiet)
 
 
 def finish(out: Path, strategies: tuple[str, ...], history: list[dict[str, Any]], progress: dict[str, Any],
-           device: torch.device, splits, quiet: bool = False) -> dict[str, Any]:
+           device: torch.device, splits, offloader: Offloader | None = None, quiet: bool = False) -> dict[str, Any]:
     """Evaluate the selected checkpoint on test, write summary.json, print the table."""
     cfg, net, _ = load_run(out)
-    net = net.to(device, memory_format=torch.channels_last)
+    net = net.place(device, offloader.park_device if offloader else None)
     chosen = history[progress["best_epoch"] - 1]
     layer_val = chosen["val_layer_accuracy"]
     val = Accuracy(layer_val, chosen["val_last_accuracy"], chosen["val_fusion_accuracy"], len(splits.val))
     best = best_layer(layer_val)
-    test = evaluate(net, splits.test, device)
+    test = evaluate(net, splits.test, device, offloader=offloader)
     images = sum(r["images"] for r in history)
     summary = {
         "version": __version__,

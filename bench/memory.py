@@ -11,9 +11,10 @@ offloading on top. That variant lives here, as a baseline only, not in the produ
 
 Every row is measured in this one run, side by side, with memory.measure_step (live tensor
 bytes on the CPU; see its docstring for what is and is not counted), after one warm-up step.
-images/s is the median of ``--steps`` timed steps.
+Then ``--steps`` rounds time one step of every row, in reversed order every other round,
+so that the machine's drift in speed hits all rows alike; images/s is each row's median.
 
-    python bench/memory.py [--width 1.0] [--input-shape 3x32x32] [--batch-size 128] [--steps 2]
+    python bench/memory.py [--width 1.0] [--input-shape 3x32x32] [--batch-size 128] [--steps 3]
 """
 
 from __future__ import annotations
@@ -53,15 +54,22 @@ class CheckpointedBP(BPMethod):
         self.step("net")
 
 
-def run(label: str, method, x, y, steps: int) -> dict:
-    method.train_step(x, y)                       # warm-up: optimiser state now exists
+def measure(label: str, method, x, y) -> dict:
+    """A row: one warm-up step (optimiser state now exists), then the measured peak."""
+    method.train_step(x, y)
     _, (peak, how) = measure_step(method, x, y)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        method.train_step(x, y)
-        times.append(time.perf_counter() - t0)
-    return {"label": label, "peak": peak, "how": how, "ips": len(y) / statistics.median(times)}
+    return {"label": label, "method": method, "peak": peak, "how": how, "times": []}
+
+
+def time_rows(rows: list[dict], x, y, rounds: int) -> None:
+    """Time one step of every row per round, alternating the order; set each row's images/s."""
+    for r in range(rounds):
+        for row in (rows if r % 2 == 0 else rows[::-1]):
+            t0 = time.perf_counter()
+            row["method"].train_step(x, y)
+            row["times"].append(time.perf_counter() - t0)
+    for row in rows:
+        row["ips"] = len(y) / statistics.median(row["times"])
 
 
 def main() -> None:
@@ -69,7 +77,7 @@ def main() -> None:
     p.add_argument("--width", type=float, default=1.0)
     p.add_argument("--input-shape", default="3x32x32")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--steps", type=int, default=3)
     a = p.parse_args()
     shape = tuple(int(v) for v in a.input_shape.split("x"))
     cfg = ModelConfig(width=a.width)
@@ -81,10 +89,10 @@ def main() -> None:
         return ASGENet(cfg, shape, 10, (0.5,) * shape[0], (0.25,) * shape[0]).to(memory_format=torch.channels_last)
 
     rows, notes = [], []
-    rows.append(run("BP", BPMethod(net(), TrainConfig(method="bp")), x, y, a.steps))
-    rows.append(run("BP + checkpoint + accumulation (micro-batch 1)",
-                    CheckpointedBP(net(), TrainConfig(method="bp"), 1), x, y, a.steps))
-    rows.append(run("ASGE, no budget", ASGEMethod(net(), TrainConfig()), x, y, a.steps))
+    rows.append(measure("BP", BPMethod(net(), TrainConfig(method="bp")), x, y))
+    rows.append(measure("BP + checkpoint + accumulation (micro-batch 1)",
+                        CheckpointedBP(net(), TrainConfig(method="bp"), 1), x, y))
+    rows.append(measure("ASGE, no budget", ASGEMethod(net(), TrainConfig()), x, y))
     specs = net().specs
     for text in BUDGETS:
         budget = parse_size(text)
@@ -96,9 +104,10 @@ def main() -> None:
             continue
         method = ASGEMethod(net(), TrainConfig())
         method.micro_batch = plan.micro_batch
-        row = run(f"ASGE, {text} (micro-batch {plan.micro_batch} x {plan.accumulation_steps})", method, x, y, a.steps)
+        row = measure(f"ASGE, {text} (micro-batch {plan.micro_batch} x {plan.accumulation_steps})", method, x, y)
         row["budget"] = budget
         rows.append(row)
+    time_rows(rows, x, y, a.steps)
 
     print(f"vgg8 width {a.width}, input {a.input_shape}, logical batch {a.batch_size}, CPU threads "
           f"{torch.get_num_threads()}, torch {torch.__version__}, peak by {rows[0]['how']}")

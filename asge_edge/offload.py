@@ -1,0 +1,84 @@
+"""Layer offloading: parked layers live in host memory; one layer at a time visits the device.
+
+Contract: ``Offloader(park, compute)`` moves an ASGE layer's parameters, buffers and
+optimiser state between a parking device (host memory) and the compute device:
+``load`` before the layer trains, ``park`` after its optimiser has stepped (its gradients
+are gone by then). The Parameter objects stay the same, so optimisers keep their state
+keyed by them. ``streaming(net)`` does the same for inference, with module hooks: each
+layer is loaded just before its forward and parked right after it.
+
+With offloading the device holds one layer's weights, gradients and optimiser state plus
+one micro-batch's activations; ``ASGEMethod`` then runs its layer-major schedule, which
+keeps the logical batch's layer-boundary activations on the host as well
+(``methods.ASGEMethod.train_step``). Park and compute may be the same device: nothing then
+moves, and the schedule still runs, which is how the CPU tests exercise it.
+
+Not yet run on a GPU (the sessions that wrote it had none): host copies are plain
+(pageable) memory and transfers are synchronous.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+
+from .errors import UserError
+
+
+class Offloader:
+    """Moves layers (and their optimiser state) between ``park`` and ``compute``."""
+
+    def __init__(self, park: torch.device, compute: torch.device):
+        self.park_device = torch.device(park)
+        self.compute_device = torch.device(compute)
+
+    @staticmethod
+    def _move(module: nn.Module, optimizer: torch.optim.Optimizer | None, target: torch.device | torch.dtype) -> None:
+        """``module.to(target)`` and the same for its optimiser state. Module.to swaps each
+        parameter's storage in place (CPU <-> CUDA), so the optimiser's keys stay valid."""
+        module.to(target)
+        if optimizer is None:
+            return
+        for p in module.parameters():
+            state = optimizer.state.get(p, {})
+            for k, v in state.items():
+                if isinstance(v, torch.Tensor):
+                    state[k] = v.to(target)
+
+    def load(self, module: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Bring a layer and its optimiser state to the compute device."""
+        self._move(module, optimizer, self.compute_device)
+
+    def park(self, module: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Send a layer and its optimiser state back to the parking device."""
+        self._move(module, optimizer, self.park_device)
+
+    @contextmanager
+    def streaming(self, layers: nn.ModuleList) -> Iterator[None]:
+        """Within the block, each layer is on the compute device only while it runs forward."""
+        hooks = []
+        for layer in layers:
+            hooks.append(layer.register_forward_pre_hook(lambda m, _args: self.load(m)))
+            hooks.append(layer.register_forward_hook(lambda m, _args, _out: self.park(m)))
+        try:
+            yield
+        finally:
+            for h in hooks:
+                h.remove()
+
+
+def make_offloader(offload: bool, device: torch.device) -> Offloader | None:
+    """The run's Offloader for ``--offload`` on ``device`` (host memory parks), or None.
+
+    Raises:
+        UserError: --offload on the CPU, where parked layers already live in RAM.
+    """
+    if not offload:
+        return None
+    if device.type == "cpu":
+        raise UserError("--offload parks layers in host memory while a GPU trains; on the CPU they already "
+                        "live there: drop --offload (the plan reports them as parked bytes)")
+    return Offloader(torch.device("cpu"), device)

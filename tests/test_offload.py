@@ -1,0 +1,95 @@
+"""--offload: the layer-major schedule, the moves of weights and optimiser state, refusals.
+
+No GPU is needed: park and compute may be the same device (the schedule still runs), and
+the meta device stands in for a second device where only placement is checked.
+"""
+
+import pytest
+import torch
+
+from asge_edge.cli import main
+from asge_edge.config import ModelConfig, TrainConfig
+from asge_edge.methods import ASGEMethod
+from asge_edge.models import ASGENet
+from asge_edge.offload import Offloader
+from conftest import TINY_RUN
+
+CPU = torch.device("cpu")
+
+
+def _net():
+    return ASGENet(ModelConfig(width=0.125), (1, 16, 16), 4, (0.5,), (0.25,), seed=0).place(CPU)
+
+
+def _train(offloader, micro_batch, steps=3):
+    net = _net()
+    method = ASGEMethod(net, TrainConfig())
+    method.micro_batch, method.offloader = micro_batch, offloader
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        stats = method.train_step(torch.rand(48, 1, 16, 16, generator=g), torch.randint(4, (48,), generator=g))
+    return net.state_dict(), stats
+
+
+@pytest.mark.parametrize("micro_batch", [None, 7])
+def test_layer_major_schedule_equals_streaming(micro_batch):
+    plain, s1 = _train(None, micro_batch)
+    offloaded, s2 = _train(Offloader(CPU, CPU), micro_batch)
+    for k in plain:
+        assert torch.equal(plain[k], offloaded[k]), k
+    assert torch.equal(s1.layer_loss, s2.layer_loss) and torch.equal(s1.head_loss, s2.head_loss)
+
+
+def test_a_move_converts_weights_buffers_and_optimiser_state_and_keeps_identity():
+    # A dtype stands in for a second device: Module.to swaps storage in place for both.
+    net = _net()
+    method = ASGEMethod(net, TrainConfig())
+    method.train_step(torch.rand(8, 1, 16, 16), torch.randint(4, (8,)))   # creates AdamW state
+    layer, opt = net.layers[2], method.optimizers["layer3"]
+    params = list(layer.parameters())
+    Offloader._move(layer, opt, torch.float64)
+    assert [p is q for p, q in zip(params, layer.parameters())] == [True] * len(params)
+    assert all(t.dtype == torch.float64 for t in (*layer.parameters(), *layer.buffers()))
+    state = [v for p in params for v in opt.state[p].values() if isinstance(v, torch.Tensor)]
+    assert len(state) == 3 * len(params) and all(v.dtype == torch.float64 for v in state)   # step, m, v
+    assert net.layers[1].conv.weight.dtype == torch.float32   # other layers stay
+
+
+class _Recorder(Offloader):
+    """Records the order of loads, forwards and parks."""
+
+    def __init__(self):
+        super().__init__(CPU, CPU)
+        self.events = []
+
+    def load(self, module, optimizer=None):
+        self.events.append(("load", module.spec.index))
+        super().load(module, optimizer)
+
+    def park(self, module, optimizer=None):
+        self.events.append(("park", module.spec.index))
+        super().park(module, optimizer)
+
+
+def test_inference_streaming_loads_one_layer_at_a_time():
+    net = _net()
+    rec = _Recorder()
+    x = torch.rand(5, 1, 16, 16)
+    with torch.no_grad():
+        plain = net(x)
+        with rec.streaming(net.layers):
+            streamed = net(x)
+    n = len(net.layers)
+    assert rec.events == [(e, i) for i in range(1, n + 1) for e in ("load", "park")]
+    assert torch.equal(plain.fusion, streamed.fusion)
+
+
+def test_offload_on_cpu_is_refused(capsys, tmp_path):
+    assert main(["train", *TINY_RUN, "--device", "cpu", "--offload", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "drop --offload" in err
+
+
+def test_offload_with_bp_is_refused(capsys, tmp_path):
+    assert main(["train", *TINY_RUN, "--method", "bp", "--offload", "--out", str(tmp_path / "o")]) == 2
+    assert "cannot stream" in capsys.readouterr().err
