@@ -16,7 +16,7 @@ install: $(STAMP) $(FMNIST)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,export]'
 	touch $@
 
 $(FMNIST):

@@ -143,6 +143,25 @@ def get_args_parser() -> argparse.ArgumentParser:
     e.add_argument("--strategy", choices=STRATEGIES, default=None, help="one strategy (default: all)")
     e.add_argument("--device", default="auto", choices=DEVICES)
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    x = sub.add_parser("export", help="export a run: Best-Pred early exit or Fusion net to ONNX/TensorRT, or a cascade")
+    x.add_argument("run_dir", type=Path)
+    x.add_argument("--early-exit", action="store_true", help="the network cut after its best layer (Best-Pred)")
+    x.add_argument("--exit-layer", type=_positive_int, default=None, help="cut after this layer instead (1-based)")
+    x.add_argument("--format", default="onnx", choices=("onnx", "tensorrt"), dest="fmt")
+    x.add_argument("--opset", type=_positive_int, default=18)
+    x.add_argument("--half", action="store_true", help="fp16 convs; squares, goodness and LayerNorm stay fp32")
+    x.add_argument("--out", type=Path, default=None, help="output file (cascade: directory); default in RUN_DIR")
+    x.add_argument("--exits", default=None, metavar="all|1,3,5", help="write a multi-exit cascade with these exits")
+    x.add_argument("--threshold", default="auto", metavar="auto|0.9",
+                   help="cascade: softmax confidence to exit at (auto: calibrated on validation)")
+    x.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    i = sub.add_parser("infer", help="predict with an exported model.onnx or cascade directory (ONNX Runtime)")
+    i.add_argument("model", type=Path, help="a .onnx file from 'asge-edge export' or a cascade directory")
+    i.add_argument("--images", type=Path, required=True, help="IDX file, .npy/.npz, or a folder of PNGs")
+    i.add_argument("--threshold", type=_positive_float, default=None, help="cascade: override its threshold")
+    i.add_argument("--json", action="store_true", help="print JSON (predictions included)")
     return p
 
 
@@ -196,10 +215,60 @@ def _cmd_plan(a: argparse.Namespace) -> int:
     return 0
 
 
+def _export_package():
+    """The export package, or a one-line error naming the extra that provides it."""
+    try:
+        import export.pipeline as pipeline
+    except ImportError as e:
+        raise UserError(f"export needs onnx, onnxruntime and onnxscript ({e.name} is missing); "
+                        "pip install 'asge-edge[export]'") from None
+    return pipeline
+
+
+def _cmd_export(a: argparse.Namespace) -> int:
+    pipeline = _export_package()
+    opts = pipeline.ExportOptions(early_exit=a.early_exit, exit_layer=a.exit_layer, fmt=a.fmt, opset=a.opset,
+                                  half=a.half, out=a.out, exits=a.exits, threshold=a.threshold)
+    report = pipeline.export_run(a.run_dir, opts)
+    if a.json:
+        print(json.dumps(report, indent=2))
+    elif "cascade" in report:
+        print(f"cascade of exits {report['exits']} in {report['cascade']}, threshold {report['threshold']:.4g}")
+        if "val_accuracy" in report:
+            print(f"validation: accuracy {100 * report['val_accuracy']:.2f}% (Best-Pred "
+                  f"{100 * report['val_best_pred_accuracy']:.2f}%), mean exit depth {report['val_mean_exit_depth']:.2f} layers")
+    else:
+        what = f"early exit at layer {report['exit_layer']}" if report["exit_layer"] else "Fusion network"
+        print(f"{what} -> {report['onnx']} ({report['bytes']:,} B, validation accuracy {100 * report['val_accuracy']:.2f}%)")
+        print("onnx.checker (full): passed")
+        for b, d in report["parity_max_abs_diff"].items():
+            print(f"ONNX Runtime vs PyTorch, batch {b}: max abs diff {d:.2e} "
+                  f"({'within' if d <= report['tolerance'] else 'OVER'} tolerance {report['tolerance']:g})")
+        print(f"ONNX Runtime latency: {report['ort_ms_per_image']:.3f} ms per image (batch 1, 1 thread)")
+        if "tensorrt" in report:
+            print(f"TensorRT engine: {report['tensorrt']['engine']}")
+    return 0 if report["ok"] else 1
+
+
+def _cmd_infer(a: argparse.Namespace) -> int:
+    result = _export_package().infer(a.model, a.images, a.threshold)
+    if a.json:
+        print(json.dumps(result))
+        return 0
+    for k, (p, name) in enumerate(zip(result["predictions"], result["classes"])):
+        depth = f"\texit {result['exit_layer'][k]}" if "exit_layer" in result else ""
+        print(f"{k}\t{p}\t{name}{depth}")
+    tail = f", mean exit depth {result['mean_exit_depth']:.2f}" if "mean_exit_depth" in result else ""
+    print(f"{result['images']} images, {result['ms_per_image']:.3f} ms per image{tail}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = get_args_parser().parse_args(argv)
-        return {"train": _cmd_train, "eval": _cmd_eval, "plan": _cmd_plan}[args.command](args)
+        commands = {"train": _cmd_train, "eval": _cmd_eval, "plan": _cmd_plan, "export": _cmd_export,
+                    "infer": _cmd_infer}
+        return commands[args.command](args)
     except UserError as e:
         print(f"asge-edge: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,79 @@
+"""Images for ``asge-edge infer``: IDX, .npy/.npz or a folder of PNGs -> float32 [0, 1] NCHW.
+
+Contract: ``load_images(path, input_shape)`` returns an array (B, C, H, W) float32 in
+[0, 1] that matches ``input_shape`` (C, H, W), or raises UserError saying what was found
+and what the model expects. uint8 data is scaled by 1/255; float data must already be in
+[0, 1]. (B, H, W) gains the channel axis when C is 1; (B, H, W, C) is transposed. .npy
+and .npz load without pickles.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from asge_edge.data import read_idx
+from asge_edge.errors import UserError
+
+
+def _to_nchw(a: np.ndarray, shape: tuple[int, int, int], source: Path) -> np.ndarray:
+    c, h, w = shape
+    if a.ndim == 3 and c == 1:
+        a = a[:, None]                                           # B, 1, H, W
+    elif a.ndim == 4 and a.shape[1:] != (c, h, w) and a.shape[1:] == (h, w, c):
+        a = a.transpose(0, 3, 1, 2)                              # B, C, H, W
+    if a.ndim != 4 or a.shape[1:] != (c, h, w):
+        want = "x".join(map(str, shape))
+        raise UserError(f"{source}: images of shape {tuple(a.shape)} do not fit the model, which expects "
+                        f"(B, {c}, {h}, {w}) = Bx{want} (or BxHxW for one channel); resize them first")
+    if a.dtype == np.uint8:
+        return (a.astype(np.float32) / 255.0)
+    a = a.astype(np.float32)
+    if a.size and (a.min() < 0 or a.max() > 1):
+        raise UserError(f"{source}: float pixels must lie in [0, 1] (found {a.min():.3g}..{a.max():.3g}); "
+                        "pass raw pixels, the model normalises them itself")
+    return a
+
+
+def load_images(path: Path, input_shape: tuple[int, int, int]) -> np.ndarray:
+    """Read images from ``path``; see the module docstring."""
+    path = Path(path)
+    if path.is_dir():
+        return _to_nchw(_pngs(path, input_shape[0]), input_shape, path)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; pass an IDX file, a .npy/.npz file or a folder of PNGs")
+    if path.suffix == ".npy":
+        a = _load_numpy(path)
+    elif path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as z:
+            if not z.files:
+                raise UserError(f"{path} holds no arrays")
+            a = z["images"] if "images" in z.files else z[z.files[0]]
+    else:
+        try:
+            a = read_idx(path).numpy()
+        except UserError:
+            raise UserError(f"{path} is neither .npy/.npz nor an IDX file of unsigned bytes; pass images as "
+                            "IDX, .npy/.npz or a folder of PNGs") from None
+    return _to_nchw(a, input_shape, path)
+
+
+def _load_numpy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except ValueError as e:
+        raise UserError(f"{path}: {e}; save plain arrays (no objects)") from None
+
+
+def _pngs(folder: Path, channels: int) -> np.ndarray:
+    from PIL import Image   # matplotlib's dependency
+
+    files = sorted(folder.glob("*.png"))
+    if not files:
+        raise UserError(f"{folder} holds no .png files")
+    mode = "L" if channels == 1 else "RGB"
+    arrays = [np.asarray(Image.open(f).convert(mode)) for f in files]
+    if len({a.shape for a in arrays}) != 1:
+        raise UserError(f"{folder}: the PNGs differ in size; resize them to one size first")
+    return np.stack(arrays)                                      # B, H, W (L) or B, H, W, 3

@@ -1,0 +1,194 @@
+"""What ``asge-edge export`` and ``asge-edge infer`` do, as library calls.
+
+Contract: ``export_run(run_dir, opts)`` reads a finished ASGE run (model.safetensors,
+config.json, summary.json) and writes, without being asked for more:
+- the Best-Pred early exit (``--early-exit``; layer ``--exit-layer`` or the run's best
+  layer, chosen on validation) or the whole net with its Fusion head, as one ONNX file;
+  then runs the full ONNX checker, compares ONNX Runtime with the PyTorch network at
+  batch 1 and 17 against ``verify.ONNX_ATOL`` (``HALF_ATOL`` with ``--half``) and measures
+  ONNX Runtime's latency per image. ``--format tensorrt`` then checks the graph against
+  TensorRT's op set and builds an engine, or stops with the trtexec command (exit 2);
+- or, with ``--exits``, a cascade directory (cascade.py), its threshold calibrated on the
+  validation split when ``--threshold auto``.
+It returns a report dict; ``report["ok"]`` is False when a parity check failed.
+``infer(model_or_cascade, images)`` runs a .onnx file or a cascade directory on images
+(inputs.py) with ONNX Runtime and returns predictions.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from asge_edge import __version__
+from asge_edge.checkpoint import load_run, read_json, write_json
+from asge_edge.data import load_splits
+from asge_edge.errors import UserError
+
+from . import cascade as cas
+from .graph import FusionNet, Stage
+from .inputs import load_images
+from .tensorrt import build_engine, compatibility_problems
+from .to_onnx import DEFAULT_OPSET, export_onnx, read_metadata
+from .verify import HALF_ATOL, ONNX_ATOL, latency_ms, parity, session
+
+FORMATS = ("onnx", "tensorrt")
+INFER_BATCH = 256
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    early_exit: bool = False
+    exit_layer: int | None = None
+    fmt: str = "onnx"
+    opset: int = DEFAULT_OPSET
+    half: bool = False
+    out: Path | None = None
+    exits: str | None = None          # cascade: "all" or "1,3,5"
+    threshold: str = "auto"           # cascade: "auto" or a number in (0, 1]
+
+
+def _metadata(cfg, summary: dict, strategy: str, exit_layer: int | None, val_accuracy: float, half: bool) -> dict:
+    info = cfg.info
+    return {"asge_edge_version": __version__, "model": cfg.model.arch, "width": cfg.model.width,
+            "alpha": cfg.model.alpha, "strategy": strategy, "best_layer": summary["best_layer"],
+            "exit_layer": exit_layer, "class_names": list(info.class_names), "input_shape": list(info.input_shape),
+            "normalization": {"mean": list(info.mean), "std": list(info.std)}, "val_accuracy": val_accuracy,
+            "precision": "fp16" if half else "fp32"}
+
+
+def _load(run_dir: Path):
+    cfg, net, _ = load_run(run_dir)
+    if cfg.train.method != "asge":
+        raise UserError(f"{run_dir} was trained with --method {cfg.train.method}; export needs an ASGE run, whose "
+                        "layers have trained exits")
+    summary_path = Path(run_dir) / "summary.json"
+    if not summary_path.is_file():
+        raise UserError(f"{run_dir} has no summary.json (the run did not finish); finish it with "
+                        "'asge-edge train --resume --out DIR' first")
+    return cfg, net.eval(), read_json(summary_path)
+
+
+def export_run(run_dir: Path, opts: ExportOptions) -> dict[str, Any]:
+    """Export a run; see the module docstring. Raises UserError on bad input."""
+    if opts.fmt not in FORMATS:
+        raise UserError(f"unknown --format {opts.fmt!r}: use onnx or tensorrt")
+    cfg, net, summary = _load(Path(run_dir))
+    if opts.exits is not None:
+        return _export_cascade(Path(run_dir), cfg, net, summary, opts)
+    n = len(net.layers)
+    if opts.exit_layer is not None and not opts.early_exit:
+        raise UserError("--exit-layer picks the early exit; add --early-exit")
+    shape = tuple(cfg.info.input_shape)
+    if opts.early_exit:
+        k = opts.exit_layer or summary["best_layer"]
+        if not 1 <= k <= n:
+            raise UserError(f"--exit-layer {k} is out of range: this network has layers 1..{n}")
+        module, reference = Stage(net, 0, k, half=opts.half), (lambda x: net.exit_logits(x, k))
+        val = summary["layer_val_accuracy"][k - 1]
+        meta = _metadata(cfg, summary, "best", k, val, opts.half)
+        default = f"model_exit{k}{'_fp16' if opts.half else ''}.onnx"
+    else:
+        module, reference = FusionNet(net, half=opts.half), (lambda x: net(x).fusion)
+        meta = _metadata(cfg, summary, "fusion", None, summary["val_accuracy"]["fusion"], opts.half)
+        default = f"model_fusion{'_fp16' if opts.half else ''}.onnx"
+    path = Path(opts.out) if opts.out else Path(run_dir) / default
+    _writable(path)
+    t0 = time.perf_counter()
+    model = export_onnx(module, shape, path, "images", ["logits"], opts.opset, meta)
+    diffs = parity(path, reference, shape)
+    tol = HALF_ATOL if opts.half else ONNX_ATOL
+    report = {"onnx": str(path), "bytes": path.stat().st_size, "export_seconds": time.perf_counter() - t0,
+              "strategy": meta["strategy"], "exit_layer": meta["exit_layer"], "val_accuracy": meta["val_accuracy"],
+              "parity_max_abs_diff": diffs, "tolerance": tol, "ok": all(d <= tol for d in diffs.values()),
+              "ort_ms_per_image": latency_ms(path, shape)}
+    if opts.fmt == "tensorrt":
+        problems = compatibility_problems(model)
+        if problems:
+            raise UserError(f"{path} is not TensorRT-ready: {'; '.join(problems)}")
+        engine = path.with_suffix(".engine")
+        report["tensorrt"] = build_engine(path, engine, "images", shape)
+    return report
+
+
+def _writable(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {path.parent} ({e.strerror}); choose another --out") from None
+
+
+def _split_images(split) -> tuple[np.ndarray, np.ndarray]:
+    if split.images is None:
+        raise UserError("cascade calibration reads the validation split into memory; ImageFolder runs need "
+                        "--threshold with a number")
+    return (split.images.float() / 255).numpy(), split.labels.numpy()
+
+
+def _export_cascade(run_dir: Path, cfg, net, summary: dict, opts: ExportOptions) -> dict[str, Any]:
+    exits = cas.parse_exits(opts.exits, len(net.layers))
+    out = Path(opts.out) if opts.out else run_dir / "cascade"
+    _writable(out / "x")
+    if opts.threshold != "auto":
+        try:
+            threshold = float(opts.threshold)
+        except ValueError:
+            threshold = -1.0
+        if not 0 < threshold <= 1:
+            raise UserError(f"--threshold {opts.threshold!r}: give auto or a number in (0, 1]")
+    meta = _metadata(cfg, summary, "cascade", None, None, opts.half)
+    spec = cas.write_cascade(net, exits, out, opts.opset, opts.half, meta, cas.NEVER)
+    runner = cas.Cascade(out)
+    report: dict[str, Any] = {"cascade": str(out), "exits": list(exits)}
+    if opts.threshold == "auto":
+        images, labels = _split_images(load_splits(cfg.data).val)
+        logits = np.concatenate([runner.all_exits(images[i:i + INFER_BATCH])
+                                 for i in range(0, len(images), INFER_BATCH)], axis=1)   # S, B, N
+        target = summary["layer_val_accuracy"][summary["best_layer"] - 1]
+        threshold, acc, depth = cas.calibrate(logits, labels, list(exits), target)
+        report.update(val_best_pred_accuracy=target, val_accuracy=acc, val_mean_exit_depth=depth)
+    spec["threshold"] = threshold
+    write_json(out / cas.CASCADE_FILE, spec)
+    report["threshold"] = threshold
+    report["ok"] = True
+    return report
+
+
+def infer(target: Path, images_path: Path, threshold: float | None = None) -> dict[str, Any]:
+    """Predictions of a .onnx model or a cascade directory on images; see the module docstring."""
+    target = Path(target)
+    if target.is_dir():
+        if not (target / cas.CASCADE_FILE).is_file():
+            raise UserError(f"{target} is a directory without {cas.CASCADE_FILE}; pass a .onnx file or a cascade directory")
+        runner = cas.Cascade(target)
+        meta = runner.spec
+        images = load_images(images_path, tuple(meta["input_shape"]))
+        t = runner.spec["threshold"] if threshold is None else threshold
+        t0 = time.perf_counter()
+        parts = [runner.run(images[i:i + INFER_BATCH], t) for i in range(0, len(images), INFER_BATCH)]
+        seconds = time.perf_counter() - t0
+        logits = np.concatenate([p.logits for p in parts])
+        exit_layer = np.concatenate([p.exit_layer for p in parts])
+        extra = {"exit_layer": exit_layer.tolist(), "mean_exit_depth": float(exit_layer.mean()), "threshold": t}
+    else:
+        if not target.is_file():
+            raise UserError(f"{target} does not exist; pass a .onnx file or a cascade directory")
+        meta = read_metadata(target)
+        if "input_shape" not in meta:
+            raise UserError(f"{target} carries no asge-edge metadata; export it with 'asge-edge export'")
+        meta = {k: json.loads(v) if k in ("input_shape", "class_names") else v for k, v in meta.items()}
+        images = load_images(images_path, tuple(meta["input_shape"]))
+        sess = session(target)
+        t0 = time.perf_counter()
+        logits = np.concatenate([sess.run(None, {"images": images[i:i + INFER_BATCH]})[0]
+                                 for i in range(0, len(images), INFER_BATCH)])
+        seconds = time.perf_counter() - t0
+        extra = {}
+    preds = logits.argmax(1)
+    names = meta["class_names"]
+    return {"predictions": preds.tolist(), "classes": [names[p] for p in preds], "images": len(preds),
+            "ms_per_image": 1e3 * seconds / max(1, len(preds)), **extra}

@@ -1,0 +1,63 @@
+"""ONNX Runtime against PyTorch, and ONNX Runtime's latency.
+
+Contract: ``parity`` runs an exported model in ONNX Runtime (CPU) and a PyTorch
+reference on the same seeded [0, 1] images at each batch size and returns the max abs
+difference of the first output per batch; ``latency_ms`` is ONNX Runtime's median time
+per image at batch 1 on one thread (the embedded case), after warm-up. Tolerances are the
+named constants below, measured on the CPU-sized VGG8 (docs/BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+PARITY_BATCHES = (1, 17)
+# Logits reach about 10 in magnitude; fp32 ONNX Runtime vs PyTorch differs by ~3e-5 there.
+ONNX_ATOL = 1e-3
+# --half: fp16 convs against the fp32 PyTorch network, measured up to ~7e-3.
+HALF_ATOL = 5e-2
+
+
+def session(path: Path, threads: int = 0) -> ort.InferenceSession:
+    """A CPU ONNX Runtime session (``threads`` 0: ONNX Runtime's default)."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def parity(path: Path, reference: Callable[[torch.Tensor], torch.Tensor], input_shape: tuple[int, ...],
+           batches: tuple[int, ...] = PARITY_BATCHES, seed: int = 0) -> dict[int, float]:
+    """Max abs difference between ONNX Runtime and ``reference`` per batch size."""
+    sess = session(path)
+    name = sess.get_inputs()[0].name
+    gen = torch.Generator().manual_seed(seed)
+    diffs = {}
+    for b in batches:
+        x = torch.rand(b, *input_shape, generator=gen)
+        with torch.no_grad():
+            ref = reference(x).float().numpy()
+        out = sess.run(None, {name: x.numpy()})[0]
+        diffs[b] = float(np.abs(out - ref).max())
+    return diffs
+
+
+def latency_ms(path: Path, input_shape: tuple[int, ...], runs: int = 50, warmup: int = 5) -> float:
+    """Median ONNX Runtime milliseconds per image at batch 1, one thread."""
+    sess = session(path, threads=1)
+    name = sess.get_inputs()[0].name
+    x = np.random.default_rng(0).random((1, *input_shape), dtype=np.float32)
+    for _ in range(warmup):
+        sess.run(None, {name: x})
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        sess.run(None, {name: x})
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)

@@ -1,0 +1,201 @@
+"""Export: ONNX early exit and Fusion net, --half, TensorRT readiness, the cascade, infer."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from asge_edge.checkpoint import load_run
+from asge_edge.cli import main
+from asge_edge.data import load_splits
+from export.cascade import NEVER, Cascade, calibrate
+from export.tensorrt import compatibility_problems, trtexec_command
+from export.verify import HALF_ATOL, ONNX_ATOL
+
+
+def _export(args, capsys):
+    assert main(["export", *args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.fixture(scope="module")
+def exit_model(tiny_run, tmp_path_factory):
+    path = tmp_path_factory.mktemp("exp") / "exit.onnx"
+    assert main(["export", str(tiny_run), "--early-exit", "--out", str(path), "--json"]) == 0
+    return path
+
+
+@pytest.fixture(scope="module")
+def test_images(tiny_run):
+    cfg, net, _ = load_run(tiny_run)
+    split = load_splits(cfg.data).test
+    return (split.images[:40].float() / 255).numpy(), split.labels[:40].numpy(), net.eval()
+
+
+def _dims(value):
+    return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+
+def test_early_exit_onnx_is_checked_self_contained_and_dynamic_in_batch(tiny_run, exit_model):
+    model = onnx.load(str(exit_model))
+    onnx.checker.check_model(model, full_check=True)
+    assert [i.name for i in model.graph.input] == ["images"] and [o.name for o in model.graph.output] == ["logits"]
+    assert _dims(model.graph.input[0]) == ["batch", 1, 16, 16] and _dims(model.graph.output[0]) == ["batch", 4]
+    assert all(t.data_location != onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    assert list(exit_model.parent.iterdir()) == [exit_model]   # one file, no external data
+    meta = {p.key: p.value for p in model.metadata_props}
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    assert int(meta["exit_layer"]) == int(meta["best_layer"]) == summary["best_layer"]
+    assert json.loads(meta["class_names"]) == ["class0", "class1", "class2", "class3"]
+    assert json.loads(meta["input_shape"]) == [1, 16, 16] and set(json.loads(meta["normalization"])) == {"mean", "std"}
+    assert float(meta["val_accuracy"]) == summary["layer_val_accuracy"][summary["best_layer"] - 1]
+    assert {"asge_edge_version", "alpha"} <= set(meta)
+    assert compatibility_problems(model) == []
+
+
+def test_early_exit_matches_pytorch_at_any_batch(exit_model, test_images):
+    import onnxruntime as ort
+
+    x, _, net = test_images
+    k = int({p.key: p.value for p in onnx.load(str(exit_model)).metadata_props}["exit_layer"])
+    sess = ort.InferenceSession(str(exit_model), providers=["CPUExecutionProvider"])
+    for b in (1, 5, 40):
+        with torch.no_grad():
+            ref = net.exit_logits(torch.from_numpy(x[:b]), k).numpy()
+        assert np.abs(sess.run(None, {"images": x[:b]})[0] - ref).max() <= ONNX_ATOL
+
+
+def test_half_fusion_export_keeps_squares_fp32_and_meets_its_tolerance(tiny_run, tmp_path, capsys):
+    report = _export([str(tiny_run), "--half", "--out", str(tmp_path / "f16.onnx")], capsys)
+    assert report["ok"] and report["strategy"] == "fusion" and report["tolerance"] == HALF_ATOL
+    assert max(report["parity_max_abs_diff"].values()) <= HALF_ATOL
+    model = onnx.load(str(tmp_path / "f16.onnx"))
+    inits = {t.name: t for t in model.graph.initializer}
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    assert len(convs) == 7 and all(inits[n.input[1]].data_type == onnx.TensorProto.FLOAT16 for n in convs)
+    typed = {v.name: v.type.tensor_type.elem_type for v in (*model.graph.value_info, *model.graph.input)}
+    for node in model.graph.node:
+        if node.op_type in ("Pow", "LayerNormalization", "Sqrt"):
+            assert typed.get(node.input[0], onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT, node.name
+    assert compatibility_problems(model) == []
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--early-exit", "--exit-layer", "9"], "out of range"),
+    (["--exit-layer", "2"], "add --early-exit"),
+    (["--exits", "0,2"], "must lie in 1..7"),
+    (["--exits", "2", "--threshold", "1.5"], "(0, 1]"),
+])
+def test_bad_export_arguments_exit_2_with_one_line(tiny_run, capsys, args, needle):
+    assert main(["export", str(tiny_run), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and needle in err
+
+
+def test_tensorrt_without_tensorrt_prints_the_trtexec_command(tiny_run, tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    assert main(["export", str(tiny_run), "--early-exit", "--format", "tensorrt", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.endswith(trtexec_command(out, out.with_suffix(".engine"), "images", (1, 16, 16)))
+    assert out.is_file()   # the ONNX the engine is built from is kept
+
+
+def test_trtexec_command_text():
+    cmd = trtexec_command("m.onnx", "m.engine", "images", (3, 32, 32), (1, 4, 32))
+    assert cmd == ("trtexec --onnx=m.onnx --saveEngine=m.engine --stronglyTyped --minShapes=images:1x3x32x32 "
+                   "--optShapes=images:4x3x32x32 --maxShapes=images:32x3x32x32")
+
+
+def test_compatibility_problems_flags_unknown_ops_and_dynamic_dims():
+    x = onnx.helper.make_tensor_value_info("images", onnx.TensorProto.FLOAT, ["batch", 3, "h", 8])
+    y = onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [4, 10])
+    node = onnx.helper.make_node("NonMaxSuppression", ["images"], ["logits"])
+    model = onnx.helper.make_model(onnx.helper.make_graph([node], "g", [x], [y]))
+    problems = compatibility_problems(model)
+    assert any("NonMaxSuppression" in p for p in problems)
+    assert any("not all static" in p for p in problems) and any("expected 'batch'" in p for p in problems)
+
+
+@pytest.fixture(scope="module")
+def cascade_dir(tiny_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cascade")
+    assert main(["export", str(tiny_run), "--exits", "1,3,7", "--threshold", "0.9", "--out", str(out)]) == 0
+    return out
+
+
+def test_cascade_outputs_equal_the_network_up_to_the_chosen_exit(cascade_dir, test_images):
+    x, _, net = test_images
+    spec = json.loads((cascade_dir / "cascade.json").read_text())
+    assert spec["exits"] == [1, 3, 7] and spec["threshold"] == 0.9 and len(spec["stages"]) == 3
+    for threshold in (0.9, 0.5, NEVER):
+        res = Cascade(cascade_dir).run(x, threshold)
+        assert set(res.exit_layer.tolist()) <= {1, 3, 7}
+        for k in set(res.exit_layer.tolist()):
+            rows = res.exit_layer == k
+            with torch.no_grad():
+                ref = net.exit_logits(torch.from_numpy(x[rows]), k).numpy()
+            assert np.abs(res.logits[rows] - ref).max() <= ONNX_ATOL
+    assert (Cascade(cascade_dir).run(x, NEVER).exit_layer == 7).all()
+
+
+def test_calibrate_picks_the_shallowest_threshold_within_tolerance():
+    labels = np.array([0, 1, 0, 1])
+    confident = np.array([[9.0, 0.0], [0.0, 9.0], [0.2, 0.0], [0.0, 0.2]])   # right, right, right, right
+    wrong_when_unsure = np.array([[9.0, 0.0], [0.0, 9.0], [0.0, 0.2], [0.2, 0.0]])
+    last = np.array([[5.0, 0.0], [0.0, 5.0], [5.0, 0.0], [0.0, 5.0]])
+    t, acc, depth = calibrate(np.stack([wrong_when_unsure, last]), labels, [1, 7], target=1.0)
+    assert acc == 1.0 and depth == 4.0 and 0.55 < t <= 1.0    # the unsure half goes on to layer 7
+    t, acc, depth = calibrate(np.stack([confident, last]), labels, [1, 7], target=1.0)
+    assert acc == 1.0 and depth == 1.0                          # everything may leave at layer 1
+
+
+def test_auto_threshold_stays_near_best_pred(tiny_run, tmp_path, capsys):
+    report = _export([str(tiny_run), "--exits", "2,4", "--out", str(tmp_path / "c")], capsys)
+    assert report["val_accuracy"] >= report["val_best_pred_accuracy"] - 0.005
+    assert 2 <= report["val_mean_exit_depth"] <= 4
+    assert json.loads((tmp_path / "c" / "cascade.json").read_text())["threshold"] == report["threshold"]
+
+
+@pytest.mark.parametrize("fmt", ["npy", "npz", "idx", "png"])
+def test_infer_reads_every_input_format(exit_model, test_images, tmp_path, capsys, fmt):
+    from PIL import Image
+
+    x, _, net = test_images
+    pixels = (x[:6, 0] * 255).round().astype(np.uint8)                 # 6, 16, 16
+    if fmt == "npy":
+        np.save(tmp_path / "x.npy", pixels)
+        src = tmp_path / "x.npy"
+    elif fmt == "npz":
+        np.savez(tmp_path / "x.npz", images=pixels)
+        src = tmp_path / "x.npz"
+    elif fmt == "idx":
+        src = tmp_path / "x-idx3-ubyte"
+        src.write_bytes(b"\0\0\x08\x03" + np.array(pixels.shape, ">u4").tobytes() + pixels.tobytes())
+    else:
+        src = tmp_path / "pngs"
+        src.mkdir()
+        for i, p in enumerate(pixels):
+            Image.fromarray(p).save(src / f"{i:02d}.png")
+    assert main(["infer", str(exit_model), "--images", str(src), "--json"]) == 0
+    preds = json.loads(capsys.readouterr().out)["predictions"]
+    k = int({p.key: p.value for p in onnx.load(str(exit_model)).metadata_props}["exit_layer"])
+    with torch.no_grad():
+        ref = net.exit_logits(torch.from_numpy(pixels[:, None].astype(np.float32) / 255), k).argmax(1).tolist()
+    assert preds == ref
+
+
+def test_infer_refuses_the_wrong_image_shape(exit_model, tmp_path, capsys):
+    np.save(tmp_path / "x.npy", np.zeros((2, 1, 28, 28), np.float32))
+    assert main(["infer", str(exit_model), "--images", str(tmp_path / "x.npy")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "expects (B, 1, 16, 16)" in err
+
+
+def test_infer_refuses_a_file_that_is_not_onnx(tmp_path, capsys):
+    bad = tmp_path / "m.onnx"
+    bad.write_bytes(b"not a model")
+    np.save(tmp_path / "x.npy", np.zeros((1, 1, 16, 16), np.float32))
+    assert main(["infer", str(bad), "--images", str(tmp_path / "x.npy")]) == 2
+    assert "not a readable ONNX model" in capsys.readouterr().err
