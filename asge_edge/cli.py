@@ -148,7 +148,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     x.add_argument("run_dir", type=Path)
     x.add_argument("--early-exit", action="store_true", help="the network cut after its best layer (Best-Pred)")
     x.add_argument("--exit-layer", type=_positive_int, default=None, help="cut after this layer instead (1-based)")
-    x.add_argument("--format", default="onnx", choices=("onnx", "tensorrt"), dest="fmt")
+    x.add_argument("--format", default="onnx", choices=("onnx", "tensorrt", "c"), dest="fmt",
+                   help="onnx; tensorrt (an engine, or the trtexec command); c (model.bin + model.h for firmware_sim)")
     x.add_argument("--opset", type=_positive_int, default=18)
     x.add_argument("--half", action="store_true", help="fp16 convs; squares, goodness and LayerNorm stay fp32")
     x.add_argument("--out", type=Path, default=None, help="output file (cascade: directory); default in RUN_DIR")
@@ -156,6 +157,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     x.add_argument("--threshold", default="auto", metavar="auto|0.9",
                    help="cascade: softmax confidence to exit at (auto: calibrated on validation)")
     x.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    f = sub.add_parser("simulate", help="run the early exit on firmware_sim (C, static arena) against ONNX Runtime")
+    f.add_argument("run_dir", type=Path)
+    f.add_argument("--ram", type=_size, required=True, metavar="SIZE", help="RAM for the arena, e.g. 256KB")
+    f.add_argument("--samples", type=_positive_int, default=1000, help="test images to run (default 1000)")
+    f.add_argument("--exit-layer", type=_positive_int, default=None, help="default: the run's best layer")
+    f.add_argument("--json", action="store_true", help="print the report as JSON")
 
     i = sub.add_parser("infer", help="predict with an exported model.onnx or cascade directory (ONNX Runtime)")
     i.add_argument("model", type=Path, help="a .onnx file from 'asge-edge export' or a cascade directory")
@@ -232,6 +240,9 @@ def _cmd_export(a: argparse.Namespace) -> int:
     report = pipeline.export_run(a.run_dir, opts)
     if a.json:
         print(json.dumps(report, indent=2))
+    elif "model_bin" in report:
+        print(f"early exit at layer {report['exit_layer']} -> {report['model_bin']}, {report['model_h']}: "
+              f"arena (RAM) {report['arena_bytes']:,} B, model (flash) {report['flash_bytes']:,} B")
     elif "cascade" in report:
         print(f"cascade of exits {report['exits']} in {report['cascade']}, threshold {report['threshold']:.4g}")
         if "val_accuracy" in report:
@@ -248,6 +259,22 @@ def _cmd_export(a: argparse.Namespace) -> int:
         if "tensorrt" in report:
             print(f"TensorRT engine: {report['tensorrt']['engine']}")
     return 0 if report["ok"] else 1
+
+
+def _cmd_simulate(a: argparse.Namespace) -> int:
+    _export_package()
+    from export.firmware import simulate
+
+    r = simulate(a.run_dir, a.ram, a.samples, a.exit_layer)
+    if a.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    print(f"firmware_sim, early exit at layer {r['exit_layer']}, {r['samples']} test images")
+    print(f"accuracy {100 * r['accuracy']:.2f}% (ONNX Runtime {100 * r['ort_accuracy']:.2f}%), max abs diff vs "
+          f"ONNX Runtime {r['max_abs_diff_vs_ort']:.2e} (normalised MSE {r['nmse_vs_ort']:.1e})")
+    print(f"arena (RAM) {r['arena_bytes']:,} B of {r['ram_bytes']:,} B, model (flash) {r['flash_bytes']:,} B, "
+          f"{r['us_per_image']:.0f} us per image (one thread)")
+    return 0
 
 
 def _cmd_infer(a: argparse.Namespace) -> int:
@@ -267,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = get_args_parser().parse_args(argv)
         commands = {"train": _cmd_train, "eval": _cmd_eval, "plan": _cmd_plan, "export": _cmd_export,
-                    "infer": _cmd_infer}
+                    "simulate": _cmd_simulate, "infer": _cmd_infer}
         return commands[args.command](args)
     except UserError as e:
         print(f"asge-edge: error: {e}", file=sys.stderr)

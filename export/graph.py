@@ -109,3 +109,21 @@ class FusionNet(nn.Module):
             if i >= self.first_fused:
                 feats.append(h.mean(dim=(2, 3)))                             # B, C
         return self.head(torch.cat(feats, dim=1))                            # B, N
+
+
+class LayerTrace(nn.Module):
+    """Layers 1..k returning every hand-on output of layers 1..k-1, then layer k's logits:
+    what firmware_sim is compared with, layer by layer."""
+
+    def __init__(self, net: ASGENet, k: int):
+        super().__init__()
+        self.stage = Stage(net, 0, k)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        s = self.stage
+        h = (x - s.mean) / s.std                                             # B, C, H, W
+        outs = []
+        for layer in s.layers[:-1]:
+            h = layer.hand_on(layer.activate(h))                             # B, C', H', W'
+            outs.append(h)
+        return (*outs, s.layers[-1].exit_logits(s.layers[-1].activate(h)))

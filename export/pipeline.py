@@ -9,7 +9,9 @@ config.json, summary.json) and writes, without being asked for more:
   ONNX Runtime's latency per image. ``--format tensorrt`` then checks the graph against
   TensorRT's op set and builds an engine, or stops with the trtexec command (exit 2);
 - or, with ``--exits``, a cascade directory (cascade.py), its threshold calibrated on the
-  validation split when ``--threshold auto``.
+  validation split when ``--threshold auto``;
+- or, with ``--format c --early-exit``, model.bin and model.h for firmware_sim (to_c.py),
+  reporting the arena (RAM) and model (flash) bytes.
 It returns a report dict; ``report["ok"]`` is False when a parity check failed.
 ``infer(model_or_cascade, images)`` runs a .onnx file or a cascade directory on images
 (inputs.py) with ONNX Runtime and returns predictions.
@@ -33,10 +35,11 @@ from . import cascade as cas
 from .graph import FusionNet, Stage
 from .inputs import load_images
 from .tensorrt import build_engine, compatibility_problems
+from .to_c import write_c_model
 from .to_onnx import DEFAULT_OPSET, export_onnx, read_metadata
 from .verify import HALF_ATOL, ONNX_ATOL, latency_ms, parity, session
 
-FORMATS = ("onnx", "tensorrt")
+FORMATS = ("onnx", "tensorrt", "c")
 INFER_BATCH = 256
 
 
@@ -76,7 +79,7 @@ def _load(run_dir: Path):
 def export_run(run_dir: Path, opts: ExportOptions) -> dict[str, Any]:
     """Export a run; see the module docstring. Raises UserError on bad input."""
     if opts.fmt not in FORMATS:
-        raise UserError(f"unknown --format {opts.fmt!r}: use onnx or tensorrt")
+        raise UserError(f"unknown --format {opts.fmt!r}: use onnx, tensorrt or c")
     cfg, net, summary = _load(Path(run_dir))
     if opts.exits is not None:
         return _export_cascade(Path(run_dir), cfg, net, summary, opts)
@@ -84,6 +87,15 @@ def export_run(run_dir: Path, opts: ExportOptions) -> dict[str, Any]:
     if opts.exit_layer is not None and not opts.early_exit:
         raise UserError("--exit-layer picks the early exit; add --early-exit")
     shape = tuple(cfg.info.input_shape)
+    if opts.fmt == "c":
+        if not opts.early_exit:
+            raise UserError("--format c exports the early-exit network; add --early-exit")
+        k = opts.exit_layer or summary["best_layer"]
+        if not 1 <= k <= n:
+            raise UserError(f"--exit-layer {k} is out of range: this network has layers 1..{n}")
+        out = Path(opts.out) if opts.out else Path(run_dir) / "firmware"
+        _writable(out / "model.bin")
+        return {**write_c_model(net, k, out, str(run_dir)), "ok": True}
     if opts.early_exit:
         k = opts.exit_layer or summary["best_layer"]
         if not 1 <= k <= n:

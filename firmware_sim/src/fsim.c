@@ -1,0 +1,420 @@
+/*
+ * fsim runtime: arena, model.bin loader, arena planner and the layer pipeline.
+ * See include/fsim.h for the contract. No malloc, no globals, C99.
+ *
+ * A layer runs in strips of output rows: an im2col strip (K = in_c*9 rows, R*w columns,
+ * packed in panels of NR columns) times the weights (out_c x K) in a register-blocked GEMM
+ * (MR x NR tiles that compilers vectorise), with bias and ReLU. A pooling layer computes R = 2 conv rows at a time and
+ * pools them straight into its output row, so the full-size conv output never exists;
+ * the exit layer accumulates its patch energies row by row the same way.
+ */
+#include "fsim.h"
+
+#include <math.h>
+#include <string.h>
+
+#define MR 4u   /* GEMM tile: output channels */
+#define NR 16u  /* GEMM tile: output positions (one im2col panel) */
+#define RMS_EPS 1e-12f
+#define HEADER_WORDS 9u
+#define LAYER_WORDS 5u
+
+/* n output positions padded to whole im2col panels of NR columns. */
+static uint32_t panel_cols(uint32_t n) { return (n + NR - 1u) / NR * NR; }
+
+/* ------------------------------------------------------------------ arena */
+
+void fsim_arena_init(fsim_arena *arena, void *buf, size_t size)
+{
+    arena->base = (unsigned char *)buf;
+    arena->size = size;
+    arena->used = 0;
+}
+
+static size_t align_up(size_t n) { return (n + FSIM_ALIGN - 1u) & ~(size_t)(FSIM_ALIGN - 1u); }
+
+void *fsim_arena_alloc(fsim_arena *arena, size_t bytes)
+{
+    uintptr_t base = (uintptr_t)arena->base;
+    uintptr_t start = (base + arena->used + FSIM_ALIGN - 1u) & ~(uintptr_t)(FSIM_ALIGN - 1u);
+    size_t offset = (size_t)(start - base);
+    if (offset > arena->size || bytes > arena->size - offset) {
+        return NULL;
+    }
+    arena->used = offset + bytes;
+    return (void *)start;
+}
+
+/* ------------------------------------------------------------------ loading */
+
+const char *fsim_status_str(fsim_status status)
+{
+    switch (status) {
+    case FSIM_OK: return "ok";
+    case FSIM_ERR_MAGIC: return "not an fsim model (bad magic)";
+    case FSIM_ERR_VERSION: return "unsupported model format version";
+    case FSIM_ERR_TRUNCATED: return "model size does not match its header (truncated?)";
+    case FSIM_ERR_SHAPE: return "inconsistent or unsupported layer shapes";
+    case FSIM_ERR_ALIGN: return "model data is not 4-byte aligned";
+    case FSIM_ERR_ARENA: return "arena too small (see fsim_arena_bytes)";
+    }
+    return "unknown status";
+}
+
+static uint32_t word(const unsigned char *p, size_t i)
+{
+    uint32_t v;
+    memcpy(&v, p + 4u * i, 4u);
+    return v;
+}
+
+static uint32_t pooled(uint32_t n, uint32_t pool) { return pool != FSIM_POOL_NONE ? n / 2u : n; }
+
+fsim_status fsim_model_load(fsim_model *m, const void *data, size_t size)
+{
+    const unsigned char *p = (const unsigned char *)data;
+    if (((uintptr_t)data & 3u) != 0u) return FSIM_ERR_ALIGN;
+    if (size < 4u * HEADER_WORDS) return size >= 4u && word(p, 0) == FSIM_MAGIC ? FSIM_ERR_TRUNCATED : FSIM_ERR_MAGIC;
+    if (word(p, 0) != FSIM_MAGIC) return FSIM_ERR_MAGIC;
+    if (word(p, 1) != FSIM_VERSION) return FSIM_ERR_VERSION;
+    memset(m, 0, sizeof *m);
+    m->n_layers = word(p, 2);
+    m->in_c = word(p, 3);
+    m->in_h = word(p, 4);
+    m->in_w = word(p, 5);
+    m->num_classes = word(p, 6);
+    m->partition = word(p, 7);
+    {
+        uint32_t bits = word(p, 8);
+        memcpy(&m->ln_eps, &bits, 4u);
+    }
+    if (m->n_layers == 0u || m->n_layers > FSIM_MAX_LAYERS || m->num_classes == 0u || m->partition == 0u) {
+        return FSIM_ERR_SHAPE;
+    }
+    if (size < 4u * (HEADER_WORDS + LAYER_WORDS * m->n_layers)) return FSIM_ERR_TRUNCATED;
+    {
+        size_t floats = 2u * (size_t)m->in_c, i;
+        uint32_t c = m->in_c, h = m->in_h, w = m->in_w;
+        for (i = 0; i < m->n_layers; ++i) {
+            fsim_layer *l = &m->layers[i];
+            size_t base = HEADER_WORDS + LAYER_WORDS * i;
+            l->in_c = word(p, base);
+            l->out_c = word(p, base + 1u);
+            l->h = word(p, base + 2u);
+            l->w = word(p, base + 3u);
+            l->pool = word(p, base + 4u);
+            if (l->in_c != c || l->h != h || l->w != w || l->out_c == 0u || l->pool > FSIM_POOL_MAX) {
+                return FSIM_ERR_SHAPE;
+            }
+            floats += (size_t)l->out_c * l->in_c * 9u + l->out_c;
+            c = l->out_c;
+            h = pooled(h, l->pool);
+            w = pooled(w, l->pool);
+        }
+        {
+            const fsim_layer *last = &m->layers[m->n_layers - 1u];
+            if (last->h % m->partition != 0u || last->w % m->partition != 0u) return FSIM_ERR_SHAPE;
+            floats += (size_t)last->out_c * m->partition * m->partition * m->num_classes + m->num_classes;
+        }
+        if (size != 4u * (HEADER_WORDS + LAYER_WORDS * m->n_layers + floats)) return FSIM_ERR_TRUNCATED;
+    }
+    {
+        const float *f = (const float *)(const void *)(p + 4u * (HEADER_WORDS + LAYER_WORDS * m->n_layers));
+        uint32_t i;
+        m->mean = f;
+        f += m->in_c;
+        m->std = f;
+        f += m->in_c;
+        for (i = 0; i < m->n_layers; ++i) {
+            fsim_layer *l = &m->layers[i];
+            l->weight = f;
+            f += (size_t)l->out_c * l->in_c * 9u;
+            l->bias = f;
+            f += l->out_c;
+        }
+        m->proj_w = f;
+        f += (size_t)m->layers[m->n_layers - 1u].out_c * m->partition * m->partition * m->num_classes;
+        m->proj_b = f;
+    }
+    return FSIM_OK;
+}
+
+/* ------------------------------------------------------------------ planning */
+
+typedef struct {
+    size_t im2col, strip, goodness; /* floats */
+} scratch_t;
+
+/* Conv rows per strip: a pooling layer's 2; otherwise as many rows as fill one im2col panel
+ * (narrow maps would leave most of a panel empty), at least 1 and at most h. */
+static uint32_t strip_rows(const fsim_model *m, uint32_t i)
+{
+    const fsim_layer *l = &m->layers[i];
+    uint32_t r;
+    if (i + 1u < m->n_layers && l->pool != FSIM_POOL_NONE) return 2u;
+    r = NR / l->w;
+    return r < 1u ? 1u : (r > l->h ? l->h : r);
+}
+
+static scratch_t layer_scratch(const fsim_model *m, uint32_t i)
+{
+    const fsim_layer *l = &m->layers[i];
+    uint32_t r = strip_rows(m, i);
+    int exit_layer = i + 1u == m->n_layers;
+    scratch_t s;
+    s.im2col = (size_t)l->in_c * 9u * panel_cols(r * l->w);
+    s.strip = (exit_layer || l->pool != FSIM_POOL_NONE) ? (size_t)l->out_c * r * l->w : 0u;
+    s.goodness = exit_layer ? (size_t)l->out_c * m->partition * m->partition : 0u;
+    return s;
+}
+
+/* Floats of tensor t: t = 0 is the normalised input, t = i + 1 the output of layer i. */
+static size_t tensor_floats(const fsim_model *m, uint32_t t)
+{
+    const fsim_layer *l;
+    if (t == 0u) return (size_t)m->in_c * m->in_h * m->in_w;
+    l = &m->layers[t - 1u];
+    return (size_t)l->out_c * pooled(l->h, l->pool) * pooled(l->w, l->pool);
+}
+
+static void ping_pong_floats(const fsim_model *m, size_t *a, size_t *b)
+{
+    uint32_t t;
+    *a = *b = 0u;
+    for (t = 0; t < m->n_layers; ++t) { /* the exit layer's output is logits, not a tensor */
+        size_t n = tensor_floats(m, t);
+        size_t *buf = (t % 2u == 0u) ? a : b;
+        if (n > *buf) *buf = n;
+    }
+}
+
+size_t fsim_arena_bytes(const fsim_model *m)
+{
+    size_t a, b, worst = 0u;
+    uint32_t i;
+    ping_pong_floats(m, &a, &b);
+    for (i = 0; i < m->n_layers; ++i) {
+        scratch_t s = layer_scratch(m, i);
+        size_t bytes = align_up(4u * s.im2col) + align_up(4u * s.strip) + align_up(4u * s.goodness);
+        if (bytes > worst) worst = bytes;
+    }
+    return align_up(4u * a) + (b ? align_up(4u * b) : 0u) + worst + FSIM_ALIGN; /* + worst-case base alignment */
+}
+
+/* ------------------------------------------------------------------ ops */
+
+/* Write n values of row kk of an im2col panel set, starting at position j (src NULL: zeros). */
+static void panel_put(float *panels, uint32_t k, uint32_t kk, uint32_t j, const float *src, uint32_t n)
+{
+    while (n > 0u) {
+        uint32_t lane = j % NR, run = NR - lane < n ? NR - lane : n, t;
+        float *d = panels + ((size_t)(j / NR) * k + kk) * NR + lane;
+        if (src != NULL) {
+            for (t = 0; t < run; ++t) d[t] = src[t];
+            src += run;
+        } else {
+            for (t = 0; t < run; ++t) d[t] = 0.0f;
+        }
+        j += run;
+        n -= run;
+    }
+}
+
+/* im2col of conv output rows y0 .. y0+rows-1 (3x3, pad 1), packed in panels: panel q holds
+ * positions q*NR .. q*NR+NR-1 as K rows of NR floats (K = c*9), so the GEMM reads it in order.
+ * Each (row, kx) copies its in-bounds run in one go and zero-fills the padding column. */
+static void im2col_panels(const float *in, uint32_t c, uint32_t h, uint32_t w, uint32_t y0, uint32_t rows, float *panels)
+{
+    uint32_t n = rows * w, k = c * 9u, ic, ky, kx, r;
+    for (ic = 0; ic < c; ++ic) {
+        for (ky = 0; ky < 3u; ++ky) {
+            for (kx = 0; kx < 3u; ++kx) {
+                uint32_t kk = (ic * 3u + ky) * 3u + kx;
+                uint32_t lo = kx == 0u ? 1u : 0u, hi = kx == 2u ? w - 1u : w; /* in-bounds output columns */
+                for (r = 0; r < rows; ++r) {
+                    int y = (int)(y0 + r) + (int)ky - 1;
+                    uint32_t j = r * w;
+                    if (y < 0 || y >= (int)h || hi <= lo) {
+                        panel_put(panels, k, kk, j, NULL, w);
+                        continue;
+                    }
+                    if (lo) panel_put(panels, k, kk, j, NULL, 1u);
+                    panel_put(panels, k, kk, j + lo, in + ((size_t)ic * h + (uint32_t)y) * w + lo + kx - 1u, hi - lo);
+                    if (hi < w) panel_put(panels, k, kk, j + hi, NULL, 1u);
+                }
+                panel_put(panels, k, kk, n, NULL, panel_cols(n) - n);
+            }
+        }
+    }
+}
+
+/* out[i][j] = relu(bias[i] + sum_p wt[i][p] col[p][j]), i < m, j < n, col in panels (im2col_panels);
+ * rows of out are ldo apart. Each MR x NR tile keeps its accumulators in MR separate arrays,
+ * which compilers hold in vector registers (-O3: 8 AVX2 registers), and per step reads one
+ * panel row and MR weights. The panel loop is outside, so a panel stays in cache while every
+ * row tile of the weights passes over it. */
+static void gemm_bias_relu(const float *wt, const float *bias, const float *panels, uint32_t m, uint32_t k, uint32_t n,
+                           float *out, size_t ldo)
+{
+    uint32_t i0, j0, i, j, p;
+    for (j0 = 0; j0 < n; j0 += NR) {
+        const float *panel = panels + (size_t)(j0 / NR) * k * NR;
+        uint32_t nr = n - j0 < NR ? n - j0 : NR;
+        for (i0 = 0; i0 < m; i0 += MR) {
+            /* rows past m repeat the last row (no branch in the loop); their results are not stored */
+            const float *w0 = wt + (size_t)i0 * k;
+            const float *w1 = wt + (size_t)(i0 + 1u < m ? i0 + 1u : m - 1u) * k;
+            const float *w2 = wt + (size_t)(i0 + 2u < m ? i0 + 2u : m - 1u) * k;
+            const float *w3 = wt + (size_t)(i0 + 3u < m ? i0 + 3u : m - 1u) * k;
+            float a0[NR], a1[NR], a2[NR], a3[NR];
+            float *acc[MR];
+            for (j = 0; j < NR; ++j) a0[j] = a1[j] = a2[j] = a3[j] = 0.0f;
+            for (p = 0; p < k; ++p) {
+                const float *c = panel + (size_t)p * NR;
+                const float b0 = w0[p], b1 = w1[p], b2 = w2[p], b3 = w3[p];
+                for (j = 0; j < NR; ++j) {
+                    a0[j] += b0 * c[j];
+                    a1[j] += b1 * c[j];
+                    a2[j] += b2 * c[j];
+                    a3[j] += b3 * c[j];
+                }
+            }
+            acc[0] = a0;
+            acc[1] = a1;
+            acc[2] = a2;
+            acc[3] = a3;
+            for (i = 0; i < MR && i0 + i < m; ++i) {
+                float b = bias[i0 + i];
+                float *o = out + (size_t)(i0 + i) * ldo + j0;
+                for (j = 0; j < nr; ++j) {
+                    float v = acc[i][j] + b;
+                    o[j] = v > 0.0f ? v : 0.0f;
+                }
+            }
+        }
+    }
+}
+
+/* One output row of a 2x2, stride-2 pool over two conv rows (strip: c x 2 x w). */
+static void pool_rows(const float *strip, uint32_t c, uint32_t w, uint32_t pool, float *out, uint32_t oh, uint32_t row)
+{
+    uint32_t ow = w / 2u, ch, x;
+    for (ch = 0; ch < c; ++ch) {
+        const float *r0 = strip + (size_t)ch * 2u * w, *r1 = r0 + w;
+        float *o = out + ((size_t)ch * oh + row) * ow;
+        for (x = 0; x < ow; ++x) {
+            float a = r0[2u * x], b = r0[2u * x + 1u], c2 = r1[2u * x], d = r1[2u * x + 1u];
+            if (pool == FSIM_POOL_RMS) {
+                float e = 0.25f * (a * a + b * b + c2 * c2 + d * d);
+                o[x] = sqrtf(e > RMS_EPS ? e : RMS_EPS);
+            } else if (pool == FSIM_POOL_AVG) {
+                o[x] = 0.25f * (a + b + c2 + d);
+            } else {
+                float m1 = a > b ? a : b, m2 = c2 > d ? c2 : d;
+                o[x] = m1 > m2 ? m1 : m2;
+            }
+        }
+    }
+}
+
+/* LayerNorm over all n values, in place, no affine (statistics accumulated in double). */
+static void layer_norm(float *x, size_t n, float eps)
+{
+    double sum = 0.0, sq = 0.0, mean;
+    float scale, shift;
+    size_t i;
+    for (i = 0; i < n; ++i) sum += x[i];
+    mean = sum / (double)n;
+    for (i = 0; i < n; ++i) {
+        double d = x[i] - mean;
+        sq += d * d;
+    }
+    scale = (float)(1.0 / sqrt(sq / (double)n + eps));
+    shift = (float)(-mean) * scale;
+    for (i = 0; i < n; ++i) x[i] = x[i] * scale + shift;
+}
+
+/* Add the squares of conv rows y0.. (strip: c x rows x w) into the patch sums g (c x p x p). */
+static void accumulate_goodness(const float *strip, uint32_t c, uint32_t rows, uint32_t h, uint32_t w, uint32_t y0,
+                                uint32_t p, float *g)
+{
+    uint32_t ph = h / p, pw = w / p, ch, r, x;
+    for (ch = 0; ch < c; ++ch) {
+        for (r = 0; r < rows; ++r) {
+            const float *s = strip + ((size_t)ch * rows + r) * w;
+            float *gr = g + ((size_t)ch * p + (y0 + r) / ph) * p;
+            for (x = 0; x < w; ++x) gr[x / pw] += s[x] * s[x];
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ the network */
+
+fsim_status fsim_run(const fsim_model *m, fsim_arena *arena, const float *image, float *logits, fsim_trace_fn trace,
+                     void *trace_ctx)
+{
+    size_t mark = arena->used, fa, fb, plane = (size_t)m->in_h * m->in_w, i;
+    float *buf[2], *in, *out, *col, *strip, *g;
+    uint32_t l, c;
+    fsim_status status = FSIM_OK;
+    ping_pong_floats(m, &fa, &fb);
+    buf[0] = (float *)fsim_arena_alloc(arena, 4u * fa);
+    buf[1] = fb ? (float *)fsim_arena_alloc(arena, 4u * fb) : NULL;
+    if (buf[0] == NULL || (fb && buf[1] == NULL)) {
+        arena->used = mark;
+        return FSIM_ERR_ARENA;
+    }
+    for (c = 0; c < m->in_c; ++c)
+        for (i = 0; i < plane; ++i) buf[0][c * plane + i] = (image[c * plane + i] - m->mean[c]) / m->std[c];
+    for (l = 0; l < m->n_layers && status == FSIM_OK; ++l) {
+        const fsim_layer *L = &m->layers[l];
+        size_t layer_mark = arena->used;
+        scratch_t s = layer_scratch(m, l);
+        uint32_t rows = strip_rows(m, l), k = L->in_c * 9u, y;
+        int exit_layer = l + 1u == m->n_layers;
+        int pools = !exit_layer && L->pool != FSIM_POOL_NONE;
+        in = buf[l % 2u];
+        out = exit_layer ? NULL : buf[(l + 1u) % 2u];
+        col = (float *)fsim_arena_alloc(arena, 4u * s.im2col);
+        strip = s.strip ? (float *)fsim_arena_alloc(arena, 4u * s.strip) : NULL;
+        g = s.goodness ? (float *)fsim_arena_alloc(arena, 4u * s.goodness) : NULL;
+        if (col == NULL || (s.strip && strip == NULL) || (s.goodness && g == NULL)) {
+            status = FSIM_ERR_ARENA;
+            break;
+        }
+        if (g) memset(g, 0, sizeof(float) * s.goodness);
+        /* a pooling layer drops an odd last row (floor); other layers end on a shorter strip */
+        for (y = 0; pools ? y + rows <= L->h : y < L->h; y += rows) {
+            uint32_t n;
+            if (y + rows > L->h) rows = L->h - y;
+            n = rows * L->w;
+            im2col_panels(in, L->in_c, L->h, L->w, y, rows, col);
+            if (exit_layer) {
+                gemm_bias_relu(L->weight, L->bias, col, L->out_c, k, n, strip, (size_t)rows * L->w);
+                accumulate_goodness(strip, L->out_c, rows, L->h, L->w, y, m->partition, g);
+            } else if (pools) {
+                gemm_bias_relu(L->weight, L->bias, col, L->out_c, k, n, strip, (size_t)rows * L->w);
+                pool_rows(strip, L->out_c, L->w, L->pool, out, L->h / 2u, y / 2u);
+            } else {
+                gemm_bias_relu(L->weight, L->bias, col, L->out_c, k, n, out + (size_t)y * L->w, (size_t)L->h * L->w);
+            }
+        }
+        if (exit_layer) {
+            uint32_t gn = L->out_c * m->partition * m->partition, j;
+            float area = (float)((L->h / m->partition) * (L->w / m->partition));
+            for (j = 0; j < gn; ++j) g[j] /= area;
+            for (c = 0; c < m->num_classes; ++c) {
+                float acc = m->proj_b[c];
+                for (j = 0; j < gn; ++j) acc += g[j] * m->proj_w[(size_t)j * m->num_classes + c];
+                logits[c] = acc;
+            }
+        } else {
+            uint32_t oh = pooled(L->h, L->pool), ow = pooled(L->w, L->pool);
+            layer_norm(out, (size_t)L->out_c * oh * ow, m->ln_eps);
+            if (trace) trace(trace_ctx, l + 1u, out, L->out_c, oh, ow);
+        }
+        arena->used = layer_mark;
+    }
+    arena->used = mark;
+    return status;
+}

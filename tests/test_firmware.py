@@ -1,0 +1,138 @@
+"""firmware_sim: the C build and CTest, export to C, the arena planner, parity with ONNX Runtime."""
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from asge_edge.checkpoint import load_run
+from asge_edge.cli import main
+from asge_edge.config import ModelConfig
+from asge_edge.data import load_splits
+from asge_edge.models import layer_specs
+from export.firmware import ROOT, build_fsim, compare, run_fsim
+from export.graph import LayerTrace
+from export.to_c import C_MAX_ABS_TOL, C_NMSE_TOL, arena_bytes
+from export.to_onnx import export_onnx
+from export.verify import session
+
+# The CPU-sized demo model (vgg8 x0.25 on Fashion-MNIST) cut after layer 6, its usual best.
+DEMO_ARENA_BYTES = 238_608
+
+
+@pytest.fixture(scope="session")
+def fsim(tmp_path_factory):
+    """fsim built with warnings as errors, ASan and UBSan; CTest run once in that build."""
+    build = tmp_path_factory.mktemp("fsim-build")
+    subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build), "-DFSIM_WERROR=ON", "-DFSIM_SANITIZE=ON"],
+                   check=True, capture_output=True)
+    subprocess.run(["cmake", "--build", str(build), "-j2"], check=True, capture_output=True)
+    return build
+
+
+def test_ctest_passes_under_sanitizers(fsim):
+    done = subprocess.run(["ctest", "--test-dir", str(fsim), "--output-on-failure"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 tests passed" in done.stdout or "100% tests passed" in done.stdout
+
+
+@pytest.fixture(scope="module")
+def c_model(tiny_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("c")
+    assert main(["export", str(tiny_run), "--early-exit", "--format", "c", "--out", str(out)]) == 0
+    return out
+
+
+def _images(run, n):
+    cfg, net, _ = load_run(run)
+    return (load_splits(cfg.data).test.images[:n].float() / 255).numpy(), cfg, net.eval()
+
+
+def test_c_and_python_planners_agree_and_model_h_carries_the_arena(tiny_run, c_model, fsim):
+    x, cfg, net = _images(tiny_run, 2)
+    k = json.loads((tiny_run / "summary.json").read_text())["best_layer"]
+    _, _, used = run_fsim(fsim / "fsim", c_model / "model.bin", x)
+    assert used == arena_bytes(net.specs, k)
+    header = (c_model / "model.h").read_text()
+    assert f"#define FSIM_ARENA_BYTES {used}u" in header
+    assert f"#define FSIM_MODEL_BYTES {(c_model / 'model.bin').stat().st_size}u" in header
+
+
+def test_demo_model_arena_is_pinned_and_fits_256kb():
+    specs = layer_specs(ModelConfig(width=0.25), (1, 28, 28), 10)
+    assert arena_bytes(specs, 6) == DEMO_ARENA_BYTES <= 256_000
+
+
+def test_layer_by_layer_parity_with_onnx_runtime(tiny_run, c_model, fsim, tmp_path):
+    x, cfg, net = _images(tiny_run, 6)
+    k = json.loads((tiny_run / "summary.json").read_text())["best_layer"]
+    names = [f"layer{i}" for i in range(1, k)] + ["logits"]
+    export_onnx(LayerTrace(net, k), tuple(cfg.info.input_shape), tmp_path / "t.onnx", "images", names, 18, {})
+    ref = session(tmp_path / "t.onnx").run(None, {"images": x})
+    logits, _, _ = run_fsim(fsim / "fsim", c_model / "model.bin", x, dump_prefix=str(tmp_path / "layer"))
+    for i, r in enumerate(ref[:-1], start=1):
+        got = np.fromfile(tmp_path / f"layer{i}.f32", dtype="<f4").reshape(r.shape)
+        nmse, max_abs = compare(got, r)
+        print(f"layer {i}: nmse {nmse:.2e} max abs {max_abs:.2e}")
+        assert nmse <= C_NMSE_TOL and max_abs <= C_MAX_ABS_TOL
+    nmse, max_abs = compare(logits, ref[-1])
+    print(f"logits: nmse {nmse:.2e} max abs {max_abs:.2e}")
+    assert nmse <= C_NMSE_TOL and max_abs <= C_MAX_ABS_TOL
+
+
+def test_model_h_links_into_a_firmware_style_program(tiny_run, c_model, fsim, tmp_path):
+    x, _, _ = _images(tiny_run, 1)
+    src = tmp_path / "app.c"
+    src.write_text(f"""
+#include <stdio.h>
+#include "fsim.h"
+#include "{c_model / 'model.h'}"
+static unsigned char arena_mem[FSIM_ARENA_BYTES];
+static const float image[] = {{{", ".join(f"{v:.9g}f" for v in x.flatten())}}};
+int main(void) {{
+    fsim_model m; fsim_arena a; float logits[16]; unsigned i;
+    if (fsim_model_load(&m, fsim_model_data, FSIM_MODEL_BYTES) != FSIM_OK) return 3;
+    fsim_arena_init(&a, arena_mem, sizeof arena_mem);
+    if (fsim_run(&m, &a, image, logits, NULL, NULL) != FSIM_OK) return 4;
+    for (i = 0; i < m.num_classes; ++i) printf("%.9g\\n", logits[i]);
+    return 0;
+}}
+""")
+    exe = tmp_path / "app"
+    subprocess.run(["cc", "-std=c99", "-O2", f"-I{ROOT / 'firmware_sim/include'}", str(src),
+                    str(ROOT / "firmware_sim/src/fsim.c"), "-lm", "-o", str(exe)], check=True)
+    out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.split()
+    logits, _, _ = run_fsim(fsim / "fsim", c_model / "model.bin", x)
+    np.testing.assert_allclose(np.array(out, np.float32), logits[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["truncated", "foreign", "small-arena"])
+def test_fsim_refuses_bad_models_and_small_arenas(c_model, fsim, tmp_path, case):
+    data = (c_model / "model.bin").read_bytes()
+    model, extra = tmp_path / "m.bin", []
+    model.write_bytes({"truncated": data[:-8], "foreign": b"\x7fELF" + data[4:], "small-arena": data}[case])
+    if case == "small-arena":
+        extra = ["--arena-bytes", "1000"]
+    np.zeros((1, 1, 16, 16), "<f4").tofile(tmp_path / "x.f32")
+    done = subprocess.run([str(fsim / "fsim"), str(model), str(tmp_path / "x.f32"), str(tmp_path / "o.f32"), *extra],
+                          capture_output=True, text=True)
+    assert done.returncode == 2
+    needle = {"truncated": "truncated", "foreign": "bad magic", "small-arena": "arena bytes"}[case]
+    assert needle in done.stderr and done.stderr.count("\n") == 1
+
+
+def test_simulate_refuses_too_little_ram(tiny_run, capsys):
+    assert main(["simulate", str(tiny_run), "--ram", "1KB"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "more than --ram 1000 B" in err
+
+
+def test_simulate_matches_onnx_runtime(tiny_run, capsys):
+    build_fsim()   # the release build that simulate uses
+    assert main(["simulate", str(tiny_run), "--ram", "256KB", "--samples", "64", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["samples"] == 64 and r["accuracy"] == r["ort_accuracy"] > 0.85
+    assert r["max_abs_diff_vs_ort"] <= C_MAX_ABS_TOL and r["arena_bytes"] <= r["ram_bytes"]
+    assert r["flash_bytes"] == Path(r["model_bin"]).stat().st_size and r["us_per_image"] > 0
