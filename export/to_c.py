@@ -5,8 +5,9 @@ Contract:
   k), in the format firmware_sim/src/fsim.c loads: little-endian uint32 header words
   (magic "FSIM", version, layer count, input C/H/W, classes, exit partition P, LayerNorm
   eps as float bits), five words per layer (in_c, out_c, h, w, pool code), then float32:
-  input mean and std, each layer's conv weight (out_c x in_c x 3 x 3) and bias, and the
-  exit's fixed projection ((out_c*P*P) x classes) and bias.
+  input mean and std, each layer's conv weight (packed: ceil(out_c/4) tiles of K x 4,
+  K = in_c*9, zero-padded; ``pack_weight``) and bias, and the exit's fixed projection
+  ((out_c*P*P) x classes) and bias.
 - ``arena_bytes(specs, k)`` mirrors ``fsim_arena_bytes`` exactly (tests pin the two
   together): two ping-pong buffers for the tensors handed between layers (even-numbered
   tensors in one, odd in the other) plus the largest layer's scratch (im2col strip + conv
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
 
 from asge_edge.checkpoint import atomic_write
 from asge_edge.errors import UserError
@@ -30,6 +32,7 @@ from asge_edge.models import LN_EPS, ASGENet, LayerSpec
 
 MAGIC, VERSION = 0x4D495346, 1
 ALIGN, NR = 16, 16                         # fsim.c: FSIM_ALIGN, GEMM panel width NR
+TILE = 4                                   # fsim.h: FSIM_TILE, output channels per packed weight tile
 POOL_CODES = {None: 0, "rms": 1, "avg": 2, "max": 3}
 # Parity of the C runtime against ONNX Runtime (firmware_sim/tests/tolerances.h repeats them).
 C_MAX_ABS_TOL = 1e-3
@@ -59,6 +62,15 @@ def arena_bytes(specs: Sequence[LayerSpec], k: int) -> int:
     return _align(4 * a) + (_align(4 * b) if b else 0) + worst + ALIGN
 
 
+def pack_weight(w: torch.Tensor) -> torch.Tensor:
+    """Conv weight (C, C_in, 3, 3) -> fsim's packed tiles: ceil(C/TILE) x K x TILE, zero-padded."""
+    c = w.shape[0]
+    flat = w.float().cpu().contiguous().reshape(c, -1)                            # C, K
+    padded = torch.zeros(-(-c // TILE) * TILE, flat.shape[1])
+    padded[:c] = flat
+    return padded.reshape(-1, TILE, flat.shape[1]).transpose(1, 2).flatten()     # tiles x K x TILE
+
+
 def model_bin(net: ASGENet, k: int) -> bytes:
     """model.bin for the early exit at layer k; see the module docstring."""
     specs = net.specs[:k]
@@ -72,7 +84,7 @@ def model_bin(net: ASGENet, k: int) -> bytes:
         words += [s.in_channels, s.channels, s.height, s.width, POOL_CODES[s.pool]]
     floats = [net.mean.flatten(), net.std.flatten()]
     for layer in net.layers[:k]:
-        floats += [layer.conv.weight.detach().contiguous().flatten(), layer.conv.bias.detach().flatten()]
+        floats += [pack_weight(layer.conv.weight.detach()), layer.conv.bias.detach().flatten()]
     floats += [net.layers[k - 1].proj_w.flatten(), net.layers[k - 1].proj_b.flatten()]
     body = np.concatenate([f.float().cpu().numpy() for f in floats]).astype("<f4")
     return np.asarray(words, dtype="<u4").tobytes() + body.tobytes()

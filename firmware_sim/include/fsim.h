@@ -30,6 +30,7 @@ extern "C" {
 #define FSIM_VERSION 1u
 #define FSIM_MAX_LAYERS 32u
 #define FSIM_ALIGN 16u
+#define FSIM_TILE 4u /* conv weights are stored in tiles of FSIM_TILE output channels (see fsim_layer) */
 
 typedef struct {
     unsigned char *base;
@@ -46,7 +47,9 @@ typedef enum { FSIM_POOL_NONE = 0, FSIM_POOL_RMS = 1, FSIM_POOL_AVG = 2, FSIM_PO
 typedef struct {
     uint32_t in_c, out_c, h, w; /* input channels, output channels, spatial size (conv keeps it) */
     uint32_t pool;              /* fsim_pool applied after the conv (not on the exit layer) */
-    const float *weight;        /* out_c x in_c x 3 x 3 */
+    /* conv weights, packed for the GEMM: ceil(out_c / FSIM_TILE) tiles, each K x FSIM_TILE
+     * (K = in_c * 9 in (ic, ky, kx) order, the tile's channels innermost), zero-padded */
+    const float *weight;
     const float *bias;          /* out_c */
 } fsim_layer;
 

@@ -13,11 +13,15 @@
 #include <math.h>
 #include <string.h>
 
-#define MR 4u   /* GEMM tile: output channels */
+#define MR FSIM_TILE /* GEMM tile: output channels (the weights come packed in such tiles) */
 #define NR 16u  /* GEMM tile: output positions (one im2col panel) */
+#define KC 256u /* GEMM block of K: a panel block of KC x NR floats (16 KB) stays in L1 */
 #define RMS_EPS 1e-12f
 #define HEADER_WORDS 9u
 #define LAYER_WORDS 5u
+
+/* Weight tiles of MR output channels for m channels. */
+static uint32_t tiles(uint32_t m) { return (m + MR - 1u) / MR; }
 
 /* n output positions padded to whole im2col panels of NR columns. */
 static uint32_t panel_cols(uint32_t n) { return (n + NR - 1u) / NR * NR; }
@@ -106,7 +110,7 @@ fsim_status fsim_model_load(fsim_model *m, const void *data, size_t size)
             if (l->in_c != c || l->h != h || l->w != w || l->out_c == 0u || l->pool > FSIM_POOL_MAX) {
                 return FSIM_ERR_SHAPE;
             }
-            floats += (size_t)l->out_c * l->in_c * 9u + l->out_c;
+            floats += (size_t)tiles(l->out_c) * MR * l->in_c * 9u + l->out_c;
             c = l->out_c;
             h = pooled(h, l->pool);
             w = pooled(w, l->pool);
@@ -128,7 +132,7 @@ fsim_status fsim_model_load(fsim_model *m, const void *data, size_t size)
         for (i = 0; i < m->n_layers; ++i) {
             fsim_layer *l = &m->layers[i];
             l->weight = f;
-            f += (size_t)l->out_c * l->in_c * 9u;
+            f += (size_t)tiles(l->out_c) * MR * l->in_c * 9u;
             l->bias = f;
             f += l->out_c;
         }
@@ -248,47 +252,55 @@ static void im2col_panels(const float *in, uint32_t c, uint32_t h, uint32_t w, u
     }
 }
 
-/* out[i][j] = relu(bias[i] + sum_p wt[i][p] col[p][j]), i < m, j < n, col in panels (im2col_panels);
- * rows of out are ldo apart. Each MR x NR tile keeps its accumulators in MR separate arrays,
- * which compilers hold in vector registers (-O3: 8 AVX2 registers), and per step reads one
- * panel row and MR weights. The panel loop is outside, so a panel stays in cache while every
- * row tile of the weights passes over it. */
+/* out[i][j] = relu(bias[i] + sum_p W[i][p] col[p][j]), i < m, j < n; W packed in MR-channel tiles
+ * (fsim_layer.weight), col in panels (im2col_panels); rows of out are ldo apart. Each MR x NR
+ * tile keeps its accumulators in MR separate arrays, which compilers hold in vector registers
+ * (-O3: 8 AVX2 registers), and per step reads one panel row and MR consecutive weights. K is
+ * split in blocks of KC so that a panel block (KC x NR floats) stays in the L1 cache while
+ * every weight tile passes over it; partial sums wait in out between blocks, and bias and
+ * ReLU come with the last block. */
 static void gemm_bias_relu(const float *wt, const float *bias, const float *panels, uint32_t m, uint32_t k, uint32_t n,
                            float *out, size_t ldo)
 {
-    uint32_t i0, j0, i, j, p;
-    for (j0 = 0; j0 < n; j0 += NR) {
-        const float *panel = panels + (size_t)(j0 / NR) * k * NR;
-        uint32_t nr = n - j0 < NR ? n - j0 : NR;
-        for (i0 = 0; i0 < m; i0 += MR) {
-            /* rows past m repeat the last row (no branch in the loop); their results are not stored */
-            const float *w0 = wt + (size_t)i0 * k;
-            const float *w1 = wt + (size_t)(i0 + 1u < m ? i0 + 1u : m - 1u) * k;
-            const float *w2 = wt + (size_t)(i0 + 2u < m ? i0 + 2u : m - 1u) * k;
-            const float *w3 = wt + (size_t)(i0 + 3u < m ? i0 + 3u : m - 1u) * k;
-            float a0[NR], a1[NR], a2[NR], a3[NR];
-            float *acc[MR];
-            for (j = 0; j < NR; ++j) a0[j] = a1[j] = a2[j] = a3[j] = 0.0f;
-            for (p = 0; p < k; ++p) {
-                const float *c = panel + (size_t)p * NR;
-                const float b0 = w0[p], b1 = w1[p], b2 = w2[p], b3 = w3[p];
-                for (j = 0; j < NR; ++j) {
-                    a0[j] += b0 * c[j];
-                    a1[j] += b1 * c[j];
-                    a2[j] += b2 * c[j];
-                    a3[j] += b3 * c[j];
+    uint32_t i0, j0, i, j, p, k0;
+    for (k0 = 0; k0 < k; k0 += KC) {
+        uint32_t k1 = k - k0 < KC ? k : k0 + KC;
+        int first = k0 == 0u, last = k1 == k;
+        for (j0 = 0; j0 < n; j0 += NR) {
+            const float *panel = panels + (size_t)(j0 / NR) * k * NR;
+            uint32_t nr = n - j0 < NR ? n - j0 : NR;
+            for (i0 = 0; i0 < m; i0 += MR) {
+                const float *w = wt + (size_t)(i0 / MR) * k * MR;
+                float a0[NR], a1[NR], a2[NR], a3[NR];
+                float *acc[MR];
+                acc[0] = a0;
+                acc[1] = a1;
+                acc[2] = a2;
+                acc[3] = a3;
+                for (i = 0; i < MR; ++i) {
+                    const float *o = out + (size_t)(i0 + i < m ? i0 + i : m - 1u) * ldo + j0;
+                    for (j = 0; j < NR; ++j) acc[i][j] = (first || j >= nr) ? 0.0f : o[j];
                 }
-            }
-            acc[0] = a0;
-            acc[1] = a1;
-            acc[2] = a2;
-            acc[3] = a3;
-            for (i = 0; i < MR && i0 + i < m; ++i) {
-                float b = bias[i0 + i];
-                float *o = out + (size_t)(i0 + i) * ldo + j0;
-                for (j = 0; j < nr; ++j) {
-                    float v = acc[i][j] + b;
-                    o[j] = v > 0.0f ? v : 0.0f;
+                for (p = k0; p < k1; ++p) {
+                    const float *c = panel + (size_t)p * NR, *b = w + (size_t)p * MR;
+                    for (j = 0; j < NR; ++j) {
+                        a0[j] += b[0] * c[j];
+                        a1[j] += b[1] * c[j];
+                        a2[j] += b[2] * c[j];
+                        a3[j] += b[3] * c[j];
+                    }
+                }
+                for (i = 0; i < MR && i0 + i < m; ++i) {
+                    float *o = out + (size_t)(i0 + i) * ldo + j0;
+                    if (last) {
+                        float bi = bias[i0 + i];
+                        for (j = 0; j < nr; ++j) {
+                            float v = acc[i][j] + bi;
+                            o[j] = v > 0.0f ? v : 0.0f;
+                        }
+                    } else {
+                        for (j = 0; j < nr; ++j) o[j] = acc[i][j];
+                    }
                 }
             }
         }

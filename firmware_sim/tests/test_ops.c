@@ -15,6 +15,7 @@
 #define MAX_ACT 20000u
 
 static uint32_t model_words[MAX_WORDS]; /* test data, not runtime state */
+static float ref_weight[4][MAX_ACT];     /* each layer's conv weight in out_c x in_c x 3 x 3 order */
 static union {
     unsigned char bytes[1u << 20];
     double align;
@@ -73,12 +74,20 @@ static size_t build(const spec_t *sp, uint32_t seed)
     }
     c = sp->in_c;
     for (i = 0; i < sp->n; ++i) {
-        n = (size_t)sp->chans[i] * c * 9u + sp->chans[i];
-        for (k = 0; k < n; ++k) {
+        uint32_t o = sp->chans[i], kk = c * 9u, t, p, r;
+        for (k = 0; k < (size_t)o * kk; ++k) ref_weight[i][k] = lcg(&s);
+        for (t = 0; t < (o + FSIM_TILE - 1u) / FSIM_TILE; ++t) /* pack: tiles x K x FSIM_TILE */
+            for (p = 0; p < kk; ++p)
+                for (r = 0; r < FSIM_TILE; ++r) {
+                    uint32_t ch = t * FSIM_TILE + r;
+                    float v = ch < o ? ref_weight[i][(size_t)ch * kk + p] : 0.0f;
+                    memcpy(q++, &v, 4);
+                }
+        for (k = 0; k < o; ++k) {
             float v = lcg(&s);
             memcpy(q++, &v, 4);
         }
-        c = sp->chans[i];
+        c = o;
     }
     n = (size_t)c * sp->p * sp->p * sp->classes + sp->classes;
     for (k = 0; k < n; ++k) {
@@ -105,7 +114,7 @@ static void reference(const fsim_model *m, const float *img, float *logits, floa
                             for (kx = 0; kx < 3; ++kx) {
                                 int yy = (int)y + (int)ky - 1, xx = (int)x + (int)kx - 1;
                                 if (yy >= 0 && yy < (int)h && xx >= 0 && xx < (int)w)
-                                    acc += L->weight[((o * c + i) * 3 + ky) * 3 + kx] * a[(i * h + (uint32_t)yy) * w + (uint32_t)xx];
+                                    acc += ref_weight[l][((o * c + i) * 3 + ky) * 3 + kx] * a[(i * h + (uint32_t)yy) * w + (uint32_t)xx];
                             }
                     b[(o * h + y) * w + x] = acc > 0 ? acc : 0;
                 }

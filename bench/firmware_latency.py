@@ -1,0 +1,71 @@
+"""firmware_sim's single-thread latency over ONNX Runtime's, on the same early-exit model.
+
+Claim (issue 5): the C runtime (built -O3, tuned for this machine) runs the Best-Pred
+truncated network at most 2x slower than single-thread ONNX Runtime. Both run one image
+at a time on one thread, on the run's first ``--images`` test images; the two are timed
+in alternating rounds and each gives its median round.
+
+    python bench/firmware_latency.py RUN_DIR [--images 500] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from asge_edge.checkpoint import load_run, read_json
+from asge_edge.data import load_splits
+from export.firmware import build_fsim, run_fsim
+from export.pipeline import ExportOptions, export_run
+from export.to_c import write_c_model
+from export.verify import session
+
+TARGET = 2.0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--images", type=int, default=500)
+    p.add_argument("--rounds", type=int, default=5)
+    a = p.parse_args()
+    cfg, net, _ = load_run(a.run_dir)
+    k = read_json(a.run_dir / "summary.json")["best_layer"]
+    x = (load_splits(cfg.data).test.images[: a.images].float() / 255).numpy()
+    binary = build_fsim()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        sizes = write_c_model(net, k, tmp, str(a.run_dir))
+        export_run(a.run_dir, ExportOptions(early_exit=True, out=tmp / "m.onnx"))
+        sess = session(tmp / "m.onnx", threads=1)
+
+        def ort_round() -> float:
+            t0 = time.perf_counter()
+            for i in range(len(x)):
+                sess.run(None, {"images": x[i:i + 1]})
+            return 1e6 * (time.perf_counter() - t0) / len(x)
+
+        def c_round() -> float:
+            return run_fsim(binary, tmp / "model.bin", x)[1]
+
+        ort_round()
+        c_round()
+        c_us, ort_us = [], []
+        for r in range(a.rounds):
+            for fn, out in ((c_round, c_us), (ort_round, ort_us))[:: 1 if r % 2 == 0 else -1]:
+                out.append(fn())
+    c, o = statistics.median(c_us), statistics.median(ort_us)
+    print(f"{cfg.model.arch} x{cfg.model.width} cut after layer {k}, input {'x'.join(map(str, cfg.info.input_shape))}, "
+          f"{len(x)} images x {a.rounds} rounds, one thread each")
+    print(f"firmware_sim (C, -O3 -march=native): {c:9.1f} us/image (rounds {min(c_us):.0f}-{max(c_us):.0f}); "
+          f"arena {sizes['arena_bytes']:,} B, model {sizes['flash_bytes']:,} B")
+    print(f"ONNX Runtime (CPU, 1 thread):        {o:9.1f} us/image (rounds {min(ort_us):.0f}-{max(ort_us):.0f})")
+    ratio = c / o
+    print(f"C / ONNX Runtime latency: {ratio:.2f} (target <= {TARGET}: {'met' if ratio <= TARGET else 'NOT met'})")
+
+
+if __name__ == "__main__":
+    main()
