@@ -32,6 +32,7 @@ from .models import ASGENet
 
 MODEL_FILE, CONFIG_FILE, STATE_FILE = "model.safetensors", "config.json", "state.safetensors"
 FORMAT = "asge-edge"
+FORMAT_VERSION = 1   # bumped when the layout of checkpoints changes; others are refused
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -67,7 +68,8 @@ def read_json(path: Path) -> Any:
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    atomic_write(path, save(flat, metadata={"format": FORMAT, "version": __version__, "meta": json.dumps(meta)}))
+    atomic_write(path, save(flat, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION),
+                                            "version": __version__, "meta": json.dumps(meta)}))
 
 
 def _load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -81,6 +83,9 @@ def _load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         raise UserError(f"{path} is corrupt or truncated ({e}); restore it or retrain") from None
     if header.get("format") != FORMAT:
         raise UserError(f"{path} was not written by asge-edge; point at a run directory made by 'asge-edge train'")
+    if header.get("format_version", str(FORMAT_VERSION)) != str(FORMAT_VERSION):
+        raise UserError(f"{path} has checkpoint format {header['format_version']} (asge-edge {header.get('version')}); "
+                        f"this asge-edge {__version__} reads format {FORMAT_VERSION}: use that version or retrain")
     return tensors, json.loads(header.get("meta", "{}"))
 
 

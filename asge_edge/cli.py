@@ -18,7 +18,7 @@ from .config import METHODS, OPTIMIZERS, POOLS, STRATEGIES, DataConfig, ModelCon
 from .budget import parse_size
 from .data import DATASETS
 from .device import AMP_MODES, DEVICES
-from .errors import UserError
+from .errors import Interrupted, UserError
 from .models import PRESETS
 
 
@@ -123,7 +123,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     r = t.add_argument_group("run")
     r.add_argument("--out", type=Path, default=Path("runs/latest"), help="output directory (default runs/latest)")
     r.add_argument("--force", action="store_true", help="overwrite the outputs of a previous run in --out")
-    r.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
+    r.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    r.add_argument("--checkpoint-every", type=_positive_int, default=None, metavar="N",
+                   help="also save the state every N steps (default: at each epoch's end; Ctrl-C always saves)")
     r.add_argument("--quiet", action="store_true", help="no progress bar or tables")
 
     pl = sub.add_parser("plan", help="show the memory plan of a streaming run (no data needed)")
@@ -189,7 +191,8 @@ def _run_config(a: argparse.Namespace) -> RunConfig:
 def _cmd_train(a: argparse.Namespace) -> int:
     from .train import RunOptions, train
 
-    train(_run_config(a), RunOptions(out=a.out, quiet=a.quiet, force=a.force, resume=a.resume, workers=a.workers))
+    train(_run_config(a), RunOptions(out=a.out, quiet=a.quiet, force=a.force, resume=a.resume, workers=a.workers,
+                                     checkpoint_every=a.checkpoint_every or 0))
     return 0
 
 
@@ -299,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"asge-edge: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"asge-edge: {e}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("asge-edge: interrupted", file=sys.stderr)
         return 130

@@ -9,3 +9,7 @@ other exception is a bug and keeps its traceback.
 
 class UserError(Exception):
     """A problem the user can fix; the message says how."""
+
+
+class Interrupted(Exception):
+    """The user stopped a run (SIGINT) and its state was saved; the message says how to go on."""

@@ -24,6 +24,7 @@ added to ``METHODS``; the trainer needs no change.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
@@ -75,6 +76,7 @@ class Method(ABC):
 
     name: ClassVar[str]
     strategies: ClassVar[tuple[str, ...]]   # prediction strategies this method trains
+    layer_losses: ClassVar[bool]            # whether every layer has a loss of its own
     select: ClassVar[str]                   # the strategy whose validation accuracy picks the checkpoint
 
     def __init__(self, net: ASGENet, cfg: TrainConfig, precision: str = "fp32"):
@@ -114,6 +116,12 @@ class Method(ABC):
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> StepStats:
         """Update the network on one batch of raw pixels x (B, C, H, W) and labels y (B,)."""
 
+    def nonfinite_losses(self, stats: StepStats) -> list[str]:
+        """Names of the losses this method trains that are NaN or infinite in ``stats``."""
+        layer, head = stats.layer_loss.tolist(), stats.head_loss.tolist()
+        names = [f"layer {i + 1}" for i, v in enumerate(layer) if self.layer_losses and not math.isfinite(v)]
+        return names + [f"the {n} head" for n, v in zip(HEADS, head) if n in self.strategies and not math.isfinite(v)]
+
     def set_lr(self, lr: float) -> None:
         """Set the layers' lr; the Last and Fusion heads get ``lr * cfg.head_lr_scale``."""
         for name, opt in self.optimizers.items():
@@ -152,6 +160,7 @@ class ASGEMethod(Method):
 
     name = "asge"
     strategies = ("fusion", "last", "best")
+    layer_losses = True
     select = "fusion"
 
     def __init__(self, net: ASGENet, cfg: TrainConfig, precision: str = "fp32"):
@@ -260,6 +269,7 @@ class BPMethod(Method):
 
     name = "bp"
     strategies = ("last",)
+    layer_losses = False
     select = "last"
 
     def __init__(self, net: ASGENet, cfg: TrainConfig, precision: str = "fp32"):

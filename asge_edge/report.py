@@ -49,11 +49,12 @@ def plan_table(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-def append_metrics(path: Path, record: dict[str, Any]) -> None:
-    """Append one JSON line to metrics.jsonl and flush it to disk."""
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
+def write_metrics(path: Path, history: Sequence[dict[str, Any]]) -> None:
+    """Write metrics.jsonl, one JSON line per epoch, atomically (whole, never appended:
+    a run that dies between epochs and resumes cannot leave a line twice)."""
+    from .checkpoint import atomic_write
+
+    atomic_write(Path(path), "".join(json.dumps(r) + "\n" for r in history).encode())
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

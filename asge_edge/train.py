@@ -4,20 +4,27 @@ Contract: ``train(cfg, opts)`` runs a ``Method`` (methods.py) over the data for
 ``cfg.train.epochs`` epochs and writes, in ``opts.out``:
 - ``config.json`` and ``model.safetensors``: the checkpoint with the best validation
   accuracy of the method's selection strategy (Fusion for ASGE, Last for BP);
-- ``state.safetensors``: the latest epoch's weights and optimiser state, for ``--resume``;
+- ``state.safetensors``: for ``--resume``: the weights, every optimiser's state and the
+  progress (epoch, global step, and mid-epoch the epoch's running sums), saved at each
+  epoch's end, every ``checkpoint_every`` steps, and on SIGINT (then the run stops with
+  ``Interrupted``). The lr schedule is a function of the step and the data order of
+  (seed, epoch), so nothing else needs saving: no global RNG drives training;
 - ``metrics.jsonl``: one line per epoch (per-layer loss and accuracy, lr, seconds);
 - ``layer_accuracy.png``: per-layer validation accuracy over the epochs;
 - ``summary.json``: test accuracy of every strategy, the best layer (chosen on
   validation, never on test), per-layer accuracies, time and throughput.
 Every file is written atomically. Each epoch's shuffling and augmentation come from a
-generator seeded by (seed, epoch), so a resumed run replays the epochs it has not done
-exactly as an uninterrupted run would.
+generator seeded by (seed, epoch), so a resumed run replays the batches it has not done
+exactly as an uninterrupted run would (on the CPU: bit for bit). A non-finite loss stops
+the run with a UserError naming the layer, before anything is saved after it.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -32,14 +39,14 @@ from .checkpoint import (CONFIG_FILE, MODEL_FILE, STATE_FILE, build_net, load_ru
 from .config import RunConfig
 from .data import load_splits, batches
 from .device import resolve_device, resolve_precision, to_device
-from .errors import UserError
+from .errors import Interrupted, UserError
 from .budget import format_size
 from .evaluate import Accuracy, best_layer, evaluate
 from .memory import measure_step
 from .methods import ASGEMethod, Method, make_method
 from .offload import Offloader, make_offloader
 from .planner import BudgetTooSmall, Plan, plan_memory
-from .report import append_metrics, layer_table, plot_layer_accuracy, read_metrics
+from .report import layer_table, plot_layer_accuracy, read_metrics, write_metrics
 from .schedule import cosine_lr
 
 OUTPUTS = (CONFIG_FILE, MODEL_FILE, STATE_FILE, "metrics.jsonl", "summary.json", "layer_accuracy.png")
@@ -55,6 +62,7 @@ class RunOptions:
     force: bool = False
     resume: bool = False
     workers: int = 0
+    checkpoint_every: int = 0    # also save state.safetensors every N steps (0: at epoch ends only)
 
 
 def prepare_out_dir(out: Path, force: bool, resume: bool) -> None:
@@ -134,17 +142,49 @@ def _memory_record(plan: Plan, measured: tuple[int, str], budget: int | None, pr
             "measured_by": measured[1], "parked_bytes": plan.parked_bytes, "offload": offload}
 
 
-def _run_epoch(method: Method, cfg: RunConfig, splits, device, epoch: int, step0: int, total: int, pbar,
-               measure_at: int | None = None, workers: int = 0) -> tuple:
-    """One epoch; the step numbered ``measure_at`` (global, 0-based) also measures memory."""
+@dataclass
+class EpochProgress:
+    """An epoch's running sums: what a mid-epoch checkpoint must carry so that the resumed
+    epoch reports exactly what an uninterrupted one would."""
+
+    batches: int                 # batches done in this epoch
+    seen: int                    # images done in this epoch
+    loss_sum: torch.Tensor       # L
+    correct: torch.Tensor        # L
+    head_sum: torch.Tensor       # 2
+    seconds: float = 0.0         # training time spent in this epoch before the last checkpoint
+
+    @classmethod
+    def start(cls, n_layers: int, device: torch.device) -> "EpochProgress":
+        return cls(0, 0, torch.zeros(n_layers, device=device), torch.zeros(n_layers, device=device),
+                   torch.zeros(2, device=device))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"batches": self.batches, "seen": self.seen, "loss_sum": self.loss_sum.tolist(),
+                "correct": self.correct.tolist(), "head_sum": self.head_sum.tolist(), "seconds": self.seconds}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], device: torch.device) -> "EpochProgress":
+        t = lambda v: torch.tensor(v, dtype=torch.float32, device=device)   # noqa: E731
+        return cls(d["batches"], d["seen"], t(d["loss_sum"]), t(d["correct"]), t(d["head_sum"]), d["seconds"])
+
+
+def _run_epoch(method: Method, cfg: RunConfig, splits, device, epoch: int, step: int, total: int, pbar,
+               ep: EpochProgress, after_step, measure_at: int | None = None, workers: int = 0) -> tuple:
+    """Train the batches of ``epoch`` that ``ep`` has not done yet, updating ``ep``.
+
+    The epoch's order and augmentation come from a generator seeded by (seed, epoch), and
+    the batches already done are drawn again and skipped, so a resumed epoch sees exactly
+    the batches an uninterrupted one would. ``after_step(ep, step, stats)`` runs after each
+    step (checks and checkpoints); the step numbered ``measure_at`` also measures memory.
+    Returns (global step, last lr, memory measurement or None).
+    """
     tc = cfg.train
-    n_layers = len(method.net.layers)
-    loss_sum = torch.zeros(n_layers, device=device)
-    correct = torch.zeros(n_layers, device=device)
-    head_sum = torch.zeros(2, device=device)
-    seen, step, lr, measured = 0, step0, tc.resolved_lr, None
+    lr, measured = tc.resolved_lr, None
     gen = _epoch_generator(tc.seed, epoch)
-    for x, y in batches(splits.train, tc.batch_size, gen, cfg.data.augment, workers):
+    for b, (x, y) in enumerate(batches(splits.train, tc.batch_size, gen, cfg.data.augment, workers)):
+        if b < ep.batches:
+            continue
         lr = cosine_lr(step, total, tc.resolved_lr, tc.resolved_lr_min)
         method.set_lr(lr)
         x, y = to_device(x, y, device)
@@ -152,16 +192,40 @@ def _run_epoch(method: Method, cfg: RunConfig, splits, device, epoch: int, step0
             stats, measured = measure_step(method, x, y)
         else:
             stats = method.train_step(x, y)
-        loss_sum += stats.layer_loss
-        correct += stats.layer_correct
-        head_sum += stats.head_loss
-        seen += len(y)
+        ep.loss_sum += stats.layer_loss
+        ep.correct += stats.layer_correct
+        ep.head_sum += stats.head_loss
+        ep.seen += len(y)
+        ep.batches += 1
         step += 1
+        after_step(ep, step, stats)
         if pbar is not None:
             pbar.update(1)
             if step % PROGRESS_EVERY == 0:
-                pbar.set_postfix_str(_progress_postfix(loss_sum, head_sum, seen), refresh=False)
-    return loss_sum, correct, head_sum, seen, step, lr, measured
+                pbar.set_postfix_str(_progress_postfix(ep.loss_sum, ep.head_sum, ep.seen), refresh=False)
+    return step, lr, measured
+
+
+class _Interrupt:
+    """Turns SIGINT into a flag that the training loop reads at the next step boundary."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> "_Interrupt":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, _signum, _frame) -> None:
+        if self.requested:   # a second Ctrl-C: stop at once
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 def train(cfg: RunConfig, opts: RunOptions) -> dict[str, Any]:
@@ -191,7 +255,7 @@ def train(cfg: RunConfig, opts: RunOptions) -> dict[str, Any]:
     total = tc.epochs * steps_per_epoch
 
     progress: dict[str, Any] = {"epoch": 0, "step": 0, "train_seconds": 0.0, "best": -1.0, "best_epoch": 0,
-                                "memory": None}
+                                "memory": None, "partial": None}
     if opts.resume:
         opt_states, progress = load_state(out, net)
         method.load_state_dict(opt_states)
@@ -211,35 +275,57 @@ def train(cfg: RunConfig, opts: RunOptions) -> dict[str, Any]:
     # Memory is measured on a real step once optimiser state exists: the second step of a
     # fresh run, or the first after a resume.
     measure_at = None if plan is None else progress["step"] + (1 if progress["step"] == 0 else 0)
-    for epoch in range(progress["epoch"] + 1, tc.epochs + 1):
-        pbar = None if opts.quiet else tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{tc.epochs}", unit="batch",
-                                            dynamic_ncols=True, leave=False)
-        t0 = time.perf_counter()
-        loss_sum, correct, head_sum, seen, step, lr, measured = _run_epoch(
-            method, cfg, splits, device, epoch, progress["step"], total, pbar, measure_at, opts.workers)
-        memory = progress.get("memory") if measured is None else _memory_record(plan, measured, tc.memory_budget, precision, off is not None)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
-        if pbar is not None:
-            pbar.close()
-        val = evaluate(net, splits.val, device, offloader=off)
-        record = _epoch_record(epoch, lr, seconds, seen, loss_sum, correct, head_sum, val)
-        score = val.strategy(method.select, best_layer(val.layers))
-        progress = {"epoch": epoch, "step": step, "train_seconds": progress["train_seconds"] + seconds,
-                    "best": progress["best"], "best_epoch": progress["best_epoch"], "memory": memory,
-                    "scalers": method.scaler_state()}
-        if score > progress["best"]:
-            progress.update(best=score, best_epoch=epoch)
-            save_model(out, net, cfg, {"epoch": epoch, "val_accuracy": score})
-        append_metrics(out / "metrics.jsonl", record)
-        save_state(out, net, method.state_dict(), progress)
-        history.append(record)
-        plot_layer_accuracy(history, out / "layer_accuracy.png", f"{tc.method} {cfg.model.arch} on {cfg.data.dataset}")
-        if not opts.quiet:
-            layers = " ".join(f"{100 * a:.1f}" for a in val.layers)
-            print(f"epoch {epoch}/{tc.epochs} {seconds:.0f}s {seen / seconds:.0f} img/s | val layers {layers} | "
-                  f"last {100 * val.last:.2f} fusion {100 * val.fusion:.2f}{' *' if progress['best_epoch'] == epoch else ''}")
+    with _Interrupt() as interrupt:
+        for epoch in range(progress["epoch"] + 1, tc.epochs + 1):
+            partial = progress.get("partial")
+            ep = (EpochProgress.from_dict(partial, device) if partial else
+                  EpochProgress.start(len(net.layers), device))
+            pbar = None if opts.quiet else tqdm(total=steps_per_epoch, initial=ep.batches, unit="batch",
+                                                desc=f"epoch {epoch}/{tc.epochs}", dynamic_ncols=True, leave=False)
+            t0 = time.perf_counter()
+
+            def after_step(ep: EpochProgress, step: int, stats, epoch=epoch, t0=t0) -> None:
+                bad = method.nonfinite_losses(stats)
+                if bad:
+                    raise UserError(f"the loss of {', '.join(bad)} became non-finite at epoch {epoch}, step {step}; "
+                                    f"stopped, and the last good checkpoint in {out} is kept (try a lower --lr)")
+                every = opts.checkpoint_every and step % opts.checkpoint_every == 0
+                if every or interrupt.requested:
+                    now = EpochProgress(ep.batches, ep.seen, ep.loss_sum, ep.correct, ep.head_sum,
+                                        ep.seconds + time.perf_counter() - t0)
+                    save_state(out, net, method.state_dict(), {**progress, "step": step, "partial": now.to_dict(),
+                                                                "scalers": method.scaler_state()})
+                    if interrupt.requested:
+                        raise Interrupted(f"interrupted at epoch {epoch}, step {step}; the state is saved in {out}: "
+                                          f"continue with --resume --out {out}")
+
+            step, lr, measured = _run_epoch(method, cfg, splits, device, epoch, progress["step"], total, pbar, ep,
+                                            after_step, measure_at, opts.workers)
+            memory = progress.get("memory") if measured is None else _memory_record(plan, measured, tc.memory_budget,
+                                                                                     precision, off is not None)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = ep.seconds + time.perf_counter() - t0
+            if pbar is not None:
+                pbar.close()
+            val = evaluate(net, splits.val, device, offloader=off)
+            record = _epoch_record(epoch, lr, seconds, ep.seen, ep.loss_sum, ep.correct, ep.head_sum, val)
+            score = val.strategy(method.select, best_layer(val.layers))
+            progress = {"epoch": epoch, "step": step, "train_seconds": progress["train_seconds"] + seconds,
+                        "best": progress["best"], "best_epoch": progress["best_epoch"], "memory": memory,
+                        "scalers": method.scaler_state(), "partial": None}
+            if score > progress["best"]:
+                progress.update(best=score, best_epoch=epoch)
+                save_model(out, net, cfg, {"epoch": epoch, "val_accuracy": score})
+            history.append(record)
+            write_metrics(out / "metrics.jsonl", history)
+            save_state(out, net, method.state_dict(), progress)
+            plot_layer_accuracy(history, out / "layer_accuracy.png", f"{tc.method} {cfg.model.arch} on {cfg.data.dataset}")
+            if not opts.quiet:
+                layers = " ".join(f"{100 * a:.1f}" for a in val.layers)
+                print(f"epoch {epoch}/{tc.epochs} {seconds:.0f}s {ep.seen / seconds:.0f} img/s | val layers {layers} | "
+                      f"last {100 * val.last:.2f} fusion {100 * val.fusion:.2f}"
+                      f"{' *' if progress['best_epoch'] == epoch else ''}")
 
     return finish(out, method.strategies, history, progress, device, splits, off, quiet=opts.quiet)
 

@@ -1,0 +1,155 @@
+"""Crash safety and bad input: SIGKILL and SIGINT mid-epoch, NaN losses, refused inputs."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from asge_edge.cli import main
+from asge_edge.methods import ASGEMethod
+from conftest import TINY_RUN
+
+# A run long enough to be stopped mid-epoch: 24 steps per epoch.
+LONG = [*TINY_RUN, "--train-size", "1536", "--epochs", "2"]
+
+
+def _progress(out):
+    """state.safetensors's progress, or None while there is none (or it is being replaced)."""
+    try:
+        with safe_open(str(out / "state.safetensors"), "pt") as f:
+            return json.loads(f.metadata()["meta"])["progress"]
+    except Exception:   # not written yet
+        return None
+
+
+def _start(out, *extra):
+    return subprocess.Popen([sys.executable, "-m", "asge_edge", "train", *LONG, "--out", str(out), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_mid_epoch(proc, out, timeout=120):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        p = _progress(out)
+        if p and p.get("partial") and p["partial"]["batches"] >= 2:
+            return p
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.005)
+    raise AssertionError("no mid-epoch checkpoint appeared")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("whole") / "run"
+    assert main(["train", *LONG, "--out", str(out)]) == 0
+    return out
+
+
+def _same_run(a, b):
+    sa, sb = load_file(a / "state.safetensors"), load_file(b / "state.safetensors")
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    ma = [json.loads(line) for line in (a / "metrics.jsonl").read_text().splitlines()]
+    mb = [json.loads(line) for line in (b / "metrics.jsonl").read_text().splitlines()]
+    for ra, rb in zip(ma, mb):
+        for key in ("train_layer_loss", "train_layer_accuracy", "val_layer_accuracy", "val_fusion_accuracy"):
+            assert ra[key] == rb[key], key
+    assert len(ma) == len(mb) == 2
+
+
+def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    proc = _start(out, "--checkpoint-every", "3")
+    p = _wait_mid_epoch(proc, out)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert p["step"] % 3 == 0 and 0 < p["partial"]["batches"] < 24   # a mid-epoch checkpoint
+    assert main(["train", "--resume", "--out", str(out), "--quiet"]) == 0
+    _same_run(out, uninterrupted)
+
+
+def test_sigint_saves_and_exits_cleanly_then_resumes(uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    proc = _start(out, "--checkpoint-every", "1")
+    _wait_mid_epoch(proc, out)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "continue with --resume" in err
+    assert _progress(out)["partial"] is not None
+    assert main(["train", "--resume", "--out", str(out), "--quiet"]) == 0
+    _same_run(out, uninterrupted)
+
+
+def test_nan_loss_stops_naming_the_layer_and_keeps_the_last_good_state(monkeypatch, capsys, tmp_path):
+    original, calls = ASGEMethod.train_step, []
+
+    def poisoned(self, x, y):
+        stats = original(self, x, y)
+        calls.append(1)
+        if len(calls) == 5:
+            stats.layer_loss[2] = float("nan")
+        return stats
+
+    monkeypatch.setattr(ASGEMethod, "train_step", poisoned)
+    out = tmp_path / "run"
+    assert main(["train", *TINY_RUN, "--checkpoint-every", "2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "layer 3" in err and "non-finite" in err
+    assert _progress(out)["step"] == 4   # the checkpoint before the bad step
+
+
+def _one_line(capsys, argv, needle):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("asge-edge: error: ") and "\n" not in err and needle in err, err
+
+
+@pytest.mark.parametrize("budget,needle", [("12XB", "64MB, 64MiB"), ("0", "64MB, 64MiB"), ("-5MB", "64MB, 64MiB"),
+                                           ("1KB", "smallest that works")])
+def test_bad_budgets(capsys, tmp_path, budget, needle):
+    _one_line(capsys, ["train", *TINY_RUN, f"--memory-budget={budget}", "--out", str(tmp_path / "o")], needle)
+    assert not (tmp_path / "o" / "state.safetensors").exists()
+
+
+def test_unwritable_output_directory(capsys, tmp_path):
+    (tmp_path / "file").write_text("x")
+    _one_line(capsys, ["train", *TINY_RUN, "--out", str(tmp_path / "file" / "run")], "choose another --out")
+
+
+def test_checkpoint_of_another_model_is_refused(capsys, tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["model"]["width"] = 0.25
+    (run / "config.json").write_text(json.dumps(cfg))
+    _one_line(capsys, ["eval", str(run)], "does not match the model")
+
+
+def test_checkpoint_of_another_format_version_is_refused(capsys, tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    path = run / "model.safetensors"
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata())
+    save_file(load_file(path), str(path), metadata={**meta, "format_version": "99"})
+    _one_line(capsys, ["eval", str(run)], "reads format 1")
+
+
+def test_a_pickle_in_place_of_the_state_is_refused_on_resume(capsys, tiny_run, tmp_path):
+    import pickle
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "state.safetensors").write_bytes(pickle.dumps({"step": os.getpid()}))
+    _one_line(capsys, ["train", "--resume", "--out", str(run)], "corrupt or truncated")
