@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from .config import TrainConfig
 from .models import ASGENet, gap
+from .distributed import World
 from .offload import Offloader
 
 
@@ -86,6 +87,7 @@ class Method(ABC):
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.scalers: dict[str, torch.amp.GradScaler] = {}
         self.offloader: Offloader | None = None   # --offload (streaming methods): layers parked in host memory
+        self.world: World | None = None          # torchrun: data parallelism (distributed.py)
 
     def _add_scalers(self, names) -> None:
         if self.precision == "fp16":
@@ -96,6 +98,15 @@ class Method(ABC):
         """Autocast in the run's precision (a no-op in fp32)."""
         dtype = AMP_DTYPES.get(self.precision)
         return torch.autocast(device_type, dtype=dtype, enabled=dtype is not None)
+
+    def _total(self, n: int) -> int:
+        """Samples in the logical batch: this process's n, or the global count under torchrun."""
+        return self.world.total(n) if self.world is not None else n
+
+    def _reduce(self, params) -> None:
+        """Sum gradients over the processes (each scaled its loss by its share), once per batch."""
+        if self.world is not None:
+            self.world.reduce_grads(params)
 
     def backward(self, name: str, loss: torch.Tensor) -> None:
         """Backward of ``loss`` for optimiser ``name``, scaled under fp16."""
@@ -194,12 +205,19 @@ class ASGEMethod(Method):
         return h_next, loss.detach() * len(y), (logits.argmax(1) == y).sum()
 
     def step_layers(self) -> None:
-        """Each layer's optimiser steps once on its accumulated gradient, then drops it."""
-        for i in range(len(self.net.layers)):
+        """Each layer's optimiser steps once on its accumulated (and, under torchrun, summed
+        over the processes) gradient, then drops it."""
+        for i, layer in enumerate(self.net.layers):
+            self._reduce(layer.parameters())
             self.step(f"layer{i + 1}")
 
     def heads_step(self, feats: list[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
-        """Train the Last and Fusion heads on detached GAP features; return their loss sums (2,)."""
+        """Train the Last and Fusion heads on detached GAP features; return their loss sums (2,).
+
+        Under torchrun the heads see every process's features: the whole global batch, so
+        their batch statistics and steps are those of one process with the global batch."""
+        if self.world is not None:
+            feats, y = [self.world.gather(f) for f in feats], self.world.gather(y)
         last, fusion = self.net.heads(feats)                   # B, N ; B, N
         losses = []
         for name, logits in zip(HEADS, (last, fusion)):
@@ -219,7 +237,7 @@ class ASGEMethod(Method):
         """
         if self.offloader is not None:
             return self._layer_major_step(x, y, self.offloader)
-        n, total = len(self.net.layers), len(y)
+        n, total = len(self.net.layers), self._total(len(y))
         losses = torch.zeros(n, device=x.device)
         correct = torch.zeros(n, device=x.device)
         feats: list[list[torch.Tensor]] = [[] for _ in range(n)]
@@ -233,14 +251,20 @@ class ASGEMethod(Method):
                 feats[i].append(gap(h))                        # b, C
             del h
         self.step_layers()
-        return StepStats(losses, correct, self.heads_step([torch.cat(f) for f in feats], y))
+        return self._stats(losses, correct, self.heads_step([torch.cat(f) for f in feats], y))
+
+    def _stats(self, losses: torch.Tensor, correct: torch.Tensor, heads: torch.Tensor) -> StepStats:
+        """The step's statistics, summed over the processes under torchrun."""
+        if self.world is not None:
+            losses, correct = self.world.sum_(losses), self.world.sum_(correct)
+        return StepStats(losses, correct, heads)
 
     def _layer_major_step(self, x: torch.Tensor, y: torch.Tensor, off: Offloader) -> StepStats:
         """The same update, layer by layer: layer l is loaded, trains on every micro-batch,
         steps and is parked before layer l+1 is loaded. The micro-batches' inputs and outputs
         wait on the parking device between layers, so each layer crosses to the compute
         device once per logical batch, not once per micro-batch."""
-        n, total, size = len(self.net.layers), len(y), self.micro_batch or len(y)
+        n, total, size = len(self.net.layers), self._total(len(y)), self.micro_batch or len(y)
         losses = torch.zeros(n, device=x.device)
         correct = torch.zeros(n, device=x.device)
         ys = y.split(size)
@@ -257,11 +281,12 @@ class ASGEMethod(Method):
                 correct[i] += hits
                 f.append(gap(h_next))                          # b, C
                 outs.append(h_next.to(off.park_device))        # b, C, H', W'
+            self._reduce(layer.parameters())
             self.step(name)
             off.park(layer, self.optimizers[name])
             feats.append(torch.cat(f))                         # B, C
             hs = outs
-        return StepStats(losses, correct, self.heads_step(feats, y))
+        return self._stats(losses, correct, self.heads_step(feats, y))
 
 
 class BPMethod(Method):
@@ -285,11 +310,14 @@ class BPMethod(Method):
                 h = layer.transition(layer.activate(h))            # B, C, H', W' (graph kept)
             logits = self.net.last_head(gap(h))                    # B, N
         loss = F.cross_entropy(logits.float(), y)
-        self.backward("net", loss)
+        self.backward("net", loss * (len(y) / self._total(len(y))))
+        self._reduce(p for group in self.optimizers["net"].param_groups for p in group["params"])
         self.step("net")
         n = len(self.net.layers)
         nan = torch.full((n,), float("nan"), device=x.device)
         head = torch.stack([loss.detach() * len(y), torch.tensor(float("nan"), device=x.device)])
+        if self.world is not None:
+            head = self.world.sum_(head)
         return StepStats(nan, torch.zeros(n, device=x.device), head)
 
 

@@ -38,6 +38,7 @@ from .checkpoint import (CONFIG_FILE, MODEL_FILE, STATE_FILE, build_net, load_ru
                          save_model, save_state, write_json)
 from .config import RunConfig
 from .data import load_splits, batches
+from .distributed import World
 from .device import resolve_device, resolve_precision, to_device
 from .errors import Interrupted, UserError
 from .budget import format_size
@@ -170,23 +171,29 @@ class EpochProgress:
 
 
 def _run_epoch(method: Method, cfg: RunConfig, splits, device, epoch: int, step: int, total: int, pbar,
-               ep: EpochProgress, after_step, measure_at: int | None = None, workers: int = 0) -> tuple:
+               ep: EpochProgress, after_step, measure_at: int | None = None, workers: int = 0,
+               world: World | None = None) -> tuple:
     """Train the batches of ``epoch`` that ``ep`` has not done yet, updating ``ep``.
 
     The epoch's order and augmentation come from a generator seeded by (seed, epoch), and
     the batches already done are drawn again and skipped, so a resumed epoch sees exactly
     the batches an uninterrupted one would. ``after_step(ep, step, stats)`` runs after each
     step (checks and checkpoints); the step numbered ``measure_at`` also measures memory.
+    Under torchrun every process draws the same global batch and trains on its shard.
     Returns (global step, last lr, memory measurement or None).
     """
     tc = cfg.train
     lr, measured = tc.resolved_lr, None
     gen = _epoch_generator(tc.seed, epoch)
-    for b, (x, y) in enumerate(batches(splits.train, tc.batch_size, gen, cfg.data.augment, workers)):
+    size = world.global_batch(tc.batch_size) if world is not None else tc.batch_size
+    for b, (x, y) in enumerate(batches(splits.train, size, gen, cfg.data.augment, workers)):
         if b < ep.batches:
             continue
         lr = cosine_lr(step, total, tc.resolved_lr, tc.resolved_lr_min)
         method.set_lr(lr)
+        n = len(y)
+        if world is not None:
+            x, y = world.shard(x, y)
         x, y = to_device(x, y, device)
         if step == measure_at:
             stats, measured = measure_step(method, x, y)
@@ -195,7 +202,7 @@ def _run_epoch(method: Method, cfg: RunConfig, splits, device, epoch: int, step:
         ep.loss_sum += stats.layer_loss
         ep.correct += stats.layer_correct
         ep.head_sum += stats.head_loss
-        ep.seen += len(y)
+        ep.seen += n
         ep.batches += 1
         step += 1
         after_step(ep, step, stats)
@@ -239,20 +246,29 @@ def train(cfg: RunConfig, opts: RunOptions) -> dict[str, Any]:
         The summary dict also written to ``summary.json``.
     """
     out = Path(opts.out)
-    prepare_out_dir(out, opts.force, opts.resume)
+    device = resolve_device(cfg.train.device)
+    world = World.from_env(device)
+    writer = world is None or world.is_main
+    if writer:
+        prepare_out_dir(out, opts.force, opts.resume)
+    if world is not None:
+        device = world.device
+        world.barrier()   # the output directory is ready
     if opts.resume:
         cfg = RunConfig.from_dict(read_json(out / CONFIG_FILE))
     splits = load_splits(cfg.data)
     cfg = replace(cfg, info=splits.info, version=__version__)
-    device = resolve_device(cfg.train.device)
     net = build_net(cfg)
     precision = resolve_precision(cfg.train.amp, device)
     method = make_method(net, cfg.train, precision)
+    method.world = world
     plan = configure_streaming(cfg, method, device)
     off = method.offloader
     tc = cfg.train
-    steps_per_epoch = math.ceil(len(splits.train) / tc.batch_size)
+    global_batch = world.global_batch(tc.batch_size) if world is not None else tc.batch_size
+    steps_per_epoch = math.ceil(len(splits.train) / global_batch)
     total = tc.epochs * steps_per_epoch
+    opts = replace(opts, quiet=opts.quiet or not writer)
 
     progress: dict[str, Any] = {"epoch": 0, "step": 0, "train_seconds": 0.0, "best": -1.0, "best_epoch": 0,
                                 "memory": None, "partial": None}
@@ -260,7 +276,7 @@ def train(cfg: RunConfig, opts: RunOptions) -> dict[str, Any]:
         opt_states, progress = load_state(out, net)
         method.load_state_dict(opt_states)
         method.load_scaler_state(progress.get("scalers", {}))
-    else:
+    elif writer:
         write_json(out / CONFIG_FILE, cfg.to_dict())
     history = read_metrics(out / "metrics.jsonl")[: progress["epoch"]]
 
@@ -290,7 +306,7 @@ def train(cfg: RunConfig, opts: RunOptions) -> dict[str, Any]:
                     raise UserError(f"the loss of {', '.join(bad)} became non-finite at epoch {epoch}, step {step}; "
                                     f"stopped, and the last good checkpoint in {out} is kept (try a lower --lr)")
                 every = opts.checkpoint_every and step % opts.checkpoint_every == 0
-                if every or interrupt.requested:
+                if writer and (every or interrupt.requested):
                     now = EpochProgress(ep.batches, ep.seen, ep.loss_sum, ep.correct, ep.head_sum,
                                         ep.seconds + time.perf_counter() - t0)
                     save_state(out, net, method.state_dict(), {**progress, "step": step, "partial": now.to_dict(),
@@ -300,7 +316,7 @@ def train(cfg: RunConfig, opts: RunOptions) -> dict[str, Any]:
                                           f"continue with --resume --out {out}")
 
             step, lr, measured = _run_epoch(method, cfg, splits, device, epoch, progress["step"], total, pbar, ep,
-                                            after_step, measure_at, opts.workers)
+                                            after_step, measure_at, opts.workers, world)
             memory = progress.get("memory") if measured is None else _memory_record(plan, measured, tc.memory_budget,
                                                                                      precision, off is not None)
             if device.type == "cuda":
@@ -308,6 +324,9 @@ def train(cfg: RunConfig, opts: RunOptions) -> dict[str, Any]:
             seconds = ep.seconds + time.perf_counter() - t0
             if pbar is not None:
                 pbar.close()
+            if not writer:   # rank 0 evaluates, selects and writes; the weights are the same everywhere
+                progress = {**progress, "epoch": epoch, "step": step, "partial": None}
+                continue
             val = evaluate(net, splits.val, device, offloader=off)
             record = _epoch_record(epoch, lr, seconds, ep.seen, ep.loss_sum, ep.correct, ep.head_sum, val)
             score = val.strategy(method.select, best_layer(val.layers))
@@ -327,6 +346,8 @@ def train(cfg: RunConfig, opts: RunOptions) -> dict[str, Any]:
                       f"last {100 * val.last:.2f} fusion {100 * val.fusion:.2f}"
                       f"{' *' if progress['best_epoch'] == epoch else ''}")
 
+    if not writer:
+        return {}
     return finish(out, method.strategies, history, progress, device, splits, off, quiet=opts.quiet)
 
 

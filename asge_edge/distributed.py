@@ -1,0 +1,94 @@
+"""Data parallelism across processes with torch.distributed, as launched by torchrun.
+
+Contract: ``World.from_env(device)`` is None in a single process; under torchrun
+(WORLD_SIZE > 1 in the environment) it joins the process group (gloo on the CPU, nccl on
+CUDA) and returns the World. With it:
+- every rank draws the same global batch (``global_batch`` = world size x --batch-size,
+  same seeded order and augmentation) and trains on its ``shard``: contiguous blocks whose
+  sizes differ by at most one. So N processes at batch B see exactly the batches of one
+  process at batch N x B, like a DistributedSampler aligned to global batches;
+- each rank scales its losses by its share of the global batch (``total``) and
+  ``reduce_grads`` sums the gradients of one optimiser's parameters over the ranks, once
+  per logical batch (micro-batches accumulate locally first: the no_sync pattern);
+- ``gather`` collects a tensor from every rank along dim 0 (the heads train on the whole
+  global batch's features, so their batch statistics are the global batch's);
+- only rank 0 (``is_main``) writes files or prints.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class World:
+    rank: int
+    size: int
+    device: torch.device
+
+    @classmethod
+    def from_env(cls, device: torch.device) -> "World | None":
+        """Join the process group torchrun describes, or None for a single process."""
+        size = int(os.environ.get("WORLD_SIZE", "1"))
+        if size <= 1:
+            return None
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return cls(dist.get_rank(), dist.get_world_size(), device)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def global_batch(self, batch_size: int) -> int:
+        return batch_size * self.size
+
+    def shard(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's contiguous block of a global batch (B, ...) and its labels (B,)."""
+        n = len(y)
+        lo, hi = n * self.rank // self.size, n * (self.rank + 1) // self.size
+        return x[lo:hi], y[lo:hi]
+
+    def total(self, n: int) -> int:
+        """The global number of samples when this rank holds ``n``."""
+        t = torch.tensor([n], device=self.device)
+        dist.all_reduce(t)
+        return int(t.item())
+
+    def reduce_grads(self, params) -> None:
+        """Sum the gradients of ``params`` over the ranks, in place (one flat buffer)."""
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def sum_(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum a tensor over the ranks, in place; returns it."""
+        dist.all_reduce(t)
+        return t
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``t`` (n_r, ...) concatenated in rank order along dim 0."""
+        sizes = [torch.zeros(1, dtype=torch.long, device=self.device) for _ in range(self.size)]
+        dist.all_gather(sizes, torch.tensor([len(t)], device=self.device))
+        most = int(max(s.item() for s in sizes))
+        padded = torch.zeros((most, *t.shape[1:]), dtype=t.dtype, device=self.device)
+        padded[:len(t)] = t
+        parts = [torch.empty_like(padded) for _ in range(self.size)]
+        dist.all_gather(parts, padded)
+        return torch.cat([p[:int(s.item())] for p, s in zip(parts, sizes)])
+
+    def barrier(self) -> None:
+        dist.barrier()
