@@ -2,11 +2,13 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -153,3 +155,14 @@ def test_a_pickle_in_place_of_the_state_is_refused_on_resume(capsys, tiny_run, t
     shutil.copytree(tiny_run, run)
     (run / "state.safetensors").write_bytes(pickle.dumps({"step": os.getpid()}))
     _one_line(capsys, ["train", "--resume", "--out", str(run)], "corrupt or truncated")
+
+
+def test_no_code_path_unpickles():
+    """Only safetensors, JSON, protobuf (ONNX) and plain arrays are read: no pickle anywhere."""
+    root = Path(__file__).resolve().parents[1]
+    sources = [p for d in ("asge_edge", "export", "bench") for p in (root / d).rglob("*.py")]
+    assert len(sources) > 20
+    banned = re.compile(r"torch\.load\(|pickle\.loads?\(|allow_pickle=True|import pickle|(?<![.\w])(eval|exec)\(")
+    for path in sources:
+        hit = banned.search(path.read_text())
+        assert hit is None, f"{path.name} uses {hit.group(0)}"
