@@ -5,7 +5,7 @@ Contract:
   k), in the format firmware_sim/src/fsim.c loads: little-endian uint32 header words
   (magic "FSIM", version, layer count, input C/H/W, classes, exit partition P, LayerNorm
   eps as float bits), five words per layer (in_c, out_c, h, w, pool code), then float32:
-  input mean and std, each layer's conv weight (packed: ceil(out_c/4) tiles of K x 4,
+  input mean and std, each layer's conv weight (packed: ceil(out_c/6) tiles of K x 6,
   K = in_c*9, zero-padded; ``pack_weight``) and bias, and the exit's fixed projection
   ((out_c*P*P) x classes) and bias.
 - ``arena_bytes(specs, k)`` mirrors ``fsim_arena_bytes`` exactly (tests pin the two
@@ -32,7 +32,7 @@ from asge_edge.models import LN_EPS, ASGENet, LayerSpec
 
 MAGIC, VERSION = 0x4D495346, 1
 ALIGN, NR = 16, 16                         # fsim.c: FSIM_ALIGN, GEMM panel width NR
-TILE = 4                                   # fsim.h: FSIM_TILE, output channels per packed weight tile
+TILE = 6                                   # fsim.h: FSIM_TILE, output channels per packed weight tile
 POOL_CODES = {None: 0, "rms": 1, "avg": 2, "max": 3}
 # Parity of the C runtime against ONNX Runtime (firmware_sim/tests/tolerances.h repeats them).
 C_MAX_ABS_TOL = 1e-3

@@ -30,7 +30,7 @@ extern "C" {
 #define FSIM_VERSION 1u
 #define FSIM_MAX_LAYERS 32u
 #define FSIM_ALIGN 16u
-#define FSIM_TILE 4u /* conv weights are stored in tiles of FSIM_TILE output channels (see fsim_layer) */
+#define FSIM_TILE 6u /* conv weights are stored in tiles of FSIM_TILE output channels (see fsim_layer) */
 
 typedef struct {
     unsigned char *base;

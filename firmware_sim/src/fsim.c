@@ -12,6 +12,9 @@
 
 #include <math.h>
 #include <string.h>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
 
 #define MR FSIM_TILE /* GEMM tile: output channels (the weights come packed in such tiles) */
 #define NR 16u  /* GEMM tile: output positions (one im2col panel) */
@@ -160,16 +163,32 @@ static uint32_t strip_rows(const fsim_model *m, uint32_t i)
     return r < 1u ? 1u : (r > l->h ? l->h : r);
 }
 
-static scratch_t layer_scratch(const fsim_model *m, uint32_t i)
+/* Scratch of layer i at r conv rows per strip. */
+static scratch_t layer_scratch(const fsim_model *m, uint32_t i, uint32_t r)
 {
     const fsim_layer *l = &m->layers[i];
-    uint32_t r = strip_rows(m, i);
     int exit_layer = i + 1u == m->n_layers;
     scratch_t s;
     s.im2col = (size_t)l->in_c * 9u * panel_cols(r * l->w);
     s.strip = (exit_layer || l->pool != FSIM_POOL_NONE) ? (size_t)l->out_c * r * l->w : 0u;
     s.goodness = exit_layer ? (size_t)l->out_c * m->partition * m->partition : 0u;
     return s;
+}
+
+static size_t scratch_bytes(scratch_t s)
+{
+    return align_up(4u * s.im2col) + align_up(4u * s.strip) + align_up(4u * s.goodness) + 2u * FSIM_ALIGN;
+}
+
+/* Rows per strip for layer i within `room` bytes of scratch: the planner's minimum, grown
+ * (in steps that keep a pooling layer's strips even) while the scratch still fits. More
+ * rows per strip mean fewer passes over the weights: a larger arena runs faster. */
+static uint32_t rows_within(const fsim_model *m, uint32_t i, size_t room)
+{
+    const fsim_layer *l = &m->layers[i];
+    uint32_t r = strip_rows(m, i), step = (i + 1u < m->n_layers && l->pool != FSIM_POOL_NONE) ? 2u : 1u;
+    while (r + step <= l->h && scratch_bytes(layer_scratch(m, i, r + step)) <= room) r += step;
+    return r;
 }
 
 /* Floats of tensor t: t = 0 is the normalised input, t = i + 1 the output of layer i. */
@@ -198,7 +217,7 @@ size_t fsim_arena_bytes(const fsim_model *m)
     uint32_t i;
     ping_pong_floats(m, &a, &b);
     for (i = 0; i < m->n_layers; ++i) {
-        scratch_t s = layer_scratch(m, i);
+        scratch_t s = layer_scratch(m, i, strip_rows(m, i));
         size_t bytes = align_up(4u * s.im2col) + align_up(4u * s.strip) + align_up(4u * s.goodness);
         if (bytes > worst) worst = bytes;
     }
@@ -252,17 +271,54 @@ static void im2col_panels(const float *in, uint32_t c, uint32_t h, uint32_t w, u
     }
 }
 
+#if defined(__AVX2__) && defined(__FMA__)
+/* acc (MR x NR) += W tile (rows k0..k1-1 of K x MR) x panel (K x NR): AVX2 + FMA, the
+ * accumulators in 12 registers, one broadcast at a time. */
+static void tile_kernel(const float *w, const float *panel, uint32_t k0, uint32_t k1, float acc[MR][NR])
+{
+    __m256 c[MR][2];
+    uint32_t i, p;
+    for (i = 0; i < MR; ++i) {
+        c[i][0] = _mm256_loadu_ps(acc[i]);
+        c[i][1] = _mm256_loadu_ps(acc[i] + 8);
+    }
+    for (p = k0; p < k1; ++p) {
+        const __m256 x0 = _mm256_loadu_ps(panel + (size_t)p * NR), x1 = _mm256_loadu_ps(panel + (size_t)p * NR + 8);
+        const float *b = w + (size_t)p * MR;
+        for (i = 0; i < MR; ++i) {
+            const __m256 bb = _mm256_broadcast_ss(b + i);
+            c[i][0] = _mm256_fmadd_ps(bb, x0, c[i][0]);
+            c[i][1] = _mm256_fmadd_ps(bb, x1, c[i][1]);
+        }
+    }
+    for (i = 0; i < MR; ++i) {
+        _mm256_storeu_ps(acc[i], c[i][0]);
+        _mm256_storeu_ps(acc[i] + 8, c[i][1]);
+    }
+}
+#else
+/* acc (MR x NR) += W tile (rows k0..k1-1 of K x MR) x panel (K x NR): portable C. */
+static void tile_kernel(const float *w, const float *panel, uint32_t k0, uint32_t k1, float acc[MR][NR])
+{
+    uint32_t i, j, p;
+    for (p = k0; p < k1; ++p) {
+        const float *c = panel + (size_t)p * NR, *b = w + (size_t)p * MR;
+        for (i = 0; i < MR; ++i)
+            for (j = 0; j < NR; ++j) acc[i][j] += b[i] * c[j];
+    }
+}
+#endif
+
 /* out[i][j] = relu(bias[i] + sum_p W[i][p] col[p][j]), i < m, j < n; W packed in MR-channel tiles
  * (fsim_layer.weight), col in panels (im2col_panels); rows of out are ldo apart. Each MR x NR
- * tile keeps its accumulators in MR separate arrays, which compilers hold in vector registers
- * (-O3: 8 AVX2 registers), and per step reads one panel row and MR consecutive weights. K is
- * split in blocks of KC so that a panel block (KC x NR floats) stays in the L1 cache while
- * every weight tile passes over it; partial sums wait in out between blocks, and bias and
- * ReLU come with the last block. */
+ * output tile is accumulated by tile_kernel (AVX2 + FMA where the compiler targets it, else
+ * portable C). K is split in blocks of KC so that a panel block (KC x NR floats) stays in the
+ * L1 cache while every weight tile passes over it; partial sums wait in out between blocks,
+ * and bias and ReLU come with the last block. */
 static void gemm_bias_relu(const float *wt, const float *bias, const float *panels, uint32_t m, uint32_t k, uint32_t n,
                            float *out, size_t ldo)
 {
-    uint32_t i0, j0, i, j, p, k0;
+    uint32_t i0, j0, i, j, k0;
     for (k0 = 0; k0 < k; k0 += KC) {
         uint32_t k1 = k - k0 < KC ? k : k0 + KC;
         int first = k0 == 0u, last = k1 == k;
@@ -270,26 +326,12 @@ static void gemm_bias_relu(const float *wt, const float *bias, const float *pane
             const float *panel = panels + (size_t)(j0 / NR) * k * NR;
             uint32_t nr = n - j0 < NR ? n - j0 : NR;
             for (i0 = 0; i0 < m; i0 += MR) {
-                const float *w = wt + (size_t)(i0 / MR) * k * MR;
-                float a0[NR], a1[NR], a2[NR], a3[NR];
-                float *acc[MR];
-                acc[0] = a0;
-                acc[1] = a1;
-                acc[2] = a2;
-                acc[3] = a3;
+                float acc[MR][NR];
                 for (i = 0; i < MR; ++i) {
                     const float *o = out + (size_t)(i0 + i < m ? i0 + i : m - 1u) * ldo + j0;
                     for (j = 0; j < NR; ++j) acc[i][j] = (first || j >= nr) ? 0.0f : o[j];
                 }
-                for (p = k0; p < k1; ++p) {
-                    const float *c = panel + (size_t)p * NR, *b = w + (size_t)p * MR;
-                    for (j = 0; j < NR; ++j) {
-                        a0[j] += b[0] * c[j];
-                        a1[j] += b[1] * c[j];
-                        a2[j] += b[2] * c[j];
-                        a3[j] += b[3] * c[j];
-                    }
-                }
+                tile_kernel(wt + (size_t)(i0 / MR) * k * MR, panel, k0, k1, acc);
                 for (i = 0; i < MR && i0 + i < m; ++i) {
                     float *o = out + (size_t)(i0 + i) * ldo + j0;
                     if (last) {
@@ -307,23 +349,26 @@ static void gemm_bias_relu(const float *wt, const float *bias, const float *pane
     }
 }
 
-/* One output row of a 2x2, stride-2 pool over two conv rows (strip: c x 2 x w). */
-static void pool_rows(const float *strip, uint32_t c, uint32_t w, uint32_t pool, float *out, uint32_t oh, uint32_t row)
+/* Output rows row0.. of a 2x2, stride-2 pool over a strip of conv rows (c x rows x w, rows even). */
+static void pool_rows(const float *strip, uint32_t c, uint32_t rows, uint32_t w, uint32_t pool, float *out, uint32_t oh,
+                      uint32_t row0)
 {
-    uint32_t ow = w / 2u, ch, x;
+    uint32_t ow = w / 2u, ch, x, pr;
     for (ch = 0; ch < c; ++ch) {
-        const float *r0 = strip + (size_t)ch * 2u * w, *r1 = r0 + w;
-        float *o = out + ((size_t)ch * oh + row) * ow;
-        for (x = 0; x < ow; ++x) {
-            float a = r0[2u * x], b = r0[2u * x + 1u], c2 = r1[2u * x], d = r1[2u * x + 1u];
-            if (pool == FSIM_POOL_RMS) {
-                float e = 0.25f * (a * a + b * b + c2 * c2 + d * d);
-                o[x] = sqrtf(e > RMS_EPS ? e : RMS_EPS);
-            } else if (pool == FSIM_POOL_AVG) {
-                o[x] = 0.25f * (a + b + c2 + d);
-            } else {
-                float m1 = a > b ? a : b, m2 = c2 > d ? c2 : d;
-                o[x] = m1 > m2 ? m1 : m2;
+        for (pr = 0; pr < rows / 2u; ++pr) {
+            const float *r0 = strip + ((size_t)ch * rows + 2u * pr) * w, *r1 = r0 + w;
+            float *o = out + ((size_t)ch * oh + row0 + pr) * ow;
+            for (x = 0; x < ow; ++x) {
+                float a = r0[2u * x], b = r0[2u * x + 1u], c2 = r1[2u * x], d = r1[2u * x + 1u];
+                if (pool == FSIM_POOL_RMS) {
+                    float e = 0.25f * (a * a + b * b + c2 * c2 + d * d);
+                    o[x] = sqrtf(e > RMS_EPS ? e : RMS_EPS);
+                } else if (pool == FSIM_POOL_AVG) {
+                    o[x] = 0.25f * (a + b + c2 + d);
+                } else {
+                    float m1 = a > b ? a : b, m2 = c2 > d ? c2 : d;
+                    o[x] = m1 > m2 ? m1 : m2;
+                }
             }
         }
     }
@@ -381,8 +426,8 @@ fsim_status fsim_run(const fsim_model *m, fsim_arena *arena, const float *image,
     for (l = 0; l < m->n_layers && status == FSIM_OK; ++l) {
         const fsim_layer *L = &m->layers[l];
         size_t layer_mark = arena->used;
-        scratch_t s = layer_scratch(m, l);
-        uint32_t rows = strip_rows(m, l), k = L->in_c * 9u, y;
+        uint32_t rows = rows_within(m, l, arena->size - arena->used), k = L->in_c * 9u, y;
+        scratch_t s = layer_scratch(m, l, rows);
         int exit_layer = l + 1u == m->n_layers;
         int pools = !exit_layer && L->pool != FSIM_POOL_NONE;
         in = buf[l % 2u];
@@ -395,10 +440,11 @@ fsim_status fsim_run(const fsim_model *m, fsim_arena *arena, const float *image,
             break;
         }
         if (g) memset(g, 0, sizeof(float) * s.goodness);
-        /* a pooling layer drops an odd last row (floor); other layers end on a shorter strip */
-        for (y = 0; pools ? y + rows <= L->h : y < L->h; y += rows) {
+        /* the last strip may be shorter; a pooling layer keeps it even, dropping an odd last row (floor) */
+        for (y = 0; y < L->h; y += rows) {
             uint32_t n;
-            if (y + rows > L->h) rows = L->h - y;
+            if (y + rows > L->h) rows = pools ? (L->h - y) & ~1u : L->h - y;
+            if (rows == 0u) break;
             n = rows * L->w;
             im2col_panels(in, L->in_c, L->h, L->w, y, rows, col);
             if (exit_layer) {
@@ -406,7 +452,7 @@ fsim_status fsim_run(const fsim_model *m, fsim_arena *arena, const float *image,
                 accumulate_goodness(strip, L->out_c, rows, L->h, L->w, y, m->partition, g);
             } else if (pools) {
                 gemm_bias_relu(L->weight, L->bias, col, L->out_c, k, n, strip, (size_t)rows * L->w);
-                pool_rows(strip, L->out_c, L->w, L->pool, out, L->h / 2u, y / 2u);
+                pool_rows(strip, L->out_c, rows, L->w, L->pool, out, L->h / 2u, y / 2u);
             } else {
                 gemm_bias_relu(L->weight, L->bias, col, L->out_c, k, n, out + (size_t)y * L->w, (size_t)L->h * L->w);
             }
