@@ -38,6 +38,15 @@ def test_ctest_passes_under_sanitizers(fsim):
     assert "2 tests passed" in done.stdout or "100% tests passed" in done.stdout
 
 
+def test_portable_kernel_passes_ctest(tmp_path):
+    """Without -march=native (baseline x86-64: no AVX2) the portable C tile kernel runs."""
+    subprocess.run(["cmake", "-S", str(ROOT), "-B", str(tmp_path), "-DFSIM_NATIVE=OFF", "-DFSIM_WERROR=ON",
+                    "-DFSIM_SANITIZE=ON"], check=True, capture_output=True)
+    subprocess.run(["cmake", "--build", str(tmp_path), "-j2"], check=True, capture_output=True)
+    done = subprocess.run(["ctest", "--test-dir", str(tmp_path), "--output-on-failure"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 @pytest.fixture(scope="module")
 def c_model(tiny_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("c")
