@@ -10,8 +10,9 @@ Contract:
   ((out_c*P*P) x classes) and bias.
 - ``arena_bytes(specs, k)`` mirrors ``fsim_arena_bytes`` exactly (tests pin the two
   together): two ping-pong buffers for the tensors handed between layers (even-numbered
-  tensors in one, odd in the other) plus the largest layer's scratch (im2col strip + conv
-  strip + exit goodness), each rounded to 16 bytes, plus 16 for the arena's alignment.
+  tensors in one, odd in the other) plus the largest layer's scratch (one K-block of the
+  im2col strip + conv strip + exit goodness), each rounded to 16 bytes, plus 16 for the
+  arena's alignment.
 - ``write_c_model`` writes model.bin and model.h (model.bin as a const uint32_t array,
   with FSIM_ARENA_BYTES and FSIM_MODEL_BYTES) atomically; returns their sizes.
 Only presets whose exit patches divide the activation evenly are supported.
@@ -33,6 +34,7 @@ from asge_edge.models import LN_EPS, ASGENet, LayerSpec
 MAGIC, VERSION = 0x4D495346, 1
 ALIGN, NR = 16, 16                         # fsim.c: FSIM_ALIGN, GEMM panel width NR
 TILE = 6                                   # fsim.h: FSIM_TILE, output channels per packed weight tile
+KC = 256                                   # fsim.c: rows of K per im2col block
 POOL_CODES = {None: 0, "rms": 1, "avg": 2, "max": 3}
 # Parity of the C runtime against ONNX Runtime (firmware_sim/tests/tolerances.h repeats them).
 C_MAX_ABS_TOL = 1e-3
@@ -55,7 +57,7 @@ def arena_bytes(specs: Sequence[LayerSpec], k: int) -> int:
     for i, s in enumerate(layers):
         exit_layer = i == k - 1
         rows = 2 if (s.pool and not exit_layer) else max(1, min(s.height, NR // s.width))   # fsim.c: strip_rows
-        im2col = s.in_channels * 9 * (-(-rows * s.width // NR) * NR)   # whole panels of NR columns
+        im2col = min(s.in_channels * 9, KC) * (-(-rows * s.width // NR) * NR)   # one K-block, whole panels
         strip = s.channels * rows * s.width if (exit_layer or s.pool) else 0
         goodness = s.channels * s.partition ** 2 if exit_layer else 0
         worst = max(worst, _align(4 * im2col) + _align(4 * strip) + _align(4 * goodness))

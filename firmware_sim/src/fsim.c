@@ -2,9 +2,11 @@
  * fsim runtime: arena, model.bin loader, arena planner and the layer pipeline.
  * See include/fsim.h for the contract. No malloc, no globals, C99.
  *
- * A layer runs in strips of output rows: an im2col strip (K = in_c*9 rows, R*w columns,
- * packed in panels of NR columns) times the weights (out_c x K) in a register-blocked GEMM
- * (MR x NR tiles that compilers vectorise), with bias and ReLU. A pooling layer computes R = 2 conv rows at a time and
+ * A layer runs in strips of output rows, and each strip in blocks of KC rows of K = in_c*9:
+ * an im2col block (KC rows, R*w columns, packed in panels of NR columns) times the matching
+ * columns of the weights (out_c x K) in a register-blocked GEMM (MR x NR tiles), partial
+ * sums kept in the output, bias and ReLU with the last block. Blocking K keeps the im2col
+ * scratch small, so the same RAM holds longer strips and the weights are read fewer times. A pooling layer computes R = 2 conv rows at a time and
  * pools them straight into its output row, so the full-size conv output never exists;
  * the exit layer accumulates its patch energies row by row the same way.
  */
@@ -169,7 +171,7 @@ static scratch_t layer_scratch(const fsim_model *m, uint32_t i, uint32_t r)
     const fsim_layer *l = &m->layers[i];
     int exit_layer = i + 1u == m->n_layers;
     scratch_t s;
-    s.im2col = (size_t)l->in_c * 9u * panel_cols(r * l->w);
+    s.im2col = (size_t)(l->in_c * 9u < KC ? l->in_c * 9u : KC) * panel_cols(r * l->w); /* one K-block */
     s.strip = (exit_layer || l->pool != FSIM_POOL_NONE) ? (size_t)l->out_c * r * l->w : 0u;
     s.goodness = exit_layer ? (size_t)l->out_c * m->partition * m->partition : 0u;
     return s;
@@ -243,38 +245,36 @@ static void panel_put(float *panels, uint32_t k, uint32_t kk, uint32_t j, const 
     }
 }
 
-/* im2col of conv output rows y0 .. y0+rows-1 (3x3, pad 1), packed in panels: panel q holds
- * positions q*NR .. q*NR+NR-1 as K rows of NR floats (K = c*9), so the GEMM reads it in order.
- * Each (row, kx) copies its in-bounds run in one go and zero-fills the padding column. */
-static void im2col_panels(const float *in, uint32_t c, uint32_t h, uint32_t w, uint32_t y0, uint32_t rows, float *panels)
+/* Rows k0..k1-1 of the im2col of conv output rows y0 .. y0+rows-1 (3x3, pad 1; row kk is
+ * (ic, ky, kx) = (kk / 9, kk / 3 % 3, kk % 3)), packed in panels: panel q holds positions
+ * q*NR .. q*NR+NR-1 as k1-k0 rows of NR floats, so the GEMM reads it in order. Each
+ * (row, kx) copies its in-bounds run in one go and zero-fills the padding column. */
+static void im2col_block(const float *in, uint32_t h, uint32_t w, uint32_t y0, uint32_t rows, uint32_t k0, uint32_t k1,
+                         float *panels)
 {
-    uint32_t n = rows * w, k = c * 9u, ic, ky, kx, r;
-    for (ic = 0; ic < c; ++ic) {
-        for (ky = 0; ky < 3u; ++ky) {
-            for (kx = 0; kx < 3u; ++kx) {
-                uint32_t kk = (ic * 3u + ky) * 3u + kx;
-                uint32_t lo = kx == 0u ? 1u : 0u, hi = kx == 2u ? w - 1u : w; /* in-bounds output columns */
-                for (r = 0; r < rows; ++r) {
-                    int y = (int)(y0 + r) + (int)ky - 1;
-                    uint32_t j = r * w;
-                    if (y < 0 || y >= (int)h || hi <= lo) {
-                        panel_put(panels, k, kk, j, NULL, w);
-                        continue;
-                    }
-                    if (lo) panel_put(panels, k, kk, j, NULL, 1u);
-                    panel_put(panels, k, kk, j + lo, in + ((size_t)ic * h + (uint32_t)y) * w + lo + kx - 1u, hi - lo);
-                    if (hi < w) panel_put(panels, k, kk, j + hi, NULL, 1u);
-                }
-                panel_put(panels, k, kk, n, NULL, panel_cols(n) - n);
+    uint32_t n = rows * w, kb = k1 - k0, kk, r;
+    for (kk = k0; kk < k1; ++kk) {
+        uint32_t ic = kk / 9u, ky = kk / 3u % 3u, kx = kk % 3u;
+        uint32_t lo = kx == 0u ? 1u : 0u, hi = kx == 2u ? w - 1u : w; /* in-bounds output columns */
+        for (r = 0; r < rows; ++r) {
+            int y = (int)(y0 + r) + (int)ky - 1;
+            uint32_t j = r * w;
+            if (y < 0 || y >= (int)h || hi <= lo) {
+                panel_put(panels, kb, kk - k0, j, NULL, w);
+                continue;
             }
+            if (lo) panel_put(panels, kb, kk - k0, j, NULL, 1u);
+            panel_put(panels, kb, kk - k0, j + lo, in + ((size_t)ic * h + (uint32_t)y) * w + lo + kx - 1u, hi - lo);
+            if (hi < w) panel_put(panels, kb, kk - k0, j + hi, NULL, 1u);
         }
+        panel_put(panels, kb, kk - k0, n, NULL, panel_cols(n) - n);
     }
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
-/* acc (MR x NR) += W tile (rows k0..k1-1 of K x MR) x panel (K x NR): AVX2 + FMA, the
- * accumulators in 12 registers, one broadcast at a time. */
-static void tile_kernel(const float *w, const float *panel, uint32_t k0, uint32_t k1, float acc[MR][NR])
+/* acc (MR x NR) += W (kb x MR, packed) x panel (kb x NR): AVX2 + FMA, the accumulators in
+ * 12 registers, one broadcast at a time. */
+static void tile_kernel(const float *w, const float *panel, uint32_t kb, float acc[MR][NR])
 {
     __m256 c[MR][2];
     uint32_t i, p;
@@ -282,7 +282,7 @@ static void tile_kernel(const float *w, const float *panel, uint32_t k0, uint32_
         c[i][0] = _mm256_loadu_ps(acc[i]);
         c[i][1] = _mm256_loadu_ps(acc[i] + 8);
     }
-    for (p = k0; p < k1; ++p) {
+    for (p = 0; p < kb; ++p) {
         const __m256 x0 = _mm256_loadu_ps(panel + (size_t)p * NR), x1 = _mm256_loadu_ps(panel + (size_t)p * NR + 8);
         const float *b = w + (size_t)p * MR;
         for (i = 0; i < MR; ++i) {
@@ -297,11 +297,11 @@ static void tile_kernel(const float *w, const float *panel, uint32_t k0, uint32_
     }
 }
 #else
-/* acc (MR x NR) += W tile (rows k0..k1-1 of K x MR) x panel (K x NR): portable C. */
-static void tile_kernel(const float *w, const float *panel, uint32_t k0, uint32_t k1, float acc[MR][NR])
+/* acc (MR x NR) += W (kb x MR, packed) x panel (kb x NR): portable C. */
+static void tile_kernel(const float *w, const float *panel, uint32_t kb, float acc[MR][NR])
 {
     uint32_t i, j, p;
-    for (p = k0; p < k1; ++p) {
+    for (p = 0; p < kb; ++p) {
         const float *c = panel + (size_t)p * NR, *b = w + (size_t)p * MR;
         for (i = 0; i < MR; ++i)
             for (j = 0; j < NR; ++j) acc[i][j] += b[i] * c[j];
@@ -309,40 +309,38 @@ static void tile_kernel(const float *w, const float *panel, uint32_t k0, uint32_
 }
 #endif
 
-/* out[i][j] = relu(bias[i] + sum_p W[i][p] col[p][j]), i < m, j < n; W packed in MR-channel tiles
- * (fsim_layer.weight), col in panels (im2col_panels); rows of out are ldo apart. Each MR x NR
- * output tile is accumulated by tile_kernel (AVX2 + FMA where the compiler targets it, else
- * portable C). K is split in blocks of KC so that a panel block (KC x NR floats) stays in the
- * L1 cache while every weight tile passes over it; partial sums wait in out between blocks,
- * and bias and ReLU come with the last block. */
-static void gemm_bias_relu(const float *wt, const float *bias, const float *panels, uint32_t m, uint32_t k, uint32_t n,
-                           float *out, size_t ldo)
+/* One K-block of out[i][j] = relu(bias[i] + sum_p W[i][p] col[p][j]), i < m, j < n: adds the
+ * rows k0..k1-1 of W (packed in MR-channel tiles, K = k rows; fsim_layer.weight) times the
+ * im2col block in panels (im2col_block). Partial sums wait in out (rows ldo apart) between
+ * blocks; the first block starts from zero, the last adds the bias and applies ReLU. Each
+ * MR x NR output tile is accumulated by tile_kernel (AVX2 + FMA where the compiler targets
+ * it, else portable C); a panel block (at most KC x NR floats) stays in L1 while every weight
+ * tile passes over it. */
+static void gemm_block(const float *wt, const float *bias, const float *panels, uint32_t m, uint32_t k, uint32_t k0,
+                       uint32_t k1, uint32_t n, float *out, size_t ldo)
 {
-    uint32_t i0, j0, i, j, k0;
-    for (k0 = 0; k0 < k; k0 += KC) {
-        uint32_t k1 = k - k0 < KC ? k : k0 + KC;
-        int first = k0 == 0u, last = k1 == k;
-        for (j0 = 0; j0 < n; j0 += NR) {
-            const float *panel = panels + (size_t)(j0 / NR) * k * NR;
-            uint32_t nr = n - j0 < NR ? n - j0 : NR;
-            for (i0 = 0; i0 < m; i0 += MR) {
-                float acc[MR][NR];
-                for (i = 0; i < MR; ++i) {
-                    const float *o = out + (size_t)(i0 + i < m ? i0 + i : m - 1u) * ldo + j0;
-                    for (j = 0; j < NR; ++j) acc[i][j] = (first || j >= nr) ? 0.0f : o[j];
-                }
-                tile_kernel(wt + (size_t)(i0 / MR) * k * MR, panel, k0, k1, acc);
-                for (i = 0; i < MR && i0 + i < m; ++i) {
-                    float *o = out + (size_t)(i0 + i) * ldo + j0;
-                    if (last) {
-                        float bi = bias[i0 + i];
-                        for (j = 0; j < nr; ++j) {
-                            float v = acc[i][j] + bi;
-                            o[j] = v > 0.0f ? v : 0.0f;
-                        }
-                    } else {
-                        for (j = 0; j < nr; ++j) o[j] = acc[i][j];
+    uint32_t i0, j0, i, j, kb = k1 - k0;
+    int first = k0 == 0u, last = k1 == k;
+    for (j0 = 0; j0 < n; j0 += NR) {
+        const float *panel = panels + (size_t)(j0 / NR) * kb * NR;
+        uint32_t nr = n - j0 < NR ? n - j0 : NR;
+        for (i0 = 0; i0 < m; i0 += MR) {
+            float acc[MR][NR];
+            for (i = 0; i < MR; ++i) {
+                const float *o = out + (size_t)(i0 + i < m ? i0 + i : m - 1u) * ldo + j0;
+                for (j = 0; j < NR; ++j) acc[i][j] = (first || j >= nr) ? 0.0f : o[j];
+            }
+            tile_kernel(wt + ((size_t)(i0 / MR) * k + k0) * MR, panel, kb, acc);
+            for (i = 0; i < MR && i0 + i < m; ++i) {
+                float *o = out + (size_t)(i0 + i) * ldo + j0;
+                if (last) {
+                    float bi = bias[i0 + i];
+                    for (j = 0; j < nr; ++j) {
+                        float v = acc[i][j] + bi;
+                        o[j] = v > 0.0f ? v : 0.0f;
                     }
+                } else {
+                    for (j = 0; j < nr; ++j) o[j] = acc[i][j];
                 }
             }
         }
@@ -426,7 +424,7 @@ fsim_status fsim_run(const fsim_model *m, fsim_arena *arena, const float *image,
     for (l = 0; l < m->n_layers && status == FSIM_OK; ++l) {
         const fsim_layer *L = &m->layers[l];
         size_t layer_mark = arena->used;
-        uint32_t rows = rows_within(m, l, arena->size - arena->used), k = L->in_c * 9u, y;
+        uint32_t rows = rows_within(m, l, arena->size - arena->used), k = L->in_c * 9u, y, k0;
         scratch_t s = layer_scratch(m, l, rows);
         int exit_layer = l + 1u == m->n_layers;
         int pools = !exit_layer && L->pool != FSIM_POOL_NONE;
@@ -446,16 +444,19 @@ fsim_status fsim_run(const fsim_model *m, fsim_arena *arena, const float *image,
             if (y + rows > L->h) rows = pools ? (L->h - y) & ~1u : L->h - y;
             if (rows == 0u) break;
             n = rows * L->w;
-            im2col_panels(in, L->in_c, L->h, L->w, y, rows, col);
-            if (exit_layer) {
-                gemm_bias_relu(L->weight, L->bias, col, L->out_c, k, n, strip, (size_t)rows * L->w);
-                accumulate_goodness(strip, L->out_c, rows, L->h, L->w, y, m->partition, g);
-            } else if (pools) {
-                gemm_bias_relu(L->weight, L->bias, col, L->out_c, k, n, strip, (size_t)rows * L->w);
-                pool_rows(strip, L->out_c, rows, L->w, L->pool, out, L->h / 2u, y / 2u);
-            } else {
-                gemm_bias_relu(L->weight, L->bias, col, L->out_c, k, n, out + (size_t)y * L->w, (size_t)L->h * L->w);
+            for (k0 = 0; k0 < k; k0 += KC) { /* im2col and GEMM one block of K at a time */
+                uint32_t k1 = k - k0 < KC ? k : k0 + KC;
+                im2col_block(in, L->h, L->w, y, rows, k0, k1, col);
+                if (strip != NULL)
+                    gemm_block(L->weight, L->bias, col, L->out_c, k, k0, k1, n, strip, (size_t)rows * L->w);
+                else
+                    gemm_block(L->weight, L->bias, col, L->out_c, k, k0, k1, n, out + (size_t)y * L->w,
+                               (size_t)L->h * L->w);
             }
+            if (exit_layer)
+                accumulate_goodness(strip, L->out_c, rows, L->h, L->w, y, m->partition, g);
+            else if (pools)
+                pool_rows(strip, L->out_c, rows, L->w, L->pool, out, L->h / 2u, y / 2u);
         }
         if (exit_layer) {
             uint32_t gn = L->out_c * m->partition * m->partition, j;

@@ -245,10 +245,12 @@ int main(void)
     spec_t kinds = {3, 3, 10, 10, 4, 1, {5, 7, 3}, {FSIM_POOL_AVG, FSIM_POOL_MAX, 0}};
     spec_t odd = {3, 2, 7, 9, 3, 1, {4, 6, 8}, {0, FSIM_POOL_RMS, 0}}; /* odd sizes: pools drop a row */
     spec_t single = {1, 1, 8, 8, 10, 4, {19}, {0}};
+    spec_t deep = {3, 1, 8, 8, 5, 1, {40, 33, 30}, {FSIM_POOL_RMS, 0, 0}}; /* K = 360, 297: two K-blocks */
     run_case("rms pool, P=2", &rms);
     run_case("avg and max pools", &kinds);
     run_case("odd sizes", &odd);
     run_case("one layer, P=4, 19 channels", &single);
+    run_case("K in two blocks", &deep);
     loader_checks();
     if (failures) {
         printf("%d check(s) failed\n", failures);
