@@ -25,6 +25,7 @@ from asge_edge.data import load_splits
 from export.cascade import Cascade
 from export.pipeline import ExportOptions, export_run
 from export.verify import session
+from rounds import alternate
 
 ROUNDS = 3
 
@@ -51,28 +52,29 @@ def main() -> None:
         rows = {}
         for name, sess in single.items():
             logits = np.concatenate([sess.run(None, {"images": x[i:i + 500]})[0] for i in range(0, len(x), 500)])
-            rows[name] = {"acc": float((logits.argmax(1) == y).mean()), "depth": None, "times": []}
+            rows[name] = {"acc": float((logits.argmax(1) == y).mean()), "depth": None}
         res = [cascade.run(x[i:i + 500], t) for i in range(0, len(x), 500)]
         exit_layer = np.concatenate([r.exit_layer for r in res])
         pred = np.concatenate([r.logits for r in res]).argmax(1)
         cname = f"cascade, exits {cas['exits']}, threshold {t:.4g}"
-        rows[cname] = {"acc": float((pred == y).mean()), "depth": float(exit_layer.mean()), "times": []}
+        rows[cname] = {"acc": float((pred == y).mean()), "depth": float(exit_layer.mean())}
 
         runners = {**{n: (lambda img, s=s: s.run(None, {"images": img})) for n, s in single.items()},
                    cname: (lambda img: cascade.run(img, t))}
         lat = x[: a.latency_images]
-        for r in range(ROUNDS):
-            for name in (list(runners) if r % 2 == 0 else list(runners)[::-1]):
-                fn = runners[name]
-                fn(lat[:1])
-                t0 = time.perf_counter()
-                for i in range(len(lat)):
-                    fn(lat[i:i + 1])
-                rows[name]["times"].append((time.perf_counter() - t0) / len(lat))
+
+        def per_image(fn) -> float:
+            fn(lat[:1])
+            t0 = time.perf_counter()
+            for i in range(len(lat)):
+                fn(lat[i:i + 1])
+            return (time.perf_counter() - t0) / len(lat)
+
+        times = alternate({name: (lambda fn=fn: per_image(fn)) for name, fn in runners.items()}, ROUNDS)
     print(f"{cfg.data.dataset} test set ({len(y)} images), {cfg.model.arch} x{cfg.model.width}; latency over "
           f"{len(lat)} images at batch 1, 1 ONNX Runtime thread, median of {ROUNDS} alternating rounds")
     print(f"{'model':<56} {'test acc':>9} {'ms/image':>9} {'mean exit depth':>16}")
-    med = {name: statistics.median(r["times"]) for name, r in rows.items()}
+    med = {name: statistics.median(t) for name, t in times.items()}
     full_name, best_name = list(single)
     for name, r in rows.items():
         depth = "" if r["depth"] is None else f"{r['depth']:.2f}"

@@ -24,6 +24,7 @@ from export.firmware import build_fsim, run_fsim
 from export.pipeline import ExportOptions, export_run
 from export.to_c import write_c_model
 from export.verify import session
+from rounds import alternate
 
 TARGET = 2.0
 
@@ -57,13 +58,11 @@ def main() -> None:
         def c_big_round() -> float:
             return run_fsim(binary, tmp / "model.bin", x, arena=a.big_arena)[1]
 
-        rows = ((c_round, []), (c_big_round, []), (ort_round, []))
-        for fn, _ in rows:
+        fns = {"c": c_round, "c_big": c_big_round, "ort": ort_round}
+        for fn in fns.values():   # warm-up
             fn()
-        for r in range(a.rounds):
-            for fn, out in rows[:: 1 if r % 2 == 0 else -1]:
-                out.append(fn())
-    c_us, big_us, ort_us = (out for _, out in rows)
+        times = alternate(fns, a.rounds)
+    c_us, big_us, ort_us = times["c"], times["c_big"], times["ort"]
     c, big, o = statistics.median(c_us), statistics.median(big_us), statistics.median(ort_us)
     print(f"{cfg.model.arch} x{cfg.model.width} cut after layer {k}, input {'x'.join(map(str, cfg.info.input_shape))}, "
           f"{len(x)} images x {a.rounds} rounds, one thread each")

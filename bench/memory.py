@@ -33,6 +33,7 @@ from asge_edge.memory import measure_step
 from asge_edge.methods import ASGEMethod, BPMethod
 from asge_edge.models import ASGENet, gap
 from asge_edge.planner import BudgetTooSmall, plan_memory
+from rounds import alternate
 
 BUDGETS = ("64MB", "16MB", "4MB")
 
@@ -58,18 +59,19 @@ def measure(label: str, method, x, y) -> dict:
     """A row: one warm-up step (optimiser state now exists), then the measured peak."""
     method.train_step(x, y)
     _, (peak, how) = measure_step(method, x, y)
-    return {"label": label, "method": method, "peak": peak, "how": how, "times": []}
+    return {"label": label, "method": method, "peak": peak, "how": how}
 
 
 def time_rows(rows: list[dict], x, y, rounds: int) -> None:
-    """Time one step of every row per round, alternating the order; set each row's images/s."""
-    for r in range(rounds):
-        for row in (rows if r % 2 == 0 else rows[::-1]):
-            t0 = time.perf_counter()
-            row["method"].train_step(x, y)
-            row["times"].append(time.perf_counter() - t0)
+    """Time one step of every row per round, in alternating order; set each row's images/s."""
+    def step(method) -> float:
+        t0 = time.perf_counter()
+        method.train_step(x, y)
+        return time.perf_counter() - t0
+
+    times = alternate({row["label"]: (lambda m=row["method"]: step(m)) for row in rows}, rounds)
     for row in rows:
-        row["ips"] = len(y) / statistics.median(row["times"])
+        row["ips"] = len(y) / statistics.median(times[row["label"]])
 
 
 def main() -> None:

@@ -27,6 +27,7 @@ import torch
 from asge_edge.config import ModelConfig, TrainConfig
 from asge_edge.methods import make_method
 from asge_edge.models import ASGENet
+from rounds import alternate
 
 TARGET = 0.7
 FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
@@ -65,10 +66,7 @@ def main() -> None:
     cfg = ModelConfig(arch=a.model, width=a.width)
     keys = [(m, f) for f in FORMATS for m in ("asge", "bp")]
     rounds = {k: make_round(k[0], cfg, shape, a.batch_size, a.steps, FORMATS[k[1]]) for k in keys}
-    times = {k: [] for k in keys}
-    for r in range(a.rounds):
-        for k in (keys if r % 2 == 0 else keys[::-1]):
-            times[k].append(rounds[k]())
+    times = alternate(rounds, a.rounds)
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"{a.model} width {a.width}, input {a.input_shape}, batch {a.batch_size}, "
           f"{a.rounds} rounds x {a.steps} steps, CPU threads {torch.get_num_threads()}, torch {torch.__version__}")
