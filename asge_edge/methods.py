@@ -127,9 +127,10 @@ class Method(ABC):
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> StepStats:
         """Update the network on one batch of raw pixels x (B, C, H, W) and labels y (B,)."""
 
-    def nonfinite_losses(self, stats: StepStats) -> list[str]:
-        """Names of the losses this method trains that are NaN or infinite in ``stats``."""
-        layer, head = stats.layer_loss.tolist(), stats.head_loss.tolist()
+    def nonfinite_losses(self, layer_loss: torch.Tensor, head_loss: torch.Tensor) -> list[str]:
+        """Names of the losses this method trains that are NaN or infinite: ``layer_loss`` (L)
+        and ``head_loss`` (2) as in StepStats, or sums of them over steps."""
+        layer, head = layer_loss.tolist(), head_loss.tolist()
         names = [f"layer {i + 1}" for i, v in enumerate(layer) if self.layer_losses and not math.isfinite(v)]
         return names + [f"the {n} head" for n, v in zip(HEADS, head) if n in self.strategies and not math.isfinite(v)]
 

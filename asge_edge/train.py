@@ -177,7 +177,7 @@ def _run_epoch(method: Method, cfg: RunConfig, splits, device, epoch: int, step:
 
     The epoch's order and augmentation come from a generator seeded by (seed, epoch), and
     the batches already done are drawn again and skipped, so a resumed epoch sees exactly
-    the batches an uninterrupted one would. ``after_step(ep, step, stats)`` runs after each
+    the batches an uninterrupted one would. ``after_step(ep, step)`` runs after each
     step (checks and checkpoints); the step numbered ``measure_at`` also measures memory.
     Under torchrun every process draws the same global batch and trains on its shard.
     Returns (global step, last lr, memory measurement or None).
@@ -205,7 +205,7 @@ def _run_epoch(method: Method, cfg: RunConfig, splits, device, epoch: int, step:
         ep.seen += n
         ep.batches += 1
         step += 1
-        after_step(ep, step, stats)
+        after_step(ep, step)
         if pbar is not None:
             pbar.update(1)
             if step % PROGRESS_EVERY == 0:
@@ -300,12 +300,19 @@ def train(cfg: RunConfig, opts: RunOptions) -> dict[str, Any]:
                                                 desc=f"epoch {epoch}/{tc.epochs}", dynamic_ncols=True, leave=False)
             t0 = time.perf_counter()
 
-            def after_step(ep: EpochProgress, step: int, stats, epoch=epoch, t0=t0) -> None:
-                bad = method.nonfinite_losses(stats)
+            def check_finite(ep: EpochProgress, step: int, epoch=epoch) -> None:
+                """Stop if a loss went non-finite: the epoch's running sums carry any bad step,
+                so checking them before each save (and every PROGRESS_EVERY steps) is enough,
+                and each step needs no device sync of its own."""
+                bad = method.nonfinite_losses(ep.loss_sum, ep.head_sum)
                 if bad:
-                    raise UserError(f"the loss of {', '.join(bad)} became non-finite at epoch {epoch}, step {step}; "
+                    raise UserError(f"the loss of {', '.join(bad)} became non-finite in epoch {epoch} by step {step}; "
                                     f"stopped, and the last good checkpoint in {out} is kept (try a lower --lr)")
+
+            def after_step(ep: EpochProgress, step: int, epoch=epoch, t0=t0) -> None:
                 every = opts.checkpoint_every and step % opts.checkpoint_every == 0
+                if every or interrupt.requested or step % PROGRESS_EVERY == 0:
+                    check_finite(ep, step)
                 if writer and (every or interrupt.requested):
                     now = EpochProgress(ep.batches, ep.seen, ep.loss_sum, ep.correct, ep.head_sum,
                                         ep.seconds + time.perf_counter() - t0)
@@ -317,6 +324,7 @@ def train(cfg: RunConfig, opts: RunOptions) -> dict[str, Any]:
 
             step, lr, measured = _run_epoch(method, cfg, splits, device, epoch, progress["step"], total, pbar, ep,
                                             after_step, measure_at, opts.workers, world)
+            check_finite(ep, step)
             memory = progress.get("memory") if measured is None else _memory_record(plan, measured, tc.memory_budget,
                                                                                      precision, off is not None)
             if device.type == "cuda":

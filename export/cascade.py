@@ -2,7 +2,7 @@
 
 Contract:
 - ``parse_exits("all" | "1,3,5", n)`` -> the sorted 1-based exit layers.
-- ``write_cascade`` writes one ONNX per stage: stage i runs layers e_{i-1}+1..e_i and
+- ``write_stages`` writes one ONNX per stage: stage i runs layers e_{i-1}+1..e_i and
   outputs ``features`` (what layer e_i hands on; not in the last stage) and ``logits``
   (layer e_i's exit). The first stage reads ``images``, the others ``prev_features``
   (the previous stage's ``features``).
@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from asge_edge.checkpoint import read_json, write_json
+from asge_edge.checkpoint import read_json
 from asge_edge.errors import UserError
 from asge_edge.models import ASGENet
 
@@ -49,10 +49,10 @@ def parse_exits(spec: str, n_layers: int) -> tuple[int, ...]:
     return tuple(exits)
 
 
-def write_cascade(net: ASGENet, exits: tuple[int, ...], out_dir: Path, opset: int, half: bool,
-                  metadata: dict[str, Any], threshold: float) -> dict:
-    """Export every stage and write cascade.json; return its content."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+def write_stages(net: ASGENet, exits: tuple[int, ...], out_dir: Path, opset: int, half: bool,
+                 metadata: dict[str, Any]) -> dict:
+    """Export every stage into ``out_dir`` (which exists); return cascade.json's content, less
+    the threshold, which the caller sets before writing it (``write_json``)."""
     stages, start, shape = [], 0, tuple(metadata["input_shape"])
     for i, end in enumerate(exits):
         last = i == len(exits) - 1
@@ -66,9 +66,7 @@ def write_cascade(net: ASGENet, exits: tuple[int, ...], out_dir: Path, opset: in
         spec = net.specs[end - 1]
         shape = (spec.channels, spec.out_height, spec.out_width)
         start = end
-    cascade = {**metadata, "exits": list(exits), "threshold": threshold, "stages": stages}
-    write_json(out_dir / CASCADE_FILE, cascade)
-    return cascade
+    return {**metadata, "exits": list(exits), "stages": stages}
 
 
 def softmax_max(logits: np.ndarray) -> np.ndarray:
@@ -87,9 +85,9 @@ class CascadeResult:
 class Cascade:
     """The stages of a cascade directory, run with ONNX Runtime on the CPU."""
 
-    def __init__(self, cascade_dir: Path, threads: int = 0):
+    def __init__(self, cascade_dir: Path, threads: int = 0, spec: dict | None = None):
         self.dir = Path(cascade_dir)
-        self.spec = read_json(self.dir / CASCADE_FILE)
+        self.spec = spec if spec is not None else read_json(self.dir / CASCADE_FILE)
         self.sessions = [session(self.dir / s["file"], threads) for s in self.spec["stages"]]
         self.exits = [s["exit_layer"] for s in self.spec["stages"]]
 

@@ -28,7 +28,7 @@ from asge_edge.budget import format_size
 from asge_edge.data import load_splits
 from asge_edge.errors import UserError
 
-from .pipeline import ExportOptions, _load, export_run
+from .pipeline import ExportOptions, export_run, load_asge_run
 from .to_c import arena_bytes, write_c_model
 from .verify import session
 
@@ -82,7 +82,7 @@ def compare(c: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
 def simulate(run_dir: Path, ram: int, samples: int = 1000, exit_layer: int | None = None) -> dict:
     """``asge-edge simulate``; see the module docstring."""
     run_dir = Path(run_dir)
-    cfg, net, summary = _load(run_dir)
+    cfg, net, summary = load_asge_run(run_dir)
     k = exit_layer or summary["best_layer"]
     if not 1 <= k <= len(net.layers):
         raise UserError(f"--exit-layer {k} is out of range: this network has layers 1..{len(net.layers)}")

@@ -64,7 +64,8 @@ def _metadata(cfg, summary: dict, strategy: str, exit_layer: int | None, val_acc
             "precision": "fp16" if half else "fp32"}
 
 
-def _load(run_dir: Path):
+def load_asge_run(run_dir: Path):
+    """(config, network in eval mode, summary.json) of a finished ASGE run, or UserError."""
     cfg, net, _ = load_run(run_dir)
     if cfg.train.method != "asge":
         raise UserError(f"{run_dir} was trained with --method {cfg.train.method}; export needs an ASGE run, whose "
@@ -80,7 +81,7 @@ def export_run(run_dir: Path, opts: ExportOptions) -> dict[str, Any]:
     """Export a run; see the module docstring. Raises UserError on bad input."""
     if opts.fmt not in FORMATS:
         raise UserError(f"unknown --format {opts.fmt!r}: use onnx, tensorrt or c")
-    cfg, net, summary = _load(Path(run_dir))
+    cfg, net, summary = load_asge_run(Path(run_dir))
     if opts.exits is not None:
         return _export_cascade(Path(run_dir), cfg, net, summary, opts)
     n = len(net.layers)
@@ -94,7 +95,7 @@ def export_run(run_dir: Path, opts: ExportOptions) -> dict[str, Any]:
         if not 1 <= k <= n:
             raise UserError(f"--exit-layer {k} is out of range: this network has layers 1..{n}")
         out = Path(opts.out) if opts.out else Path(run_dir) / "firmware"
-        _writable(out / "model.bin")
+        _make_dir(out)
         return {**write_c_model(net, k, out, str(run_dir)), "ok": True}
     if opts.early_exit:
         k = opts.exit_layer or summary["best_layer"]
@@ -109,7 +110,7 @@ def export_run(run_dir: Path, opts: ExportOptions) -> dict[str, Any]:
         meta = _metadata(cfg, summary, "fusion", None, summary["val_accuracy"]["fusion"], opts.half)
         default = f"model_fusion{'_fp16' if opts.half else ''}.onnx"
     path = Path(opts.out) if opts.out else Path(run_dir) / default
-    _writable(path)
+    _make_dir(path.parent)
     t0 = time.perf_counter()
     model = export_onnx(module, shape, path, "images", ["logits"], opts.opset, meta)
     diffs = parity(path, reference, shape)
@@ -127,11 +128,11 @@ def export_run(run_dir: Path, opts: ExportOptions) -> dict[str, Any]:
     return report
 
 
-def _writable(path: Path) -> None:
+def _make_dir(d: Path) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        d.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create {path.parent} ({e.strerror}); choose another --out") from None
+        raise UserError(f"cannot create {d} ({e.strerror}); choose another --out") from None
 
 
 def _split_images(split) -> tuple[np.ndarray, np.ndarray]:
@@ -144,7 +145,7 @@ def _split_images(split) -> tuple[np.ndarray, np.ndarray]:
 def _export_cascade(run_dir: Path, cfg, net, summary: dict, opts: ExportOptions) -> dict[str, Any]:
     exits = cas.parse_exits(opts.exits, len(net.layers))
     out = Path(opts.out) if opts.out else run_dir / "cascade"
-    _writable(out / "x")
+    _make_dir(out)
     if opts.threshold != "auto":
         try:
             threshold = float(opts.threshold)
@@ -153,10 +154,10 @@ def _export_cascade(run_dir: Path, cfg, net, summary: dict, opts: ExportOptions)
         if not 0 < threshold <= 1:
             raise UserError(f"--threshold {opts.threshold!r}: give auto or a number in (0, 1]")
     meta = _metadata(cfg, summary, "cascade", None, None, opts.half)
-    spec = cas.write_cascade(net, exits, out, opts.opset, opts.half, meta, cas.NEVER)
-    runner = cas.Cascade(out)
+    spec = cas.write_stages(net, exits, out, opts.opset, opts.half, meta)
     report: dict[str, Any] = {"cascade": str(out), "exits": list(exits)}
     if opts.threshold == "auto":
+        runner = cas.Cascade(out, spec=spec)
         images, labels = _split_images(load_splits(cfg.data).val)
         logits = np.concatenate([runner.all_exits(images[i:i + INFER_BATCH])
                                  for i in range(0, len(images), INFER_BATCH)], axis=1)   # S, B, N
