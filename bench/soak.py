@@ -21,7 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file
 
 RUN = ["--dataset", "fashion-mnist", "--model", "vgg8", "--width", "0.125", "--epochs", "1",
