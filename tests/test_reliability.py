@@ -38,10 +38,12 @@ def _start(out, *extra):
 
 
 def _wait_mid_epoch(proc, out, timeout=120):
+    """The first mid-epoch checkpoint of epoch 1 (a whole epoch is still to come, so a signal
+    sent now lands mid-run however slow the machine is)."""
     t0 = time.time()
     while time.time() - t0 < timeout:
         p = _progress(out)
-        if p and p.get("partial") and p["partial"]["batches"] >= 2:
+        if p and p["epoch"] == 0 and p.get("partial") and p["partial"]["batches"] >= 2:
             return p
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.005)
