@@ -3,7 +3,7 @@
  * See include/fsim.h for the contract. No malloc, no globals, C99.
  *
  * A layer runs in strips of output rows, and each strip in blocks of KC rows of K = in_c*9:
- * an im2col block (KC rows, R*w columns, packed in panels of NR columns) times the matching
+ * an im2col block (KC rows of R*w columns, padded to whole panels of NR) times the matching
  * columns of the weights (out_c x K) in a register-blocked GEMM (MR x NR tiles), partial
  * sums kept in the output, bias and ReLU with the last block. Blocking K keeps the im2col
  * scratch small, so the same RAM holds longer strips and the weights are read fewer times. A pooling layer computes R = 2 conv rows at a time and
@@ -27,6 +27,14 @@
 
 /* Weight tiles of MR output channels for m channels. */
 static uint32_t tiles(uint32_t m) { return (m + MR - 1u) / MR; }
+
+/* Rows of K per GEMM block: K split into equal blocks of at most KC, since a short last
+ * block would pay a whole pass over the output tiles for little work. */
+static uint32_t k_block(uint32_t k)
+{
+    uint32_t blocks = (k + KC - 1u) / KC;
+    return (k + blocks - 1u) / blocks;
+}
 
 /* n output positions padded to whole im2col panels of NR columns. */
 static uint32_t panel_cols(uint32_t n) { return (n + NR - 1u) / NR * NR; }
@@ -228,126 +236,136 @@ size_t fsim_arena_bytes(const fsim_model *m)
 
 /* ------------------------------------------------------------------ ops */
 
-/* Write n values of row kk of an im2col panel set, starting at position j (src NULL: zeros). */
-static void panel_put(float *panels, uint32_t k, uint32_t kk, uint32_t j, const float *src, uint32_t n)
-{
-    while (n > 0u) {
-        uint32_t lane = j % NR, run = NR - lane < n ? NR - lane : n, t;
-        float *d = panels + ((size_t)(j / NR) * k + kk) * NR + lane;
-        if (src != NULL) {
-            for (t = 0; t < run; ++t) d[t] = src[t];
-            src += run;
-        } else {
-            for (t = 0; t < run; ++t) d[t] = 0.0f;
-        }
-        j += run;
-        n -= run;
-    }
-}
-
 /* Rows k0..k1-1 of the im2col of conv output rows y0 .. y0+rows-1 (3x3, pad 1; row kk is
- * (ic, ky, kx) = (kk / 9, kk / 3 % 3, kk % 3)), packed in panels: panel q holds positions
- * q*NR .. q*NR+NR-1 as k1-k0 rows of NR floats, so the GEMM reads it in order. Each
- * (row, kx) copies its in-bounds run in one go and zero-fills the padding column. */
+ * (ic, ky, kx) = (kk / 9, kk / 3 % 3, kk % 3)), row-major with rows ld floats apart: row kk
+ * holds output positions 0 .. rows*w-1, then zeros up to ld (whole GEMM panels of NR).
+ * Output rows whose input row is in bounds read consecutive input rows, so each run of them
+ * is one copy shifted by kx - 1; the padding column each shift exposes is zeroed after. */
 static void im2col_block(const float *in, uint32_t h, uint32_t w, uint32_t y0, uint32_t rows, uint32_t k0, uint32_t k1,
-                         float *panels)
+                         float *col, uint32_t ld)
 {
-    uint32_t n = rows * w, kb = k1 - k0, kk, r;
+    uint32_t kk, r;
     for (kk = k0; kk < k1; ++kk) {
         uint32_t ic = kk / 9u, ky = kk / 3u % 3u, kx = kk % 3u;
-        uint32_t lo = kx == 0u ? 1u : 0u, hi = kx == 2u ? w - 1u : w; /* in-bounds output columns */
-        for (r = 0; r < rows; ++r) {
-            int y = (int)(y0 + r) + (int)ky - 1;
-            uint32_t j = r * w;
-            if (y < 0 || y >= (int)h || hi <= lo) {
-                panel_put(panels, kb, kk - k0, j, NULL, w);
-                continue;
+        int top = (int)y0 + (int)ky - 1;                   /* input row of output row y0 */
+        uint32_t r0 = top < 0 ? (uint32_t)-top : 0u;       /* first output row in bounds */
+        uint32_t r1 = (int)h - top < (int)rows ? (uint32_t)((int)h - top) : rows; /* one past the last */
+        float *dst = col + (size_t)(kk - k0) * ld;
+        memset(dst, 0, sizeof(float) * (size_t)r0 * w);
+        if (r1 > r0) {
+            const float *src = in + ((size_t)ic * h + (uint32_t)(top + (int)r0)) * w;
+            float *d = dst + (size_t)r0 * w;
+            size_t len = (size_t)(r1 - r0) * w;
+            if (kx == 1u) {
+                memcpy(d, src, sizeof(float) * len);
+            } else if (kx == 0u) { /* d[x] = src[x - 1], column 0 of every row is padding */
+                memcpy(d + 1, src, sizeof(float) * (len - 1u));
+                for (r = r0; r < r1; ++r) dst[(size_t)r * w] = 0.0f;
+            } else {               /* d[x] = src[x + 1], column w - 1 of every row is padding */
+                memcpy(d, src + 1, sizeof(float) * (len - 1u));
+                for (r = r0; r < r1; ++r) dst[(size_t)r * w + w - 1u] = 0.0f;
             }
-            if (lo) panel_put(panels, kb, kk - k0, j, NULL, 1u);
-            panel_put(panels, kb, kk - k0, j + lo, in + ((size_t)ic * h + (uint32_t)y) * w + lo + kx - 1u, hi - lo);
-            if (hi < w) panel_put(panels, kb, kk - k0, j + hi, NULL, 1u);
+        } else {
+            r1 = r0;
         }
-        panel_put(panels, kb, kk - k0, n, NULL, panel_cols(n) - n);
+        memset(dst + (size_t)r1 * w, 0, sizeof(float) * ((size_t)ld - (size_t)r1 * w));
     }
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
-/* acc (MR x NR) += W (kb x MR, packed) x panel (kb x NR): AVX2 + FMA, the accumulators in
- * 12 registers, one broadcast at a time. */
-static void tile_kernel(const float *w, const float *panel, uint32_t kb, float acc[MR][NR])
+/* c (MR rows of NR floats, ldc apart) = (zero ? 0 : c) + W (kb x MR, packed) x panel (kb rows
+ * of NR floats, ld apart), then, where bias is given, relu(c + bias[row]). AVX2 + FMA: the
+ * accumulators stay in 12 registers, one broadcast at a time. */
+static void tile_kernel(const float *w, const float *panel, uint32_t ld, uint32_t kb, float *c, size_t ldc, int zero,
+                        const float *bias)
 {
-    __m256 c[MR][2];
+    __m256 acc[MR][2];
     uint32_t i, p;
     for (i = 0; i < MR; ++i) {
-        c[i][0] = _mm256_loadu_ps(acc[i]);
-        c[i][1] = _mm256_loadu_ps(acc[i] + 8);
+        acc[i][0] = zero ? _mm256_setzero_ps() : _mm256_loadu_ps(c + i * ldc);
+        acc[i][1] = zero ? _mm256_setzero_ps() : _mm256_loadu_ps(c + i * ldc + 8);
     }
     for (p = 0; p < kb; ++p) {
-        const __m256 x0 = _mm256_loadu_ps(panel + (size_t)p * NR), x1 = _mm256_loadu_ps(panel + (size_t)p * NR + 8);
+        const __m256 x0 = _mm256_loadu_ps(panel + (size_t)p * ld), x1 = _mm256_loadu_ps(panel + (size_t)p * ld + 8);
         const float *b = w + (size_t)p * MR;
         for (i = 0; i < MR; ++i) {
             const __m256 bb = _mm256_broadcast_ss(b + i);
-            c[i][0] = _mm256_fmadd_ps(bb, x0, c[i][0]);
-            c[i][1] = _mm256_fmadd_ps(bb, x1, c[i][1]);
+            acc[i][0] = _mm256_fmadd_ps(bb, x0, acc[i][0]);
+            acc[i][1] = _mm256_fmadd_ps(bb, x1, acc[i][1]);
         }
     }
     for (i = 0; i < MR; ++i) {
-        _mm256_storeu_ps(acc[i], c[i][0]);
-        _mm256_storeu_ps(acc[i] + 8, c[i][1]);
+        if (bias != NULL) {
+            const __m256 bi = _mm256_broadcast_ss(bias + i), zero_v = _mm256_setzero_ps();
+            acc[i][0] = _mm256_max_ps(_mm256_add_ps(acc[i][0], bi), zero_v);
+            acc[i][1] = _mm256_max_ps(_mm256_add_ps(acc[i][1], bi), zero_v);
+        }
+        _mm256_storeu_ps(c + i * ldc, acc[i][0]);
+        _mm256_storeu_ps(c + i * ldc + 8, acc[i][1]);
     }
 }
 #else
-/* acc (MR x NR) += W (kb x MR, packed) x panel (kb x NR): portable C. */
-static void tile_kernel(const float *w, const float *panel, uint32_t kb, float acc[MR][NR])
+/* c (MR rows of NR floats, ldc apart) = (zero ? 0 : c) + W (kb x MR, packed) x panel (kb rows
+ * of NR floats, ld apart), then, where bias is given, relu(c + bias[row]). Portable C. */
+static void tile_kernel(const float *w, const float *panel, uint32_t ld, uint32_t kb, float *c, size_t ldc, int zero,
+                        const float *bias)
 {
+    float acc[MR][NR];
     uint32_t i, j, p;
+    for (i = 0; i < MR; ++i)
+        for (j = 0; j < NR; ++j) acc[i][j] = zero ? 0.0f : c[i * ldc + j];
     for (p = 0; p < kb; ++p) {
-        const float *c = panel + (size_t)p * NR, *b = w + (size_t)p * MR;
+        const float *x = panel + (size_t)p * ld, *b = w + (size_t)p * MR;
         for (i = 0; i < MR; ++i)
-            for (j = 0; j < NR; ++j) acc[i][j] += b[i] * c[j];
+            for (j = 0; j < NR; ++j) acc[i][j] += b[i] * x[j];
+    }
+    for (i = 0; i < MR; ++i) {
+        for (j = 0; j < NR; ++j) {
+            float v = bias != NULL ? acc[i][j] + bias[i] : acc[i][j];
+            c[i * ldc + j] = bias != NULL && v < 0.0f ? 0.0f : v;
+        }
     }
 }
 #endif
 
 /* One K-block of out[i][j] = relu(bias[i] + sum_p W[i][p] col[p][j]), i < m, j < n: adds the
  * rows k0..k1-1 of W (packed in MR-channel tiles, K = k rows; fsim_layer.weight) times the
- * im2col block in panels (im2col_block). Partial sums wait in out (rows ldo apart) between
- * blocks; the first block starts from zero, the last adds the bias and applies ReLU. Each
- * MR x NR output tile is accumulated by tile_kernel (AVX2 + FMA where the compiler targets
- * it, else portable C); a panel block (at most KC x NR floats) stays in L1 while every weight
- * tile passes over it. */
-static void gemm_block(const float *wt, const float *bias, const float *panels, uint32_t m, uint32_t k, uint32_t k0,
-                       uint32_t k1, uint32_t n, float *out, size_t ldo)
+ * im2col block (im2col_block: rows ld floats apart, ld a whole number of NR-column panels).
+ * Partial sums wait in out (rows ldo apart) between blocks; the first block starts from
+ * zero, the last adds the bias and applies ReLU. tile_kernel (AVX2 + FMA where the compiler
+ * targets it, else portable C) works on whole MR x NR tiles of out in place; a tile cut by the
+ * edge of m or n goes through a local copy. A panel (at most KC x NR floats, one cache line
+ * per row) stays in L1 while every weight tile passes over it. */
+static void gemm_block(const float *wt, const float *bias, const float *col, uint32_t ld, uint32_t m, uint32_t k,
+                       uint32_t k0, uint32_t k1, uint32_t n, float *out, size_t ldo)
 {
     uint32_t i0, j0, i, j, kb = k1 - k0;
     int first = k0 == 0u, last = k1 == k;
     for (j0 = 0; j0 < n; j0 += NR) {
-        const float *panel = panels + (size_t)(j0 / NR) * kb * NR;
+        const float *panel = col + j0;
         uint32_t nr = n - j0 < NR ? n - j0 : NR;
         for (i0 = 0; i0 < m; i0 += MR) {
-            float acc[MR][NR];
-            for (i = 0; i < MR; ++i) {
-                const float *o = out + (size_t)(i0 + i < m ? i0 + i : m - 1u) * ldo + j0;
-                for (j = 0; j < NR; ++j) acc[i][j] = (first || j >= nr) ? 0.0f : o[j];
-            }
-            tile_kernel(wt + ((size_t)(i0 / MR) * k + k0) * MR, panel, kb, acc);
-            for (i = 0; i < MR && i0 + i < m; ++i) {
-                float *o = out + (size_t)(i0 + i) * ldo + j0;
-                if (last) {
-                    float bi = bias[i0 + i];
-                    for (j = 0; j < nr; ++j) {
-                        float v = acc[i][j] + bi;
-                        o[j] = v > 0.0f ? v : 0.0f;
-                    }
-                } else {
-                    for (j = 0; j < nr; ++j) o[j] = acc[i][j];
+            const float *w = wt + ((size_t)(i0 / MR) * k + k0) * MR;
+            uint32_t mr = m - i0 < MR ? m - i0 : MR;
+            float *o = out + (size_t)i0 * ldo + j0;
+            if (mr == MR && nr == NR) {
+                tile_kernel(w, panel, ld, kb, o, ldo, first, last ? bias + i0 : NULL);
+            } else {
+                float acc[MR][NR], b[MR];
+                for (i = 0; i < MR; ++i) {
+                    b[i] = i < mr ? bias[i0 + i] : 0.0f;
+                    for (j = 0; j < NR; ++j) acc[i][j] = (first || i >= mr || j >= nr) ? 0.0f : o[i * ldo + j];
                 }
+                tile_kernel(w, panel, ld, kb, &acc[0][0], NR, 0, last ? b : NULL);
+                for (i = 0; i < mr; ++i)
+                    for (j = 0; j < nr; ++j) o[i * ldo + j] = acc[i][j];
             }
         }
     }
 }
 
-/* Output rows row0.. of a 2x2, stride-2 pool over a strip of conv rows (c x rows x w, rows even). */
+/* Output rows row0.. of a 2x2, stride-2 pool over a strip of conv rows (c x rows x w, rows even).
+ * One loop per kind, so that the compiler can vectorise each. */
 static void pool_rows(const float *strip, uint32_t c, uint32_t rows, uint32_t w, uint32_t pool, float *out, uint32_t oh,
                       uint32_t row0)
 {
@@ -356,35 +374,51 @@ static void pool_rows(const float *strip, uint32_t c, uint32_t rows, uint32_t w,
         for (pr = 0; pr < rows / 2u; ++pr) {
             const float *r0 = strip + ((size_t)ch * rows + 2u * pr) * w, *r1 = r0 + w;
             float *o = out + ((size_t)ch * oh + row0 + pr) * ow;
-            for (x = 0; x < ow; ++x) {
-                float a = r0[2u * x], b = r0[2u * x + 1u], c2 = r1[2u * x], d = r1[2u * x + 1u];
-                if (pool == FSIM_POOL_RMS) {
-                    float e = 0.25f * (a * a + b * b + c2 * c2 + d * d);
+            if (pool == FSIM_POOL_RMS) {
+                for (x = 0; x < ow; ++x) {
+                    float e = 0.25f * (r0[2u * x] * r0[2u * x] + r0[2u * x + 1u] * r0[2u * x + 1u] +
+                                       r1[2u * x] * r1[2u * x] + r1[2u * x + 1u] * r1[2u * x + 1u]);
                     o[x] = sqrtf(e > RMS_EPS ? e : RMS_EPS);
-                } else if (pool == FSIM_POOL_AVG) {
-                    o[x] = 0.25f * (a + b + c2 + d);
-                } else {
-                    float m1 = a > b ? a : b, m2 = c2 > d ? c2 : d;
-                    o[x] = m1 > m2 ? m1 : m2;
+                }
+            } else if (pool == FSIM_POOL_AVG) {
+                for (x = 0; x < ow; ++x) o[x] = 0.25f * (r0[2u * x] + r0[2u * x + 1u] + r1[2u * x] + r1[2u * x + 1u]);
+            } else {
+                for (x = 0; x < ow; ++x) {
+                    float m0 = r0[2u * x] > r0[2u * x + 1u] ? r0[2u * x] : r0[2u * x + 1u];
+                    float m1 = r1[2u * x] > r1[2u * x + 1u] ? r1[2u * x] : r1[2u * x + 1u];
+                    o[x] = m0 > m1 ? m0 : m1;
                 }
             }
         }
     }
 }
 
-/* LayerNorm over all n values, in place, no affine (statistics accumulated in double). */
+/* LayerNorm over all n values, in place, no affine. The statistics are accumulated in
+ * double, in four independent sums (so that the adds pipeline), then added together. */
 static void layer_norm(float *x, size_t n, float eps)
 {
-    double sum = 0.0, sq = 0.0, mean;
+    double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0, mean, var;
     float scale, shift;
-    size_t i;
-    for (i = 0; i < n; ++i) sum += x[i];
-    mean = sum / (double)n;
-    for (i = 0; i < n; ++i) {
-        double d = x[i] - mean;
-        sq += d * d;
+    size_t i, n4 = n & ~(size_t)3u;
+    for (i = 0; i < n4; i += 4u) {
+        s0 += x[i];
+        s1 += x[i + 1u];
+        s2 += x[i + 2u];
+        s3 += x[i + 3u];
     }
-    scale = (float)(1.0 / sqrt(sq / (double)n + eps));
+    for (; i < n; ++i) s0 += x[i];
+    mean = (s0 + s1 + s2 + s3) / (double)n;
+    s0 = s1 = s2 = s3 = 0.0;
+    for (i = 0; i < n4; i += 4u) {
+        double d0 = x[i] - mean, d1 = x[i + 1u] - mean, d2 = x[i + 2u] - mean, d3 = x[i + 3u] - mean;
+        s0 += d0 * d0;
+        s1 += d1 * d1;
+        s2 += d2 * d2;
+        s3 += d3 * d3;
+    }
+    for (; i < n; ++i) s0 += (x[i] - mean) * (x[i] - mean);
+    var = (s0 + s1 + s2 + s3) / (double)n;
+    scale = (float)(1.0 / sqrt(var + eps));
     shift = (float)(-mean) * scale;
     for (i = 0; i < n; ++i) x[i] = x[i] * scale + shift;
 }
@@ -425,6 +459,7 @@ fsim_status fsim_run(const fsim_model *m, fsim_arena *arena, const float *image,
         const fsim_layer *L = &m->layers[l];
         size_t layer_mark = arena->used;
         uint32_t rows = rows_within(m, l, arena->size - arena->used), k = L->in_c * 9u, y, k0;
+        uint32_t kc = k_block(k);
         scratch_t s = layer_scratch(m, l, rows);
         int exit_layer = l + 1u == m->n_layers;
         int pools = !exit_layer && L->pool != FSIM_POOL_NONE;
@@ -440,17 +475,18 @@ fsim_status fsim_run(const fsim_model *m, fsim_arena *arena, const float *image,
         if (g) memset(g, 0, sizeof(float) * s.goodness);
         /* the last strip may be shorter; a pooling layer keeps it even, dropping an odd last row (floor) */
         for (y = 0; y < L->h; y += rows) {
-            uint32_t n;
+            uint32_t n, ld;
             if (y + rows > L->h) rows = pools ? (L->h - y) & ~1u : L->h - y;
             if (rows == 0u) break;
             n = rows * L->w;
-            for (k0 = 0; k0 < k; k0 += KC) { /* im2col and GEMM one block of K at a time */
-                uint32_t k1 = k - k0 < KC ? k : k0 + KC;
-                im2col_block(in, L->h, L->w, y, rows, k0, k1, col);
+            ld = panel_cols(n);
+            for (k0 = 0; k0 < k; k0 += kc) { /* im2col and GEMM one block of K at a time */
+                uint32_t k1 = k - k0 < kc ? k : k0 + kc;
+                im2col_block(in, L->h, L->w, y, rows, k0, k1, col, ld);
                 if (strip != NULL)
-                    gemm_block(L->weight, L->bias, col, L->out_c, k, k0, k1, n, strip, (size_t)rows * L->w);
+                    gemm_block(L->weight, L->bias, col, ld, L->out_c, k, k0, k1, n, strip, (size_t)rows * L->w);
                 else
-                    gemm_block(L->weight, L->bias, col, L->out_c, k, k0, k1, n, out + (size_t)y * L->w,
+                    gemm_block(L->weight, L->bias, col, ld, L->out_c, k, k0, k1, n, out + (size_t)y * L->w,
                                (size_t)L->h * L->w);
             }
             if (exit_layer)
