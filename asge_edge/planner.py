@@ -3,8 +3,8 @@
 Contract: ``plan_memory`` is a pure function of (layer specs, input shape, logical batch,
 precision, optimiser, budget). It returns, per layer, the bytes each sample keeps
 resident while that layer trains, the layer's fixed bytes (weights, gradients, optimiser
-state, fixed projection), and the micro-batch that keeps the largest layer phase within
-the budget. Streaming ASGE trains one layer at a time on one micro-batch at a time, so the
+state, fixed projection), and the micro-batch: the fewest accumulation steps whose largest
+layer phase fits the budget, split as evenly as the logical batch allows. Streaming ASGE trains one layer at a time on one micro-batch at a time, so the
 planned peak is the maximum over layers, never their sum:
 
     peak = max_l (fixed_l + micro_batch * per_sample_l) + batch_bytes
@@ -132,6 +132,16 @@ def _batch_bytes(specs: Sequence[LayerSpec], input_shape: tuple[int, int, int], 
             + head_params * FP32 * (2 + OPTIMIZER_STATE[optimizer]))
 
 
+def even_micro_batch(batch: int, largest: int) -> int:
+    """The smallest micro-batch that needs no more accumulation steps than ``largest`` does.
+
+    The steps, not the micro-batch, set the speed: 128 images in micro-batches of at most
+    18 take 8 steps either way, and 8 x 16 leaves no 2-image remainder and holds 2
+    images' activations fewer than 7 x 18 + 2.
+    """
+    return math.ceil(batch / math.ceil(batch / largest))
+
+
 def plan_memory(specs: Sequence[LayerSpec], input_shape: tuple[int, int, int], batch: int,
                 budget: int | None, precision: str = "fp32", optimizer: str = "adamw") -> Plan:
     """Choose the micro-batch for a streaming ASGE run.
@@ -158,9 +168,10 @@ def plan_memory(specs: Sequence[LayerSpec], input_shape: tuple[int, int, int], b
         micro = batch
     else:
         room = [(budget - batch_bytes - lm.fixed) // lm.per_sample for lm in layers]
-        micro = min(batch, min(room))
-        if micro < 1:
+        largest = min(batch, min(room))
+        if largest < 1:
             raise BudgetTooSmall(budget, min_budget)
+        micro = even_micro_batch(batch, largest)
     peak = max(lm.fixed + micro * lm.per_sample for lm in layers) + batch_bytes
     parked = fixed_total - max(lm.fixed for lm in layers)
     return Plan(layers, batch, micro, math.ceil(batch / micro), precision, budget, batch_bytes, parked, peak, min_budget)

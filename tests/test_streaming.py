@@ -11,7 +11,7 @@ from asge_edge.config import ModelConfig, TrainConfig
 from asge_edge.memory import measure_step
 from asge_edge.methods import AMP_DTYPES, ASGEMethod
 from asge_edge.models import ASGENet, layer_specs
-from asge_edge.planner import BudgetTooSmall, plan_memory
+from asge_edge.planner import BudgetTooSmall, even_micro_batch, plan_memory
 from conftest import TINY_RUN
 
 # Micro-batched vs full-batch weights after 4 AdamW steps, fp32 on the CPU: measured at
@@ -43,15 +43,28 @@ def test_plan_without_budget_is_the_whole_batch():
     assert (plan.micro_batch, plan.accumulation_steps) == (48, 1)
 
 
-def test_planner_picks_the_largest_micro_batch_that_fits():
+def _peak(plan, micro):
+    return max(lm.fixed + micro * lm.per_sample for lm in plan.layers) + plan.batch_bytes
+
+
+@pytest.mark.parametrize("fraction", [0.2, 0.5, 0.8])
+def test_planner_takes_the_fewest_steps_that_fit_in_even_micro_batches(fraction):
     specs = _specs()
     full = plan_memory(specs, (1, 16, 16), 48, None)
-    budget = (full.planned_peak + full.min_budget) // 2
+    budget = int(full.min_budget + fraction * (full.planned_peak - full.min_budget))
     plan = plan_memory(specs, (1, 16, 16), 48, budget)
-    assert 1 <= plan.micro_batch < 48 and plan.planned_peak <= budget
-    assert plan.accumulation_steps == -(-48 // plan.micro_batch)
-    bigger = max(lm.fixed + (plan.micro_batch + 1) * lm.per_sample for lm in plan.layers) + plan.batch_bytes
-    assert bigger > budget
+    assert 1 <= plan.micro_batch < 48 and plan.planned_peak == _peak(plan, plan.micro_batch) <= budget
+    steps = plan.accumulation_steps
+    assert steps == -(-48 // plan.micro_batch)
+    assert _peak(plan, -(-48 // (steps - 1))) > budget          # one step fewer does not fit
+    assert plan.micro_batch == -(-48 // steps)                   # the smallest micro-batch with that many steps
+
+
+def test_even_micro_batch():
+    assert even_micro_batch(128, 18) == 16     # 8 steps: 8 x 16, not 7 x 18 + 2
+    assert even_micro_batch(128, 128) == 128
+    assert even_micro_batch(100, 17) == 17     # 6 steps: 5 x 17 + 15
+    assert even_micro_batch(48, 1) == 1
 
 
 def test_budget_below_minimum_reports_the_minimum():
