@@ -15,7 +15,10 @@ arXiv 2509.12394) exactly where the paper is explicit:
   backward reads the activation once (``dL/dz = 2 * a * expand(dL/dg) / patch_area``,
   written into a's memory) and asks the conv for weight and bias gradients only, where
   autograd would make five full-size passes and allocate each. bench/step_time.py
-  measures the result.
+  measures the result. When the weight already holds a gradient (a later micro-batch of
+  an accumulating run), its new gradient is added in slices of ``grad_slice`` output
+  channels, so that no second weight-sized tensor ever exists: the one write this module
+  makes outside its return values, as autograd's own accumulation would.
 
 Squares, goodness and pooling energy are always computed in float32, whatever the input
 dtype, because squares of fp16 activations overflow (65504 is reached at |x| = 256).
@@ -33,6 +36,19 @@ import torch.nn.functional as F
 # Clamping the mean energy at RMS_EPS gives a zero gradient there instead, and moves
 # the forward value of an all-zero window from 0 to sqrt(1e-12) = 1e-6 only.
 RMS_EPS = 1e-12
+
+# A later micro-batch's weight gradient is added to the accumulated one in slices of at
+# most this many bytes (grad_slice), not as one fresh weight-sized tensor: for a 512->512
+# conv that temporary is 9.4 MB, a fifth of the layer's training floor under AdamW.
+GRAD_SLICE_BYTES = 2 ** 21
+
+
+def grad_slice(out_channels: int, fan_in: int, elem_bytes: int = 4) -> int:
+    """Output channels per slice of accumulated weight gradient: the fewest equal slices
+    whose gradient (slice x fan_in x elem_bytes) fits in GRAD_SLICE_BYTES (1 channel at
+    least, all of them at most)."""
+    most = max(1, GRAD_SLICE_BYTES // (fan_in * elem_bytes))
+    return math.ceil(out_channels / math.ceil(out_channels / most))
 
 
 def partition_factor(alpha: float, c_last: int, c: int, h: int, w: int) -> int:
@@ -126,6 +142,7 @@ class _ConvReluGoodness(torch.autograd.Function):
         dev = h.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
         ctx.param_dtypes = (weight.dtype, bias.dtype)
+        ctx.weight_param = weight                                         # whose .grad a later micro-batch adds to
         h, weight, bias = h.to(dtype), weight.to(dtype), bias.to(dtype)
         with torch.autocast(dev, enabled=False):
             a = F.conv2d(h, weight, bias, padding=padding).relu_()        # B, C, H, W
@@ -145,9 +162,21 @@ class _ConvReluGoodness(torch.autograd.Function):
         p = ctx.p
         scale = grad_g.view(b, c, p, 1, p, 1) * (2.0 / ((hh // p) * (ww // p)))       # B, C, p, 1, p, 1
         grad_z = a.view(b, c, p, hh // p, p, ww // p).mul_(scale).view(b, c, hh, ww)   # B, C, H, W (in a)
-        _, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            grad_z, h, weight, [c], [1, 1], list(ctx.padding), [1, 1], False, [0, 0], 1, [False, True, True])
-        return None, grad_w.to(ctx.param_dtypes[0]), grad_b.to(ctx.param_dtypes[1]), None, None, None
+        accumulated, step = ctx.weight_param.grad, grad_slice(c, weight[0].numel())
+        if accumulated is None or step >= c:   # nothing to add to yet, or the whole gradient is one slice
+            _, grad_w, grad_b = _conv_grads(grad_z, h, weight, ctx.padding, True)
+            return None, grad_w.to(ctx.param_dtypes[0]), grad_b.to(ctx.param_dtypes[1]), None, None, None
+        for o in range(0, c, step):   # add this micro-batch's gradient slice by slice: no weight-sized temporary
+            _, grad_w, _ = _conv_grads(grad_z[:, o:o + step], h, weight[o:o + step], ctx.padding, False)
+            accumulated[o:o + step].add_(grad_w)                          # slice, C_in, kh, kw
+        grad_b = grad_z.sum((0, 2, 3), dtype=torch.promote_types(grad_z.dtype, torch.float32))   # C
+        return None, None, grad_b.to(ctx.param_dtypes[1]), None, None, None
+
+
+def _conv_grads(grad_z: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, padding, bias: bool):
+    """(None, dL/dweight, dL/dbias or None) of a stride-1 conv: never dL/dh."""
+    return torch.ops.aten.convolution_backward(
+        grad_z, h, weight, [weight.shape[0]], [1, 1], list(padding), [1, 1], False, [0, 0], 1, [False, True, bias])
 
 
 def energy_window(h: int, w: int, p: int, k: int) -> int:

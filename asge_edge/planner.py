@@ -26,11 +26,15 @@ precision, ``up`` the fp32 copy of a that the squares read, and ``pooled`` the 2
 - transition (no autograd, before backward): in + cast + a + up + pooling temporaries +
   out: 3 pooled (energy, clamp, sqrt) where the squares are shared, a^2 + pooled where the
   layer pools otherwise, and 0 where it does not pool.
-- backward: in + cast + a, which dL/dz overwrites in place.
+- backward: in + cast + a, which dL/dz overwrites in place; plus, where a later
+  micro-batch adds its weight gradient in slices of channels (asge.grad_slice), the
+  contiguous copy of one slice of dL/dz that the conv's weight gradient reads.
 Where P does not divide H and W the layer falls back to autograd, which adds a full-size
 dL/da (fp32) and dL/dz (s) to the backward.
 per_sample_l is the largest of the three. fixed_l is the weights, gradient and optimiser
-state, plus the parameter-sized temporaries of ``OPTIMIZER_TEMPS``. Measured peaks
+state, plus the larger of two temporaries that never coexist: the optimiser step's
+(``OPTIMIZER_TEMPS``) and the backward's fresh gradient of a later micro-batch, which is
+one slice of output channels (asge.grad_slice) and the bias. Measured peaks
 (memory.measure_step) stay within the plan on the CPU; tests/test_streaming.py pins that.
 """
 
@@ -40,14 +44,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from .asge import grad_slice
 from .models import LayerSpec
 
 FP32 = 4
 PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 OPTIMIZER_STATE = {"adamw": 2, "sgd": 1}   # fp32 state tensors per parameter (Adam: m, v; SGD: momentum)
 # Parameter-sized temporaries of the optimiser step, measured with memory.measure_step: the
-# fused AdamW (methods.make_optimizer) needs none, SGD one. Accumulation always needs one:
-# a later micro-batch's fresh gradient lives beside the accumulated one until it is added.
+# fused AdamW (methods.make_optimizer) needs none, SGD one.
 OPTIMIZER_TEMPS = {"adamw": 0, "sgd": 1}
 
 
@@ -116,10 +120,15 @@ def layer_memory(spec: LayerSpec, precision: str, optimizer: str) -> LayerMemory
     forward = resident + act * FP32 + max(upcast, pooled if shared else 0)
     pooling = 3 * pooled if shared else act * FP32 + pooled if spec.pool else 0
     transition = resident + upcast + pooling + out
-    backward = resident if spec.even_patches else resident + act * (FP32 + s)
-    params = spec.channels * (spec.in_channels * 9 + 1)
-    temps = max(1, OPTIMIZER_TEMPS[optimizer])
-    fixed = params * FP32 * (2 + OPTIMIZER_STATE[optimizer] + temps) + (spec.goodness_dim + 1) * spec.num_classes * FP32
+    fan_in = spec.in_channels * 9
+    piece = grad_slice(spec.channels, fan_in)                         # output channels per gradient slice
+    sliced = act * s * piece // spec.channels if piece < spec.channels else 0   # a dL/dz slice, copied
+    backward = resident + sliced if spec.even_patches else resident + act * (FP32 + s)
+    params = spec.channels * (fan_in + 1)
+    fresh_grad = (piece * fan_in + spec.channels) * FP32              # a later micro-batch's gradient, one slice at a time
+    temps = max(fresh_grad, OPTIMIZER_TEMPS[optimizer] * params * FP32)
+    fixed = (params * FP32 * (2 + OPTIMIZER_STATE[optimizer]) + temps
+             + (spec.goodness_dim + 1) * spec.num_classes * FP32)
     return LayerMemory(spec.index, inp, out, cast + act * s, max(forward, transition, backward), fixed)
 
 

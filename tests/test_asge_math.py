@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from asge_edge import partition_factor, rms_pool, spatial_goodness
+from asge_edge import asge
 from asge_edge.asge import RMS_EPS, conv_relu_goodness, layer_norm_chw, make_projection, project
 from asge_edge.config import ModelConfig
 from asge_edge.models import layer_specs
@@ -111,6 +112,23 @@ def test_conv_relu_goodness_equals_autograd(shape, c, p, k, channels_last):
     u = torch.randn(gd.shape, dtype=torch.float64, generator=g)
     (gd * u).sum().backward()
     (g_ref * u).sum().backward()
+    torch.testing.assert_close(w1.grad, w2.grad)
+    torch.testing.assert_close(b1.grad, b2.grad)
+
+
+def test_later_micro_batches_add_their_gradient_in_slices(monkeypatch):
+    monkeypatch.setattr(asge, "GRAD_SLICE_BYTES", 2 * 5 * 9 * 8)   # 2 of 7 output channels per fp64 slice
+    assert asge.grad_slice(7, 5 * 9, 8) == 2
+    g = torch.Generator().manual_seed(2)
+    w1 = torch.randn(7, 5, 3, 3, dtype=torch.float64, generator=g).requires_grad_()
+    b1 = torch.randn(7, dtype=torch.float64, generator=g).requires_grad_()
+    w2, b2 = w1.detach().clone().requires_grad_(), b1.detach().clone().requires_grad_()
+    for _ in range(3):   # the first micro-batch creates .grad; the next two add to it in slices
+        h = torch.randn(2, 5, 8, 8, dtype=torch.float64, generator=g)
+        u = torch.randn(2, 7 * 4, dtype=torch.float64, generator=g)
+        _, gd, _ = conv_relu_goodness(h, w1, b1, (1, 1), 2)
+        (gd * u).sum().backward()
+        (spatial_goodness(torch.relu(F.conv2d(h, w2, b2, padding=1)), 2) * u).sum().backward()
     torch.testing.assert_close(w1.grad, w2.grad)
     torch.testing.assert_close(b1.grad, b2.grad)
 
