@@ -4,8 +4,9 @@ Contract: ``plan_memory`` is a pure function of (layer specs, input shape, logic
 precision, optimiser, budget). It returns, per layer, the bytes each sample keeps
 resident while that layer trains, the layer's fixed bytes (weights, gradients, optimiser
 state, fixed projection), and the micro-batch: the fewest accumulation steps whose largest
-layer phase fits the budget, split as evenly as the logical batch allows. Streaming ASGE trains one layer at a time on one micro-batch at a time, so the
-planned peak is the maximum over layers, never their sum:
+layer phase fits the budget, split as evenly as the logical batch allows. Streaming ASGE
+trains one layer at a time on one micro-batch at a time, so the planned peak is the
+maximum over layers, never their sum:
 
     peak = max_l (fixed_l + micro_batch * per_sample_l) + batch_bytes
 
@@ -30,7 +31,7 @@ precision, ``up`` the fp32 copy of a that the squares read, and ``pooled`` the 2
   micro-batch adds its weight gradient in slices of channels (asge.grad_slice), the
   contiguous copy of one slice of dL/dz that the conv's weight gradient reads.
 Where P does not divide H and W the layer falls back to autograd, which adds a full-size
-dL/da (fp32) and dL/dz (s) to the backward.
+dL/da (fp32) and dL/dz (s) to the backward and accumulates a whole fresh gradient.
 per_sample_l is the largest of the three. fixed_l is the weights, gradient and optimiser
 state, plus the larger of two temporaries that never coexist: the optimiser step's
 (``OPTIMIZER_TEMPS``) and the backward's fresh gradient of a later micro-batch, which is
@@ -121,7 +122,7 @@ def layer_memory(spec: LayerSpec, precision: str, optimizer: str) -> LayerMemory
     pooling = 3 * pooled if shared else act * FP32 + pooled if spec.pool else 0
     transition = resident + upcast + pooling + out
     fan_in = spec.in_channels * 9
-    piece = grad_slice(spec.channels, fan_in)                         # output channels per gradient slice
+    piece = grad_slice(spec.channels, fan_in) if spec.even_patches else spec.channels   # channels per gradient slice
     sliced = act * s * piece // spec.channels if piece < spec.channels else 0   # a dL/dz slice, copied
     backward = resident + sliced if spec.even_patches else resident + act * (FP32 + s)
     params = spec.channels * (fan_in + 1)
