@@ -29,9 +29,24 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """x (B, C, H, W) in channels_last memory with channels_last strides, also when C == 1.
+
+    With one channel both layouts hold the same bytes, and ``.contiguous(memory_format=
+    torch.channels_last)`` keeps the NCHW strides; oneDNN then takes the first conv for
+    NCHW and reorders its output and gradient through its blocked layout. Giving the
+    size-1 channel dim stride 1 (a view, no copy) makes the layout unambiguous, and the
+    first conv runs in NHWC like the others (bench/profile_step.py lists its ops).
+    """
+    x = x.contiguous(memory_format=torch.channels_last)
+    if x.shape[1] == 1:
+        x = x.as_strided(x.shape, (x.shape[2] * x.shape[3], 1, x.shape[3], 1))
+    return x
+
+
 def to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Move a batch (B, C, H, W), (B,) to ``device``, images in channels_last."""
-    return x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last), y.to(device, non_blocking=True)
+    return channels_last(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
 
 
 def resolve_precision(amp: str, device: torch.device) -> str:

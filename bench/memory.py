@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from asge_edge.budget import format_size, parse_size
 from asge_edge.config import ModelConfig, TrainConfig
+from asge_edge.device import channels_last
 from asge_edge.memory import measure_step
 from asge_edge.methods import ASGEMethod, BPMethod
 from asge_edge.models import ASGENet, gap
@@ -84,7 +85,7 @@ def main() -> None:
     shape = tuple(int(v) for v in a.input_shape.split("x"))
     cfg = ModelConfig(width=a.width)
     g = torch.Generator().manual_seed(0)
-    x = torch.rand(a.batch_size, *shape, generator=g).contiguous(memory_format=torch.channels_last)
+    x = channels_last(torch.rand(a.batch_size, *shape, generator=g))
     y = torch.randint(10, (a.batch_size,), generator=g)
 
     def net() -> ASGENet:

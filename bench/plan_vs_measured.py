@@ -15,6 +15,7 @@ import torch
 
 from asge_edge.budget import format_size, parse_size
 from asge_edge.config import ModelConfig, TrainConfig
+from asge_edge.device import channels_last
 from asge_edge.memory import measure_step
 from asge_edge.methods import ASGEMethod
 from asge_edge.models import ASGENet
@@ -36,7 +37,7 @@ def main() -> None:
         memory_format=torch.channels_last)
     method = ASGEMethod(net, TrainConfig(), precision)
     g = torch.Generator().manual_seed(0)
-    x = torch.rand(a.batch_size, *shape, generator=g).contiguous(memory_format=torch.channels_last)
+    x = channels_last(torch.rand(a.batch_size, *shape, generator=g))
     y = torch.randint(10, (a.batch_size,), generator=g)
     method.train_step(x, y)   # optimiser state now exists, as in every later step
     print(f"vgg8 width {a.width}, input {a.input_shape}, batch {a.batch_size}, {precision}")

@@ -15,6 +15,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from asge_edge.config import ModelConfig, TrainConfig
+from asge_edge.device import channels_last
 from asge_edge.methods import make_method
 from asge_edge.models import ASGENet
 
@@ -30,7 +31,7 @@ def main() -> None:
     a = p.parse_args()
     shape = tuple(int(v) for v in a.input_shape.split("x"))
     g = torch.Generator().manual_seed(0)
-    x = torch.rand(a.batch_size, *shape, generator=g).contiguous(memory_format=torch.channels_last)
+    x = channels_last(torch.rand(a.batch_size, *shape, generator=g))
     y = torch.randint(10, (a.batch_size,), generator=g)
     for name in ("asge", "bp"):
         net = ASGENet(ModelConfig(width=a.width), shape, 10, (0.5,) * shape[0], (0.25,) * shape[0]).to(

@@ -25,12 +25,14 @@ from typing import Callable
 import torch
 
 from asge_edge.config import ModelConfig, TrainConfig
+from asge_edge.device import channels_last
 from asge_edge.methods import make_method
 from asge_edge.models import ASGENet
 from rounds import alternate
 
 TARGET = 0.7
 FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+LAYOUT = {torch.channels_last: channels_last, torch.contiguous_format: torch.Tensor.contiguous}   # images, as the trainer lays them out
 
 
 def make_round(method_name: str, cfg: ModelConfig, shape, batch: int, steps: int,
@@ -39,7 +41,7 @@ def make_round(method_name: str, cfg: ModelConfig, shape, batch: int, steps: int
     net = ASGENet(cfg, shape, 10, (0.5,) * shape[0], (0.25,) * shape[0]).to(memory_format=memory_format)
     method = make_method(net, TrainConfig(method=method_name))
     g = torch.Generator().manual_seed(0)
-    x = torch.rand(batch, *shape, generator=g).contiguous(memory_format=memory_format)
+    x = LAYOUT[memory_format](torch.rand(batch, *shape, generator=g))
     y = torch.randint(10, (batch,), generator=g)
     for _ in range(2):
         method.train_step(x, y)

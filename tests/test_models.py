@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from asge_edge.config import ModelConfig
+from asge_edge.device import channels_last
 from asge_edge.models import ASGENet, layer_specs
 
 
@@ -72,3 +73,15 @@ def test_heads_standardise_in_training_and_fold_to_affine_in_eval():
     scale = (head.running_var + 1e-5).rsqrt()
     folded = torch.nn.functional.linear(f, head.fc.weight * scale, head.fc.bias - (head.fc.weight * scale) @ head.running_mean)
     torch.testing.assert_close(head(f), folded, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("c", [1, 3])
+def test_channels_last_input_makes_the_first_conv_run_in_nhwc(c):
+    x = torch.rand(4, c, 8, 8)
+    w = torch.randn(5, c, 3, 3).contiguous(memory_format=torch.channels_last)
+    xl = channels_last(x)
+    assert torch.equal(xl, x) and xl.stride()[1] == 1
+    if c == 1:
+        assert xl.data_ptr() == x.data_ptr()   # a view: the bytes are the same in both layouts
+    out = torch.nn.functional.conv2d(xl, w, padding=1)
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
