@@ -1,6 +1,7 @@
 /*
  * fsim against a naive reference, on small random models built in memory:
- * every pooling kind, an odd spatial size, GEMM tile edges, the exit goodness and
+ * every pooling kind, an odd spatial size, one- and two-column maps, K in up to three
+ * blocks, GEMM tile edges, the exit goodness and
  * projection, the arena (too small: refused; enough: exactly fsim_arena_bytes), and the
  * loader's checks (foreign, truncated, wrong version). Exits non-zero on any mismatch.
  */
@@ -246,11 +247,15 @@ int main(void)
     spec_t odd = {3, 2, 7, 9, 3, 1, {4, 6, 8}, {0, FSIM_POOL_RMS, 0}}; /* odd sizes: pools drop a row */
     spec_t single = {1, 1, 8, 8, 10, 4, {19}, {0}};
     spec_t deep = {3, 1, 8, 8, 5, 1, {40, 33, 30}, {FSIM_POOL_RMS, 0, 0}}; /* K = 360, 297: two K-blocks */
+    spec_t narrow = {3, 1, 6, 2, 3, 1, {60, 9, 5}, {0, 0, 0}}; /* 2 columns, K = 540: three K-blocks */
+    spec_t column = {2, 2, 5, 1, 3, 1, {4, 3}, {0, 0}};        /* 1 column: every kx != 1 tap is padding */
     run_case("rms pool, P=2", &rms);
     run_case("avg and max pools", &kinds);
     run_case("odd sizes", &odd);
     run_case("one layer, P=4, 19 channels", &single);
     run_case("K in two blocks", &deep);
+    run_case("narrow map, K in three blocks", &narrow);
+    run_case("one-column map", &column);
     loader_checks();
     if (failures) {
         printf("%d check(s) failed\n", failures);
