@@ -29,12 +29,12 @@ from torch.utils.checkpoint import checkpoint
 
 from asge_edge.budget import format_size, parse_size
 from asge_edge.config import ModelConfig, TrainConfig
-from asge_edge.device import channels_last
 from asge_edge.memory import measure_step
 from asge_edge.methods import ASGEMethod, BPMethod
-from asge_edge.models import ASGENet, gap
+from asge_edge.models import ASGENet, gap, layer_specs
 from asge_edge.planner import BudgetTooSmall, plan_memory
 from rounds import alternate
+from workload import NUM_CLASSES, make_batch, make_net, parse_shape
 
 BUDGETS = ("64MB", "16MB", "4MB")
 
@@ -82,21 +82,16 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--steps", type=int, default=3)
     a = p.parse_args()
-    shape = tuple(int(v) for v in a.input_shape.split("x"))
+    shape = parse_shape(a.input_shape)
     cfg = ModelConfig(width=a.width)
-    g = torch.Generator().manual_seed(0)
-    x = channels_last(torch.rand(a.batch_size, *shape, generator=g))
-    y = torch.randint(10, (a.batch_size,), generator=g)
-
-    def net() -> ASGENet:
-        return ASGENet(cfg, shape, 10, (0.5,) * shape[0], (0.25,) * shape[0]).to(memory_format=torch.channels_last)
+    x, y = make_batch(a.batch_size, shape)
 
     rows, notes = [], []
-    rows.append(measure("BP", BPMethod(net(), TrainConfig(method="bp")), x, y))
+    rows.append(measure("BP", BPMethod(make_net(cfg, shape), TrainConfig(method="bp")), x, y))
     rows.append(measure("BP + checkpoint + accumulation (micro-batch 1)",
-                        CheckpointedBP(net(), TrainConfig(method="bp"), 1), x, y))
-    rows.append(measure("ASGE, no budget", ASGEMethod(net(), TrainConfig()), x, y))
-    specs = net().specs
+                        CheckpointedBP(make_net(cfg, shape), TrainConfig(method="bp"), 1), x, y))
+    rows.append(measure("ASGE, no budget", ASGEMethod(make_net(cfg, shape), TrainConfig()), x, y))
+    specs = layer_specs(cfg, shape, NUM_CLASSES)
     for text in BUDGETS:
         budget = parse_size(text)
         try:
@@ -105,7 +100,7 @@ def main() -> None:
             notes.append(f"ASGE at {text}: does not fit; the smallest budget is {format_size(e.min_budget)} "
                          f"({e.min_budget} B), set by one layer's weights, gradient and AdamW state")
             continue
-        method = ASGEMethod(net(), TrainConfig())
+        method = ASGEMethod(make_net(cfg, shape), TrainConfig())
         method.micro_batch = plan.micro_batch
         row = measure(f"ASGE, {text} (micro-batch {plan.micro_batch} x {plan.accumulation_steps})", method, x, y)
         row["budget"] = budget

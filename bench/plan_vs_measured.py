@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 from asge_edge.budget import format_size, parse_size
 from asge_edge.config import ModelConfig, TrainConfig
-from asge_edge.device import channels_last
 from asge_edge.memory import measure_step
 from asge_edge.methods import ASGEMethod
-from asge_edge.models import ASGENet
 from asge_edge.planner import BudgetTooSmall, plan_memory
+from workload import make_batch, make_net, parse_shape
 
 BUDGETS = ("none", "64MB", "16MB", "6MB", "4.2MB", "2MB")
 
@@ -31,14 +28,11 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"))
     a = p.parse_args()
-    shape = tuple(int(v) for v in a.input_shape.split("x"))
+    shape = parse_shape(a.input_shape)
     precision = "fp32" if a.amp == "off" else a.amp
-    net = ASGENet(ModelConfig(width=a.width), shape, 10, (0.5,) * shape[0], (0.25,) * shape[0]).to(
-        memory_format=torch.channels_last)
+    net = make_net(ModelConfig(width=a.width), shape)
     method = ASGEMethod(net, TrainConfig(), precision)
-    g = torch.Generator().manual_seed(0)
-    x = channels_last(torch.rand(a.batch_size, *shape, generator=g))
-    y = torch.randint(10, (a.batch_size,), generator=g)
+    x, y = make_batch(a.batch_size, shape)
     method.train_step(x, y)   # optimiser state now exists, as in every later step
     print(f"vgg8 width {a.width}, input {a.input_shape}, batch {a.batch_size}, {precision}")
     print(f"{'budget':>8} {'micro-batch':>12} {'planned':>10} {'measured':>10} {'measured/planned':>17}")

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import argparse
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
 from asge_edge.config import ModelConfig, TrainConfig
-from asge_edge.device import channels_last
 from asge_edge.methods import make_method
-from asge_edge.models import ASGENet
+from workload import make_batch, make_net, parse_shape
 
 STEPS = 3
 
@@ -29,14 +27,10 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--rows", type=int, default=14)
     a = p.parse_args()
-    shape = tuple(int(v) for v in a.input_shape.split("x"))
-    g = torch.Generator().manual_seed(0)
-    x = channels_last(torch.rand(a.batch_size, *shape, generator=g))
-    y = torch.randint(10, (a.batch_size,), generator=g)
+    shape = parse_shape(a.input_shape)
+    x, y = make_batch(a.batch_size, shape)
     for name in ("asge", "bp"):
-        net = ASGENet(ModelConfig(width=a.width), shape, 10, (0.5,) * shape[0], (0.25,) * shape[0]).to(
-            memory_format=torch.channels_last)
-        method = make_method(net, TrainConfig(method=name))
+        method = make_method(make_net(ModelConfig(width=a.width), shape), TrainConfig(method=name))
         for _ in range(2):
             method.train_step(x, y)
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:

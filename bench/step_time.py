@@ -25,24 +25,19 @@ from typing import Callable
 import torch
 
 from asge_edge.config import ModelConfig, TrainConfig
-from asge_edge.device import channels_last
 from asge_edge.methods import make_method
-from asge_edge.models import ASGENet
 from rounds import alternate
+from workload import make_batch, make_net, parse_shape
 
 TARGET = 0.7
 FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
-LAYOUT = {torch.channels_last: channels_last, torch.contiguous_format: torch.Tensor.contiguous}   # images, as the trainer lays them out
 
 
 def make_round(method_name: str, cfg: ModelConfig, shape, batch: int, steps: int,
                memory_format: torch.memory_format) -> Callable[[], float]:
     """A warmed-up closure that times ``steps`` training steps and returns seconds per step."""
-    net = ASGENet(cfg, shape, 10, (0.5,) * shape[0], (0.25,) * shape[0]).to(memory_format=memory_format)
-    method = make_method(net, TrainConfig(method=method_name))
-    g = torch.Generator().manual_seed(0)
-    x = LAYOUT[memory_format](torch.rand(batch, *shape, generator=g))
-    y = torch.randint(10, (batch,), generator=g)
+    method = make_method(make_net(cfg, shape, memory_format), TrainConfig(method=method_name))
+    x, y = make_batch(batch, shape, memory_format)
     for _ in range(2):
         method.train_step(x, y)
 
@@ -64,7 +59,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--rounds", type=int, default=5)
     a = p.parse_args()
-    shape = tuple(int(v) for v in a.input_shape.split("x"))
+    shape = parse_shape(a.input_shape)
     cfg = ModelConfig(arch=a.model, width=a.width)
     keys = [(m, f) for f in FORMATS for m in ("asge", "bp")]
     rounds = {k: make_round(k[0], cfg, shape, a.batch_size, a.steps, FORMATS[k[1]]) for k in keys}

@@ -1,0 +1,35 @@
+"""The synthetic workload the training benches share: one network and one seeded batch.
+
+Contract: ``parse_shape("1x28x28")`` gives (C, H, W); ``make_net(cfg, shape)`` builds an
+ASGENet for 10 classes with fixed normalisation, in ``memory_format``; ``make_batch(n,
+shape)`` gives seeded [0, 1] pixels (n, C, H, W), laid out as the trainer lays them out
+(device.channels_last) or contiguous, and labels (n,). Same arguments, same tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from asge_edge.config import ModelConfig
+from asge_edge.device import channels_last
+from asge_edge.models import ASGENet
+
+NUM_CLASSES = 10
+
+
+def parse_shape(text: str) -> tuple[int, int, int]:
+    c, h, w = (int(v) for v in text.split("x"))
+    return c, h, w
+
+
+def make_net(cfg: ModelConfig, shape: tuple[int, int, int],
+             memory_format: torch.memory_format = torch.channels_last) -> ASGENet:
+    return ASGENet(cfg, shape, NUM_CLASSES, (0.5,) * shape[0], (0.25,) * shape[0]).to(memory_format=memory_format)
+
+
+def make_batch(n: int, shape: tuple[int, int, int], memory_format: torch.memory_format = torch.channels_last
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(n, *shape, generator=g)                    # n, C, H, W
+    y = torch.randint(NUM_CLASSES, (n,), generator=g)         # n
+    return (channels_last(x) if memory_format == torch.channels_last else x.contiguous()), y
