@@ -250,7 +250,7 @@ class ASGENet(nn.Module):
         h = self.normalize(x)                                   # B, C0, H, W
         layer_logits, feats = [], []
         for layer in self.layers:
-            h, logits = layer(h)                  # B, C, H', W' ; B, N
+            h, logits = layer(h)                                # B, C, H', W' ; B, N
             layer_logits.append(logits)
             feats.append(gap(h))                                # B, C
         last, fusion = self.heads(feats)
@@ -270,5 +270,5 @@ class ASGENet(nn.Module):
             raise ValueError(f"exit layer {k} is out of range 1..{len(self.layers)}")
         h = self.normalize(x)                                   # B, C0, H, W
         for layer in self.layers[:k]:
-            h, logits = layer(h)                  # B, C, H', W' ; B, N
+            h, logits = layer(h)                                # B, C, H', W' ; B, N
         return logits

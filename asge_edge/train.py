@@ -185,8 +185,7 @@ def _run_epoch(method: Method, cfg: RunConfig, splits, device, epoch: int, step:
     tc = cfg.train
     lr, measured = tc.resolved_lr, None
     gen = _epoch_generator(tc.seed, epoch)
-    size = world.global_batch(tc.batch_size) if world is not None else tc.batch_size
-    for b, (x, y) in enumerate(batches(splits.train, size, gen, cfg.data.augment, workers)):
+    for b, (x, y) in enumerate(batches(splits.train, _global_batch(world, tc.batch_size), gen, cfg.data.augment, workers)):
         if b < ep.batches:
             continue
         lr = cosine_lr(step, total, tc.resolved_lr, tc.resolved_lr_min)
@@ -211,6 +210,11 @@ def _run_epoch(method: Method, cfg: RunConfig, splits, device, epoch: int, step:
             if step % PROGRESS_EVERY == 0:
                 pbar.set_postfix_str(_progress_postfix(ep.loss_sum, ep.head_sum, ep.seen), refresh=False)
     return step, lr, measured
+
+
+def _global_batch(world: World | None, batch_size: int) -> int:
+    """Images per step: --batch-size, or its sum over the processes under torchrun."""
+    return world.global_batch(batch_size) if world is not None else batch_size
 
 
 class _Interrupt:
@@ -265,8 +269,7 @@ def train(cfg: RunConfig, opts: RunOptions) -> dict[str, Any]:
     plan = configure_streaming(cfg, method, device)
     off = method.offloader
     tc = cfg.train
-    global_batch = world.global_batch(tc.batch_size) if world is not None else tc.batch_size
-    steps_per_epoch = math.ceil(len(splits.train) / global_batch)
+    steps_per_epoch = math.ceil(len(splits.train) / _global_batch(world, tc.batch_size))
     total = tc.epochs * steps_per_epoch
     opts = replace(opts, quiet=opts.quiet or not writer)
 

@@ -2,7 +2,10 @@
 
 Backs the breakdown in docs/BENCHMARKS.md: same model, batch and memory format as
 bench/step_time.py; prints, per method, the ops with the most self time per step,
-grouped by input shape so that each layer's conv shows on its own line.
+grouped by input shape so that each layer's conv shows on its own line. It also prints
+the minor page faults per step (getrusage) with and without the profiler, which changes
+how the allocator reuses memory: where a step faults only under the profiler, its large
+elementwise ops read slower here than they run.
 
     python bench/profile_step.py [--width 0.25] [--input-shape 1x28x28] [--batch-size 128] [--rows 14]
 """
@@ -10,6 +13,7 @@ grouped by input shape so that each layer's conv shows on its own line.
 from __future__ import annotations
 
 import argparse
+import resource
 
 from torch.profiler import ProfilerActivity, profile
 
@@ -18,6 +22,14 @@ from asge_edge.methods import make_method
 from workload import make_batch, make_net, parse_shape
 
 STEPS = 3
+
+
+def faults_per_step(method, x, y) -> float:
+    """Minor page faults per training step of ``method`` (this process, getrusage)."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(STEPS):
+        method.train_step(x, y)
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / STEPS
 
 
 def main() -> None:
@@ -33,14 +45,14 @@ def main() -> None:
         method = make_method(make_net(ModelConfig(width=a.width), shape), TrainConfig(method=name))
         for _ in range(2):
             method.train_step(x, y)
+        plain = faults_per_step(method, x, y)
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-            for _ in range(STEPS):
-                method.train_step(x, y)
+            profiled = faults_per_step(method, x, y)
         events = prof.key_averages(group_by_input_shape=True)
         total = sum(e.self_cpu_time_total for e in events) / STEPS / 1e3
         conv = sum(e.self_cpu_time_total for e in events if "convolution" in e.key) / STEPS / 1e3
         print(f"{name}: {total:.1f} ms/step of op self time, of which conv forward + backward {conv:.1f} ms "
-              f"({conv / total:.0%})")
+              f"({conv / total:.0%}); page faults per step {plain:,.0f}, under the profiler {profiled:,.0f}")
         for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[: a.rows]:
             shapes = ", ".join("x".join(map(str, s)) for s in e.input_shapes if s)
             print(f"  {e.key:<28} {e.self_cpu_time_total / STEPS / 1e3:7.1f} ms  {shapes}")
