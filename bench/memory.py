@@ -34,7 +34,7 @@ from asge_edge.methods import ASGEMethod, BPMethod
 from asge_edge.models import ASGENet, gap, layer_specs
 from asge_edge.planner import BudgetTooSmall, plan_memory
 from rounds import alternate
-from workload import NUM_CLASSES, make_batch, make_net, parse_shape
+from workload import NUM_CLASSES, add_args, make_batch, make_net, parse_shape
 
 BUDGETS = ("64MB", "16MB", "4MB")
 
@@ -77,9 +77,7 @@ def time_rows(rows: list[dict], x, y, rounds: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--width", type=float, default=1.0)
-    p.add_argument("--input-shape", default="3x32x32")
-    p.add_argument("--batch-size", type=int, default=128)
+    add_args(p, width=1.0, shape="3x32x32")
     p.add_argument("--steps", type=int, default=3)
     a = p.parse_args()
     shape = parse_shape(a.input_shape)

@@ -16,16 +16,14 @@ from asge_edge.config import ModelConfig, TrainConfig
 from asge_edge.memory import measure_step
 from asge_edge.methods import ASGEMethod
 from asge_edge.planner import BudgetTooSmall, plan_memory
-from workload import make_batch, make_net, parse_shape
+from workload import add_args, make_batch, make_net, parse_shape
 
 BUDGETS = ("none", "64MB", "16MB", "6MB", "4.2MB", "2MB")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--width", type=float, default=0.25)
-    p.add_argument("--input-shape", default="1x28x28")
-    p.add_argument("--batch-size", type=int, default=128)
+    add_args(p)
     p.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"))
     a = p.parse_args()
     shape = parse_shape(a.input_shape)

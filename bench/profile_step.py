@@ -19,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from asge_edge.config import ModelConfig, TrainConfig
 from asge_edge.methods import make_method
-from workload import make_batch, make_net, parse_shape
+from workload import add_args, make_batch, make_net, parse_shape
 
 STEPS = 3
 
@@ -34,9 +34,7 @@ def faults_per_step(method, x, y) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--width", type=float, default=0.25)
-    p.add_argument("--input-shape", default="1x28x28")
-    p.add_argument("--batch-size", type=int, default=128)
+    add_args(p)
     p.add_argument("--rows", type=int, default=14)
     a = p.parse_args()
     shape = parse_shape(a.input_shape)

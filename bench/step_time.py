@@ -27,7 +27,7 @@ import torch
 from asge_edge.config import ModelConfig, TrainConfig
 from asge_edge.methods import make_method
 from rounds import alternate
-from workload import make_batch, make_net, parse_shape
+from workload import add_args, make_batch, make_net, parse_shape
 
 TARGET = 0.7
 FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
@@ -53,9 +53,7 @@ def make_round(method_name: str, cfg: ModelConfig, shape, batch: int, steps: int
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="vgg8")
-    p.add_argument("--width", type=float, default=0.25)
-    p.add_argument("--input-shape", default="1x28x28")
-    p.add_argument("--batch-size", type=int, default=128)
+    add_args(p)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--rounds", type=int, default=5)
     a = p.parse_args()

@@ -1,12 +1,15 @@
 """The synthetic workload the training benches share: one network and one seeded batch.
 
-Contract: ``parse_shape("1x28x28")`` gives (C, H, W); ``make_net(cfg, shape)`` builds an
-ASGENet for 10 classes with fixed normalisation, in ``memory_format``; ``make_batch(n,
-shape)`` gives seeded [0, 1] pixels (n, C, H, W), laid out as the trainer lays them out
+Contract: ``add_args(parser)`` adds --width, --input-shape and --batch-size with the
+given defaults; ``parse_shape("1x28x28")`` gives (C, H, W); ``make_net(cfg, shape)``
+builds an ASGENet for 10 classes with fixed normalisation, in ``memory_format``;
+``make_batch(n, shape)`` gives seeded [0, 1] pixels (n, C, H, W), laid out as the trainer lays them out
 (device.channels_last) or contiguous, and labels (n,). Same arguments, same tensors.
 """
 
 from __future__ import annotations
+
+import argparse
 
 import torch
 
@@ -20,6 +23,12 @@ NUM_CLASSES = 10
 def parse_shape(text: str) -> tuple[int, int, int]:
     c, h, w = (int(v) for v in text.split("x"))
     return c, h, w
+
+
+def add_args(p: argparse.ArgumentParser, width: float = 0.25, shape: str = "1x28x28") -> None:
+    p.add_argument("--width", type=float, default=width)
+    p.add_argument("--input-shape", default=shape)
+    p.add_argument("--batch-size", type=int, default=128)
 
 
 def make_net(cfg: ModelConfig, shape: tuple[int, int, int],
