@@ -18,7 +18,9 @@ arXiv 2509.12394) exactly where the paper is explicit:
   measures the result. When the weight already holds a gradient (a later micro-batch of
   an accumulating run), its new gradient is added in slices of ``grad_slice`` output
   channels, so that no second weight-sized tensor ever exists: the one write this module
-  makes outside its return values, as autograd's own accumulation would.
+  makes outside its return values, as autograd's own accumulation would. Likewise the
+  squares are never whole: ``goodness_and_energy`` makes them ``energy_rows`` samples at a
+  time in one reused buffer, and keeps only the patch means and pooled energies.
 
 Squares, goodness and pooling energy are always computed in float32, whatever the input
 dtype, because squares of fp16 activations overflow (65504 is reached at |x| = 256).
@@ -42,6 +44,11 @@ RMS_EPS = 1e-12
 # conv that temporary is 9.4 MB, a fifth of the layer's training floor under AdamW.
 GRAD_SLICE_BYTES = 2 ** 21
 
+# The squares of an activation are made in chunks of whole samples of at most this many
+# fp32 bytes (energy_rows), not at once: whole, they would be as large as the activation
+# (twice it under mixed precision), and only their patch and window means are kept.
+ENERGY_CHUNK_BYTES = 2 ** 20
+
 
 def grad_slice(out_channels: int, fan_in: int, elem_bytes: int = 4) -> int:
     """Output channels per slice of accumulated weight gradient: the fewest equal slices
@@ -49,6 +56,11 @@ def grad_slice(out_channels: int, fan_in: int, elem_bytes: int = 4) -> int:
     least, all of them at most)."""
     most = max(1, GRAD_SLICE_BYTES // (fan_in * elem_bytes))
     return math.ceil(out_channels / math.ceil(out_channels / most))
+
+
+def energy_rows(sample_elements: int) -> int:
+    """Samples per chunk of squares: as many as fit in ENERGY_CHUNK_BYTES in fp32, one at least."""
+    return max(1, ENERGY_CHUNK_BYTES // (sample_elements * 4))
 
 
 def partition_factor(alpha: float, c_last: int, c: int, h: int, w: int) -> int:
@@ -107,9 +119,48 @@ def patch_mean(e: torch.Tensor, p: int) -> torch.Tensor:
     return F.avg_pool2d(e, (e.shape[2] // p, e.shape[3] // p))
 
 
-def rms_from_energy(energy: torch.Tensor) -> torch.Tensor:
-    """sqrt of a pooled mean energy, clamped at ``RMS_EPS`` first (see RMS_EPS)."""
-    return energy.clamp_min(RMS_EPS).sqrt()
+def rms_from_energy(energy: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+    """sqrt of a pooled mean energy, clamped at ``RMS_EPS`` first (see RMS_EPS); with
+    ``in_place``, written over ``energy`` (no autograd)."""
+    return energy.clamp_min_(RMS_EPS).sqrt_() if in_place else energy.clamp_min(RMS_EPS).sqrt()
+
+
+def goodness_and_energy(a: torch.Tensor, p: int, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Patch goodness of ``a`` and, when k > 1, its k x k mean energy, without autograd.
+
+    The squares are made ``energy_rows`` samples at a time in one reused buffer, so their
+    memory is one chunk, not one activation. With k > 1, each chunk's squares are pooled
+    straight into the energy, and the goodness is then read from the energy (k and then p
+    must divide the activation: ``energy_window``). The values are bit for bit those of
+    squaring the whole batch at once.
+
+    Args:
+        a: activations (B, C, H, W), any float dtype; p divides H and W.
+        p: patches per side.
+        k: energy window (1: none).
+
+    Returns:
+        (g (B, C*p*p) channel-major, energy (B, C, H/k, W/k) in a's layout or None), both
+        fp32 (fp64 for fp64 input).
+    """
+    b, c, hh, ww = a.shape
+    rows = min(b, energy_rows(c * hh * ww))
+    like = dict(dtype=torch.promote_types(a.dtype, torch.float32), device=a.device)   # fp32 (fp64 stays fp64)
+    layout = torch.channels_last if a.stride(1) == 1 and c > 1 else torch.contiguous_format
+    buf = torch.empty((rows, c, hh, ww), memory_format=layout, **like)                        # rows, C, H, W
+    energy = torch.empty((b, c, hh // k, ww // k), memory_format=layout, **like) if k > 1 else None   # B, C, H/k, W/k
+    g = None if energy is not None else torch.empty((b, c, p, p), **like)                   # B, C, p, p
+    for i in range(0, b, rows):
+        x, e = a[i:i + rows], buf[:b - i]                         # n, C, H, W
+        # Half precision is upcast before squaring: torch.square(x, out=e) would square in fp16.
+        e = torch.square(x, out=e) if x.dtype == e.dtype else e.copy_(x).square_()
+        if energy is not None:
+            torch.ops.aten.avg_pool2d.out(e, [k, k], [k, k], out=energy[i:i + rows])   # n, C, H/k, W/k
+        else:
+            g[i:i + rows] = patch_mean(e, p)                      # n, C, p, p
+    if energy is not None:
+        g = patch_mean(energy, p)                                 # B, C, p, p
+    return g.flatten(1), energy                                    # B, C*p*p ; energy
 
 
 def rms_pool(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -146,14 +197,12 @@ class _ConvReluGoodness(torch.autograd.Function):
         h, weight, bias = h.to(dtype), weight.to(dtype), bias.to(dtype)
         with torch.autocast(dev, enabled=False):
             a = F.conv2d(h, weight, bias, padding=padding).relu_()        # B, C, H, W
-            energy = square(a)                                            # B, C, H, W fp32
-            pooled = F.avg_pool2d(energy, k) if k > 1 else None           # B, C, H/k, W/k
-            g = patch_mean(energy if pooled is None else pooled, p)       # B, C, p, p
+            g, pooled = goodness_and_energy(a, p, k)                      # B, C*p*p ; B, C, H/k, W/k fp32
         ctx.save_for_backward(h, weight, a)
         ctx.p, ctx.padding = p, padding
         ctx.set_materialize_grads(False)   # no zero-filled full-size gradients for a and pooled
         ctx.mark_non_differentiable(*(t for t in (a, pooled) if t is not None))
-        return a, g.flatten(1), pooled                                    # a ; B, C*p*p ; pooled
+        return a, g, pooled                                               # a ; B, C*p*p ; pooled
 
     @staticmethod
     def backward(ctx, _grad_a, grad_g, _grad_pooled):

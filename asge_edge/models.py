@@ -158,11 +158,15 @@ class ASGELayer(nn.Module):
     def transition(self, a: torch.Tensor, energy: torch.Tensor | None = None) -> torch.Tensor:
         """What the next layer reads, in fp32: pool (if any), then LayerNorm over (C, H, W).
 
-        ``energy``, when given, is avg_pool(a^2, 2), from which the RMS pool is read.
+        ``energy``, when given, is avg_pool(a^2, 2), from which the RMS pool is read, in its
+        own memory.
         """
-        a = a.float()                                          # B, C, H, W (no-op in fp32)
-        if self.spec.pool:
-            a = pool2d(a, self.spec.pool) if energy is None else rms_from_energy(energy)   # B, C, H/2, W/2
+        if energy is not None:
+            a = rms_from_energy(energy, in_place=True)         # B, C, H/2, W/2 fp32
+        else:
+            a = a.float()                                      # B, C, H, W (no-op in fp32)
+            if self.spec.pool:
+                a = pool2d(a, self.spec.pool)                  # B, C, H/2, W/2
         return layer_norm_chw(a, LN_EPS)                       # B, C, H', W'
 
 

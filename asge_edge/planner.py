@@ -8,31 +8,39 @@ layer phase fits the budget, split as evenly as the logical batch allows. Stream
 trains one layer at a time on one micro-batch at a time, so the planned peak is the
 maximum over layers, never their sum:
 
-    peak = max_l (fixed_l + micro_batch * per_sample_l) + batch_bytes
+    peak = max_l (fixed_l + max(m * per_sample_l, m * forward_l + squares_l(m))) + batch_bytes
+
+with m the micro-batch, and squares_l(m) = min(m, chunk_rows_l) * squares_per_sample_l the
+buffer in which the forward makes the layer's squares a chunk of samples at a time
+(asge.goodness_and_energy).
 
 ``batch_bytes`` is what must stay for the whole logical batch: the raw input batch, its
 labels, and the per-layer GAP features that the Last and Fusion heads read (sum C_l per
 sample), with the heads' own weights, gradients and optimiser state.
 
 Per-sample bytes of layer l. ``in`` is C_in*H*W fp32, ``act`` is C*H*W elements at the
-compute width s (4 bytes in fp32, 2 under bf16/fp16), and ``out`` is C*H'*W' fp32.
-Goodness squares and pooling energies are always fp32 (4 bytes); see asge.py. ``cast`` is
-the s-byte copy of the input that the conv reads (and backward keeps) under mixed
-precision, ``up`` the fp32 copy of a that the squares read, and ``pooled`` the 2x2 energy
+compute width s (4 bytes in fp32, 2 under bf16/fp16), ``out`` is C*H'*W' fp32, and ``g`` is
+the goodness, C*P*P fp32. Goodness squares and pooling energies are always fp32 (4 bytes);
+see asge.py. ``cast`` is the s-byte copy of the input that the conv reads (and backward
+keeps) under mixed precision, ``up`` an fp32 copy of a, and ``pooled`` the 2x2 energy
 (act/4 fp32) where the layer pools; ``cast`` and ``up`` are 0 in fp32. The phases of
 ``ASGELayer.forward`` (asge.conv_relu_goodness) are:
-- forward: in + cast + a + a^2 (fp32) + the larger of up and, where the RMS pool shares
-  the squares (LayerSpec.energy_window), its pooled energy. The ReLU runs in place on the
-  conv output.
-- transition (no autograd, before backward): in + cast + a + up + pooling temporaries +
-  out: 3 pooled (energy, clamp, sqrt) where the squares are shared, a^2 + pooled where the
-  layer pools otherwise, and 0 where it does not pool.
-- backward: in + cast + a, which dL/dz overwrites in place; plus, where a later
-  micro-batch adds its weight gradient in slices of channels (asge.grad_slice), the
-  contiguous copy of one slice of dL/dz that the conv's weight gradient reads.
-Where P does not divide H and W the layer falls back to autograd, which adds a full-size
-dL/da (fp32) and dL/dz (s) to the backward and accumulates a whole fresh gradient.
-per_sample_l is the largest of the three. fixed_l is the weights, gradient and optimiser
+- forward: in + cast + a + g, twice (before and after flattening), plus the 2x2 energy
+  where the RMS pool shares the squares (LayerSpec.energy_window). The ReLU runs in place
+  on the conv output. The squares never exist whole: asge.goodness_and_energy makes them
+  ``energy_rows`` samples at a time in one buffer (squares_l above), of at most
+  ENERGY_CHUNK_BYTES (one sample where a sample is larger).
+- transition (no autograd, before backward): in + cast + a + g + out, plus the energy,
+  which becomes the RMS pool in place, where it is shared; otherwise up, plus a^2 and
+  pooled where the layer pools.
+- backward: in + cast + a, which dL/dz overwrites in place, + g + out (the next layer's
+  input, held meanwhile) + dL/dg and its scale; plus, where a later micro-batch adds its
+  weight gradient in slices of channels (asge.grad_slice), the contiguous copy of one
+  slice of dL/dz that the conv's weight gradient reads.
+Where P does not divide H and W the layer falls back to autograd, which squares a whole
+(up and a^2 in the forward) and adds a full-size dL/da (fp32) and dL/dz (s) to the
+backward, and accumulates a whole fresh gradient.
+per_sample_l is the largest of the three, forward_l the first. fixed_l is the weights, gradient and optimiser
 state, plus the larger of two temporaries that never coexist: the optimiser step's
 (``OPTIMIZER_TEMPS``) and the backward's fresh gradient of a later micro-batch, which is
 one slice of output channels (asge.grad_slice) and the bias. Measured peaks
@@ -45,7 +53,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from .asge import grad_slice
+from .asge import energy_rows, grad_slice
 from .models import LayerSpec
 
 FP32 = 4
@@ -64,8 +72,24 @@ class LayerMemory:
     input: int          # per sample: the layer's input, resident while it trains
     output: int         # per sample: what it hands to the next layer
     saved: int          # per sample: what autograd saves for backward (goodness path included)
-    per_sample: int     # per sample: the phase's peak
+    per_sample: int     # per sample: the largest phase, the squares' chunk aside
     fixed: int          # weights + gradients + optimiser state + their temporaries + fixed projection
+    forward: int = 0    # per sample: the forward phase, which also holds...
+    squares: int = 0    # ...the squares' chunk buffer, this many bytes per sample (fp32)...
+    chunk_rows: int = 0  # ...for at most this many samples
+
+    def peak(self, micro_batch: int) -> int:
+        """Bytes of this layer's training phase at a micro-batch of ``micro_batch``."""
+        m = micro_batch
+        return self.fixed + max(m * self.per_sample, m * self.forward + min(m, self.chunk_rows) * self.squares)
+
+    def largest_micro_batch(self, room: int) -> int:
+        """The largest micro-batch whose phase fits in ``room`` bytes (below 1: none does)."""
+        room -= self.fixed
+        forward = room // (self.forward + self.squares)       # while the chunk grows with the micro-batch
+        if forward >= self.chunk_rows:
+            forward = (room - self.chunk_rows * self.squares) // self.forward
+        return min(room // self.per_sample, forward)
 
 
 @dataclass(frozen=True)
@@ -86,7 +110,7 @@ class Plan:
 
     def peak_layer(self) -> int:
         """1-based index of the layer whose phase sets the peak."""
-        costs = [lm.fixed + self.micro_batch * lm.per_sample for lm in self.layers]
+        costs = [lm.peak(self.micro_batch) for lm in self.layers]
         return costs.index(max(costs)) + 1
 
     def to_dict(self) -> dict:
@@ -114,23 +138,33 @@ def layer_memory(spec: LayerSpec, precision: str, optimizer: str) -> LayerMemory
     inp = spec.in_channels * spec.height * spec.width * FP32
     out = spec.channels * spec.out_height * spec.out_width * FP32
     cast = spec.in_channels * spec.height * spec.width * s if precision != "fp32" else 0
+    good = spec.goodness_dim * FP32
     pooled = act // 4 * FP32 if spec.pool else 0
     upcast = act * FP32 if s != FP32 else 0                           # a.float() under mixed precision
-    shared = spec.energy_window > 1
-    resident = inp + cast + act * s                                   # input, its cast, the activation a
-    forward = resident + act * FP32 + max(upcast, pooled if shared else 0)
-    pooling = 3 * pooled if shared else act * FP32 + pooled if spec.pool else 0
-    transition = resident + upcast + pooling + out
+    pooling = act * FP32 + pooled if spec.pool else 0                 # a^2 and its pool, where the energy is not shared
+    resident = inp + cast + act * s + good                            # input, its cast, the activation a, its goodness
     fan_in = spec.in_channels * 9
-    piece = grad_slice(spec.channels, fan_in) if spec.even_patches else spec.channels   # channels per gradient slice
-    sliced = act * s * piece // spec.channels if piece < spec.channels else 0   # a dL/dz slice, copied
-    backward = resident + sliced if spec.even_patches else resident + act * (FP32 + s)
+    if spec.even_patches:
+        shared = pooled if spec.energy_window > 1 else 0
+        piece = grad_slice(spec.channels, fan_in)                     # output channels per gradient slice
+        sliced = act * s * piece // spec.channels if piece < spec.channels else 0   # a dL/dz slice, copied
+        forward = resident + good + shared
+        transition = resident + out + (shared or upcast + pooling)
+        backward = resident + out + 2 * good + sliced
+        rows = energy_rows(act)
+    else:
+        piece = spec.channels
+        forward = resident + act * FP32 + upcast
+        transition = resident + out + upcast + pooling
+        backward = resident + out + act * (FP32 + s)
+        rows = 0
     params = spec.channels * (fan_in + 1)
     fresh_grad = (piece * fan_in + spec.channels) * FP32              # a later micro-batch's gradient, one slice at a time
     temps = max(fresh_grad, OPTIMIZER_TEMPS[optimizer] * params * FP32)
     fixed = (params * FP32 * (2 + OPTIMIZER_STATE[optimizer]) + temps
              + (spec.goodness_dim + 1) * spec.num_classes * FP32)
-    return LayerMemory(spec.index, inp, out, cast + act * s, max(forward, transition, backward), fixed)
+    return LayerMemory(spec.index, inp, out, cast + act * s, max(forward, transition, backward), fixed,
+                       forward, act * FP32, rows)
 
 
 def _batch_bytes(specs: Sequence[LayerSpec], input_shape: tuple[int, int, int], batch: int, optimizer: str) -> int:
@@ -173,15 +207,14 @@ def plan_memory(specs: Sequence[LayerSpec], input_shape: tuple[int, int, int], b
     layers = tuple(layer_memory(s, precision, optimizer) for s in specs)
     fixed_total = sum(lm.fixed for lm in layers)
     batch_bytes = _batch_bytes(specs, input_shape, batch, optimizer)
-    min_budget = max(lm.fixed + lm.per_sample for lm in layers) + batch_bytes
+    min_budget = max(lm.peak(1) for lm in layers) + batch_bytes
     if budget is None:
         micro = batch
     else:
-        room = [(budget - batch_bytes - lm.fixed) // lm.per_sample for lm in layers]
-        largest = min(batch, min(room))
+        largest = min(batch, *(lm.largest_micro_batch(budget - batch_bytes) for lm in layers))
         if largest < 1:
             raise BudgetTooSmall(budget, min_budget)
         micro = even_micro_batch(batch, largest)
-    peak = max(lm.fixed + micro * lm.per_sample for lm in layers) + batch_bytes
+    peak = max(lm.peak(micro) for lm in layers) + batch_bytes
     parked = fixed_total - max(lm.fixed for lm in layers)
     return Plan(layers, batch, micro, math.ceil(batch / micro), precision, budget, batch_bytes, parked, peak, min_budget)

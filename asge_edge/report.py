@@ -32,10 +32,14 @@ def layer_table(specs: Sequence[LayerSpec], val: Sequence[float], test: Sequence
 
 
 def plan_table(plan: Plan) -> str:
-    """The memory plan as a table: per-sample bytes of every layer, then the totals."""
-    lines = [f"{'layer':>5} {'input/sample':>13} {'output/sample':>14} {'saved/sample':>13} {'peak/sample':>12} {'fixed':>11}"]
+    """The memory plan as a table: per-sample bytes of every layer, its fixed bytes and its
+    squares' chunk at the planned micro-batch, then the totals."""
+    lines = [f"{'layer':>5} {'input/sample':>13} {'output/sample':>14} {'saved/sample':>13} {'peak/sample':>12} "
+             f"{'fixed':>11} {'squares':>10}"]
     for lm in plan.layers:
-        lines.append(f"{lm.index:>5} {lm.input:>13,} {lm.output:>14,} {lm.saved:>13,} {lm.per_sample:>12,} {lm.fixed:>11,}")
+        squares = min(plan.micro_batch, lm.chunk_rows) * lm.squares
+        lines.append(f"{lm.index:>5} {lm.input:>13,} {lm.output:>14,} {lm.saved:>13,} {lm.per_sample:>12,} "
+                     f"{lm.fixed:>11,} {squares:>10,}")
     budget = "none" if plan.budget is None else f"{plan.budget:,} B ({format_size(plan.budget)})"
     lines += [
         "",

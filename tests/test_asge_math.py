@@ -116,6 +116,29 @@ def test_conv_relu_goodness_equals_autograd(shape, c, p, k, channels_last):
     torch.testing.assert_close(b1.grad, b2.grad)
 
 
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_squares_in_chunks_equal_the_whole_batch(monkeypatch, k, dtype, channels_last):
+    # 5 samples of 3x8x8 in chunks of 2 fp32 samples: two whole chunks and a short one.
+    monkeypatch.setattr(asge, "ENERGY_CHUNK_BYTES", 2 * 3 * 8 * 8 * 4)
+    assert asge.energy_rows(3 * 8 * 8) == 2
+    a = torch.rand(5, 3, 8, 8, generator=torch.Generator().manual_seed(3)).mul(400).to(dtype)   # fp16 squares overflow
+    if channels_last:
+        a = a.contiguous(memory_format=torch.channels_last)
+    g, energy = asge.goodness_and_energy(a, 2, k)
+    whole = asge.square(a)                                     # 5, 3, 8, 8 fp32
+    assert torch.isfinite(g).all() and g.dtype == torch.float32
+    if k == 1:
+        assert energy is None
+        assert torch.equal(g, spatial_goodness(a, 2))
+    else:   # the goodness is read from the window energies: the same patches, averaged in two steps
+        assert torch.equal(energy, F.avg_pool2d(whole, k))
+        assert torch.equal(g, asge.patch_mean(energy, 2).flatten(1))
+        torch.testing.assert_close(g, spatial_goodness(a, 2))
+        assert energy.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
 def test_later_micro_batches_add_their_gradient_in_slices(monkeypatch):
     monkeypatch.setattr(asge, "GRAD_SLICE_BYTES", 2 * 5 * 9 * 8)   # 2 of 7 output channels per fp64 slice
     assert asge.grad_slice(7, 5 * 9, 8) == 2

@@ -45,7 +45,7 @@ def test_plan_without_budget_is_the_whole_batch():
 
 
 def _peak(plan, micro):
-    return max(lm.fixed + micro * lm.per_sample for lm in plan.layers) + plan.batch_bytes
+    return max(lm.peak(micro) for lm in plan.layers) + plan.batch_bytes
 
 
 @pytest.mark.parametrize("fraction", [0.2, 0.5, 0.8])
@@ -59,6 +59,19 @@ def test_planner_takes_the_fewest_steps_that_fit_in_even_micro_batches(fraction)
     assert steps == -(-48 // plan.micro_batch)
     assert _peak(plan, -(-48 // (steps - 1))) > budget          # one step fewer does not fit
     assert plan.micro_batch == -(-48 // steps)                   # the smallest micro-batch with that many steps
+
+
+def test_largest_micro_batch_is_the_last_that_fits():
+    # Full-width VGG8: layer 2's forward, with its squares' chunk, binds at small
+    # micro-batches and its backward at large ones; every layer must invert its peak exactly.
+    layers = plan_memory(layer_specs(ModelConfig(), (3, 32, 32), 10), (3, 32, 32), 128, None).layers
+    assert layers[1].peak(1) > layers[1].fixed + layers[1].per_sample       # the chunk binds...
+    assert layers[1].peak(40) == layers[1].fixed + 40 * layers[1].per_sample   # ...until it does not
+    for lm in layers:
+        for m in range(1, 41):
+            assert lm.largest_micro_batch(lm.peak(m)) == m
+            assert lm.largest_micro_batch(lm.peak(m + 1) - 1) == m
+        assert lm.largest_micro_batch(lm.peak(1) - 1) < 1
 
 
 def test_even_micro_batch():
@@ -81,7 +94,7 @@ def test_planner_counts_layer_state_once_not_per_layer():
     plan = plan_memory(layer_specs(ModelConfig(), (3, 32, 32), 10), (3, 32, 32), 128, None)
     total_state = sum(lm.fixed for lm in plan.layers)
     assert plan.min_budget < total_state   # streaming holds one layer's state at a time
-    assert plan.planned_peak == max(lm.fixed + 128 * lm.per_sample for lm in plan.layers) + plan.batch_bytes
+    assert plan.planned_peak == _peak(plan, 128)
     assert plan.parked_bytes == total_state - max(lm.fixed for lm in plan.layers)
 
 
