@@ -22,7 +22,9 @@ How it is measured (``measured_by`` in summary.json):
   tensors). Hooks say which layer is active (it runs forward, or its optimiser steps).
   The peak over the step is reported, plus the batch's own state. Not counted: oneDNN's
   private scratch buffers, the allocator's free-but-cached memory, and Python objects.
-  So this measures tensor bytes, not the process's resident set size.
+  So this measures tensor bytes, not the process's resident set size. How much that
+  leaves out is measured by bench/rss_vs_tracked.py: with malloc caching nothing, the
+  resident set grows over a step by the tracked bytes to within 0.3 MB (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
