@@ -40,10 +40,13 @@ keeps) under mixed precision, ``up`` an fp32 copy of a, and ``pooled`` the 2x2 e
 Where P does not divide H and W the layer falls back to autograd, which squares a whole
 (up and a^2 in the forward) and adds a full-size dL/da (fp32) and dL/dz (s) to the
 backward, and accumulates a whole fresh gradient.
-per_sample_l is the largest of the three, forward_l the first. fixed_l is the weights, gradient and optimiser
-state, plus the larger of two temporaries that never coexist: the optimiser step's
-(``OPTIMIZER_TEMPS``) and the backward's fresh gradient of a later micro-batch, which is
-one slice of output channels (asge.grad_slice) and the bias. Measured peaks
+per_sample_l is the largest of the three, forward_l the first. fixed_l is the weights,
+gradient and optimiser state; under mixed precision, the s-byte copy of the weights that
+the conv reads and backward keeps; and the larger of two temporaries that never coexist:
+the optimiser step's (``OPTIMIZER_TEMPS``) and the backward's fresh gradient of a later
+micro-batch. That is one slice of output channels (asge.grad_slice) and the bias, or,
+where the gradient is one slice under mixed precision, the whole gradient in s bytes and
+its fp32 cast at once. Measured peaks
 (memory.measure_step) stay within the plan on the CPU; tests/test_streaming.py pins that.
 """
 
@@ -159,9 +162,12 @@ def layer_memory(spec: LayerSpec, precision: str, optimizer: str) -> LayerMemory
         backward = resident + out + act * (FP32 + s)
         rows = 0
     params = spec.channels * (fan_in + 1)
-    fresh_grad = (piece * fan_in + spec.channels) * FP32              # a later micro-batch's gradient, one slice at a time
+    half = params * s if s != FP32 else 0                             # the s-byte copy of the weights, saved for backward
+    # A later micro-batch's gradient, one slice at a time (added to the fp32 gradient from
+    # s bytes), or whole: in s bytes and its fp32 cast at once, before autograd adds it.
+    fresh_grad = (piece * fan_in + spec.channels) * FP32 + (half if piece == spec.channels else 0)
     temps = max(fresh_grad, OPTIMIZER_TEMPS[optimizer] * params * FP32)
-    fixed = (params * FP32 * (2 + OPTIMIZER_STATE[optimizer]) + temps
+    fixed = (params * FP32 * (2 + OPTIMIZER_STATE[optimizer]) + half + temps
              + (spec.goodness_dim + 1) * spec.num_classes * FP32)
     return LayerMemory(spec.index, inp, out, cast + act * s, max(forward, transition, backward), fixed,
                        forward, act * FP32, rows)
