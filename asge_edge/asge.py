@@ -216,8 +216,9 @@ class _ConvReluGoodness(torch.autograd.Function):
             _, grad_w, grad_b = _conv_grads(grad_z, h, weight, ctx.padding, True)
             return None, grad_w.to(ctx.param_dtypes[0]), grad_b.to(ctx.param_dtypes[1]), None, None, None
         for o in range(0, c, step):   # add this micro-batch's gradient slice by slice: no weight-sized temporary
-            # Not bound to a name: each slice is freed before the next is computed.
-            accumulated[o:o + step].add_(_conv_grads(grad_z[:, o:o + step], h, weight[o:o + step], ctx.padding, False)[1])
+            _, grad_w, _ = _conv_grads(grad_z[:, o:o + step], h, weight[o:o + step], ctx.padding, False)
+            accumulated[o:o + step].add_(grad_w)                          # slice, C_in, kh, kw
+            del grad_w   # freed before the next slice is computed, not after: one slice at a time
         grad_b = grad_z.sum((0, 2, 3), dtype=torch.promote_types(grad_z.dtype, torch.float32))   # C
         return None, None, grad_b.to(ctx.param_dtypes[1]), None, None, None
 
