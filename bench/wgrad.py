@@ -10,7 +10,11 @@ rounds (rounds.alternate):
 - as-forward: dW as a forward conv of the transposed input by the transposed dL/dz
   (batch as the channel to reduce over);
 - im2col-gemm: dW = dL/dz (C_out x BHW) @ im2col(h) (BHW x 9 C_in), im2col built in NHWC.
-Every variant is checked against onednn before timing.
+Every variant is checked against onednn before timing. The forward and onednn are also
+timed on one thread, for the question of running two layers at once, a thread each,
+instead of one layer on both threads (ASGE's layers do not wait on each other): the last
+column is (forward + onednn on one thread) / 2 over (forward + onednn on all threads), an
+upper bound on that speed-up's reciprocal if the two threads never got in each other's way.
 
     python bench/wgrad.py [--rounds 7]
 """
@@ -55,11 +59,17 @@ def im2col_gemm(gz: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> torch.Ten
     return (g.t() @ cols).view(c_out, c_in, 3, 3)                         # C_out, C_in, 3, 3
 
 
-def timed(fn: Callable[[], object]) -> Callable[[], float]:
+def timed(fn: Callable[[], object], threads: int | None = None) -> Callable[[], float]:
+    """A closure that runs ``fn`` (on ``threads`` intra-op threads, if given) and returns ms."""
     def run() -> float:
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads or before)
+        try:
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e3
+        finally:
+            torch.set_num_threads(before)
     return run
 
 
@@ -71,7 +81,7 @@ def main() -> None:
     print(f"batch {BATCH}, channels_last, CPU threads {torch.get_num_threads()}, torch {torch.__version__}; "
           f"median ms of {a.rounds} rounds")
     print(f"{'C_in->C_out @ HxW':<20} {'forward':>8} " + " ".join(f"{n:>12}" for n in variants)
-          + f" {'onednn/forward':>15}")
+          + f" {'onednn/forward':>15} {'forward 1T':>11} {'onednn 1T':>10} {'2 layers 1T':>12}")
     g = torch.Generator().manual_seed(0)
     for c_in, c_out, s in LAYERS:
         cl = torch.channels_last
@@ -83,9 +93,13 @@ def main() -> None:
             torch.testing.assert_close(fn(gz, h, w), ref, rtol=1e-3, atol=1e-3 * ref.abs().max().item(), msg=name)
         fns = {"forward": timed(lambda: F.conv2d(h, w, padding=1))}
         fns.update({name: timed(lambda fn=fn: fn(gz, h, w)) for name, fn in variants.items()})
+        fns["forward 1T"] = timed(lambda: F.conv2d(h, w, padding=1), threads=1)
+        fns["onednn 1T"] = timed(lambda: onednn(gz, h, w), threads=1)
         ms = {name: statistics.median(t) for name, t in alternate(fns, a.rounds).items()}
+        paired = (ms["forward 1T"] + ms["onednn 1T"]) / 2 / (ms["forward"] + ms["onednn"])
         print(f"{f'{c_in}->{c_out} @ {s}x{s}':<20} {ms['forward']:>8.1f} "
-              + " ".join(f"{ms[n]:>12.1f}" for n in variants) + f" {ms['onednn'] / ms['forward']:>15.2f}")
+              + " ".join(f"{ms[n]:>12.1f}" for n in variants) + f" {ms['onednn'] / ms['forward']:>15.2f}"
+              + f" {ms['forward 1T']:>11.1f} {ms['onednn 1T']:>10.1f} {paired:>12.2f}")
 
 
 if __name__ == "__main__":
