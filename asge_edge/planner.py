@@ -46,7 +46,8 @@ the conv reads and backward keeps; and the larger of two temporaries that never 
 the optimiser step's (``OPTIMIZER_TEMPS``) and the backward's fresh gradient of a later
 micro-batch. That is one slice of output channels (asge.grad_slice) and the bias, or,
 where the gradient is one slice under mixed precision, the whole gradient in s bytes and
-its fp32 cast at once. Measured peaks
+its fp32 cast at once. Under mixed precision, the first micro-batch's gradient also
+exists in s bytes beside its fp32 cast, which is a third candidate for the larger. Measured peaks
 (memory.measure_step) stay within the plan on the CPU; tests/test_streaming.py pins that.
 """
 
@@ -163,10 +164,11 @@ def layer_memory(spec: LayerSpec, precision: str, optimizer: str) -> LayerMemory
         rows = 0
     params = spec.channels * (fan_in + 1)
     half = params * s if s != FP32 else 0                             # the s-byte copy of the weights, saved for backward
-    # A later micro-batch's gradient, one slice at a time (added to the fp32 gradient from
-    # s bytes), or whole: in s bytes and its fp32 cast at once, before autograd adds it.
+    # The first micro-batch's gradient is whole: in s bytes beside its fp32 cast (the
+    # gradient itself). A later one's is added one slice at a time (from s bytes), or, as
+    # one slice, exists whole in s bytes and in fp32 at once, before autograd adds it.
     fresh_grad = (piece * fan_in + spec.channels) * FP32 + (half if piece == spec.channels else 0)
-    temps = max(fresh_grad, OPTIMIZER_TEMPS[optimizer] * params * FP32)
+    temps = max(half, fresh_grad, OPTIMIZER_TEMPS[optimizer] * params * FP32)
     fixed = (params * FP32 * (2 + OPTIMIZER_STATE[optimizer]) + half + temps
              + (spec.goodness_dim + 1) * spec.num_classes * FP32)
     return LayerMemory(spec.index, inp, out, cast + act * s, max(forward, transition, backward), fixed,
