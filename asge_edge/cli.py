@@ -29,7 +29,8 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see '{self.prog} --help')")
 
 
-def _shape(text: str) -> tuple[int, int, int]:
+def parse_shape(text: str) -> tuple[int, int, int]:
+    """"CxHxW" (as in 3x32x32) -> (C, H, W); an argparse type: bad text raises ArgumentTypeError."""
     try:
         c, h, w = (int(v) for v in text.lower().split("x"))
     except ValueError:
@@ -88,7 +89,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     d.add_argument("--val-size", type=_positive_int, default=None, help="validation images held out of train "
                    "(default 10000 for MNIST/F-MNIST, 5000 for CIFAR, 10%% otherwise)")
     d.add_argument("--augment", action="store_true", help="random crop (pad 4) and horizontal flip (CIFAR)")
-    d.add_argument("--input-shape", type=_shape, default=DataConfig.input_shape, help="synthetic: CxHxW")
+    d.add_argument("--input-shape", type=parse_shape, default=DataConfig.input_shape, help="synthetic: CxHxW")
     d.add_argument("--num-classes", type=_positive_int, default=DataConfig.num_classes, help="synthetic: classes")
     d.add_argument("--train-size", type=_positive_int, default=DataConfig.train_size, help="synthetic: training images")
     d.add_argument("--image-size", type=_positive_int, default=DataConfig.image_size, help="imagefolder: side in pixels")
@@ -132,7 +133,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     pl.add_argument("--model", default="vgg8", choices=tuple(PRESETS))
     pl.add_argument("--width", type=_positive_float, default=1.0)
     pl.add_argument("--alpha", type=_non_negative_float, default=1.0)
-    pl.add_argument("--input-shape", type=_shape, default=(1, 28, 28), help="CxHxW (default 1x28x28, Fashion-MNIST)")
+    pl.add_argument("--input-shape", type=parse_shape, default=(1, 28, 28), help="CxHxW (default 1x28x28, Fashion-MNIST)")
     pl.add_argument("--num-classes", type=_positive_int, default=10)
     pl.add_argument("--batch-size", type=_positive_int, default=TrainConfig.batch_size)
     pl.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS)

@@ -82,10 +82,14 @@ class LayerMemory:
     squares: int        # ...the squares' chunk buffer, this many bytes per sample (fp32)...
     chunk_rows: int     # ...for at most this many samples (0: the layer squares a whole, in per_sample)
 
+    def chunk(self, micro_batch: int) -> int:
+        """Bytes of the squares' chunk buffer at a micro-batch of ``micro_batch``."""
+        return min(micro_batch, self.chunk_rows) * self.squares
+
     def peak(self, micro_batch: int) -> int:
         """Bytes of this layer's training phase at a micro-batch of ``micro_batch``."""
         m = micro_batch
-        return self.fixed + max(m * self.per_sample, m * self.forward + min(m, self.chunk_rows) * self.squares)
+        return self.fixed + max(m * self.per_sample, m * self.forward + self.chunk(m))
 
     def largest_micro_batch(self, room: int) -> int:
         """The largest micro-batch whose phase fits in ``room`` bytes (below 1: none does)."""

@@ -37,9 +37,8 @@ def plan_table(plan: Plan) -> str:
     lines = [f"{'layer':>5} {'input/sample':>13} {'output/sample':>14} {'saved/sample':>13} {'peak/sample':>12} "
              f"{'fixed':>11} {'squares':>10}"]
     for lm in plan.layers:
-        squares = min(plan.micro_batch, lm.chunk_rows) * lm.squares
         lines.append(f"{lm.index:>5} {lm.input:>13,} {lm.output:>14,} {lm.saved:>13,} {lm.per_sample:>12,} "
-                     f"{lm.fixed:>11,} {squares:>10,}")
+                     f"{lm.fixed:>11,} {lm.chunk(plan.micro_batch):>10,}")
     budget = "none" if plan.budget is None else f"{plan.budget:,} B ({format_size(plan.budget)})"
     lines += [
         "",

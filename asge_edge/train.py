@@ -185,7 +185,8 @@ def _run_epoch(method: Method, cfg: RunConfig, splits, device, epoch: int, step:
     tc = cfg.train
     lr, measured = tc.resolved_lr, None
     gen = _epoch_generator(tc.seed, epoch)
-    for b, (x, y) in enumerate(batches(splits.train, _global_batch(world, tc.batch_size), gen, cfg.data.augment, workers)):
+    size = _global_batch(world, tc.batch_size)
+    for b, (x, y) in enumerate(batches(splits.train, size, gen, cfg.data.augment, workers)):
         if b < ep.batches:
             continue
         lr = cosine_lr(step, total, tc.resolved_lr, tc.resolved_lr_min)

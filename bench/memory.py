@@ -30,13 +30,14 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from asge_edge.budget import format_size, parse_size
+from asge_edge.cli import parse_shape
 from asge_edge.config import ModelConfig, TrainConfig
 from asge_edge.memory import measure_step
 from asge_edge.methods import ASGEMethod, BPMethod
 from asge_edge.models import ASGENet, gap, layer_specs
 from asge_edge.planner import BudgetTooSmall, plan_memory
 from rounds import alternate
-from workload import NUM_CLASSES, add_args, make_batch, make_net, parse_shape
+from workload import NUM_CLASSES, add_args, make_batch, make_net
 
 BUDGETS = ("64MB", "16MB", "4MB")
 

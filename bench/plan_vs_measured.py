@@ -14,11 +14,12 @@ from __future__ import annotations
 import argparse
 
 from asge_edge.budget import format_size, parse_size
+from asge_edge.cli import parse_shape
 from asge_edge.config import ModelConfig, TrainConfig
 from asge_edge.memory import measure_step
 from asge_edge.methods import ASGEMethod
 from asge_edge.planner import BudgetTooSmall, plan_memory
-from workload import add_args, make_batch, make_net, parse_shape
+from workload import add_args, make_batch, make_net
 
 BUDGETS = ("none", "64MB", "16MB", "6MB", "4.2MB", "2MB")
 

@@ -17,9 +17,10 @@ import resource
 
 from torch.profiler import ProfilerActivity, profile
 
+from asge_edge.cli import parse_shape
 from asge_edge.config import ModelConfig, TrainConfig
 from asge_edge.methods import make_method
-from workload import add_args, make_batch, make_net, parse_shape
+from workload import add_args, make_batch, make_net
 
 STEPS = 3
 

@@ -25,11 +25,12 @@ from pathlib import Path
 import torch
 
 from asge_edge.budget import format_size, parse_size
+from asge_edge.cli import parse_shape
 from asge_edge.config import ModelConfig, TrainConfig
 from asge_edge.memory import LiveTensorBytes
 from asge_edge.methods import make_method
 from asge_edge.planner import plan_memory
-from workload import NUM_CLASSES, add_args, make_batch, make_net, parse_shape
+from workload import NUM_CLASSES, add_args, make_batch, make_net
 
 M_MMAP_THRESHOLD = -3   # glibc's mallopt parameter number
 MMAP_THRESHOLD = 1 << 16

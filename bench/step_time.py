@@ -24,10 +24,11 @@ from typing import Callable
 
 import torch
 
+from asge_edge.cli import parse_shape
 from asge_edge.config import ModelConfig, TrainConfig
 from asge_edge.methods import make_method
 from rounds import alternate
-from workload import add_args, make_batch, make_net, parse_shape
+from workload import add_args, make_batch, make_net
 
 TARGET = 0.7
 FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}

@@ -1,7 +1,7 @@
 """The synthetic workload the training benches share: one network and one seeded batch.
 
 Contract: ``add_args(parser)`` adds --width, --input-shape and --batch-size with the
-given defaults; ``parse_shape("1x28x28")`` gives (C, H, W); ``make_net(cfg, shape)``
+given defaults (parse --input-shape with asge_edge.cli.parse_shape); ``make_net(cfg, shape)``
 builds an ASGENet for 10 classes with fixed normalisation, in ``memory_format``;
 ``make_batch(n, shape)`` gives seeded [0, 1] pixels (n, C, H, W), laid out as the trainer lays them out
 (device.channels_last) or contiguous, and labels (n,). Same arguments, same tensors.
@@ -18,11 +18,6 @@ from asge_edge.device import channels_last
 from asge_edge.models import ASGENet
 
 NUM_CLASSES = 10
-
-
-def parse_shape(text: str) -> tuple[int, int, int]:
-    c, h, w = (int(v) for v in text.split("x"))
-    return c, h, w
 
 
 def add_args(p: argparse.ArgumentParser, width: float = 0.25, shape: str = "1x28x28") -> None:
