@@ -15,6 +15,9 @@ timed on one thread, for the question of running two layers at once, a thread ea
 instead of one layer on both threads (ASGE's layers do not wait on each other): the last
 column is (forward + onednn on one thread) / 2 over (forward + onednn on all threads), an
 upper bound on that speed-up's reciprocal if the two threads never got in each other's way.
+The last line then runs it: the four layers' forward and weight gradient as two
+concurrent streams of two layers, a Python thread and one intra-op thread each, against
+the four in turn on all threads.
 
     python bench/wgrad.py [--rounds 7]
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import threading
 import time
 from typing import Callable
 
@@ -73,6 +77,24 @@ def timed(fn: Callable[[], object], threads: int | None = None) -> Callable[[], 
     return run
 
 
+def layer_work(h: torch.Tensor, gz: torch.Tensor, w: torch.Tensor) -> None:
+    """One ASGE layer's convolutions: the forward and the weight gradient."""
+    F.conv2d(h, w, padding=1)
+    onednn(gz, h, w)
+
+
+def two_streams(streams: list[list[tuple]]) -> None:
+    """Run each stream's layers in a thread of its own, on one intra-op thread each."""
+    def run(stream: list[tuple]) -> None:
+        for tensors in stream:
+            layer_work(*tensors)
+    threads = [threading.Thread(target=run, args=(stream,)) for stream in streams]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=7)
@@ -83,6 +105,7 @@ def main() -> None:
     print(f"{'C_in->C_out @ HxW':<20} {'forward':>8} " + " ".join(f"{n:>12}" for n in variants)
           + f" {'onednn/forward':>15} {'forward 1T':>11} {'onednn 1T':>10} {'2 layers 1T':>12}")
     g = torch.Generator().manual_seed(0)
+    work = []   # (tensors, ms of its forward + weight gradient on one thread) per layer
     for c_in, c_out, s in LAYERS:
         cl = torch.channels_last
         h = torch.randn(BATCH, c_in, s, s, generator=g).contiguous(memory_format=cl)      # B, C_in, H, W
@@ -100,6 +123,20 @@ def main() -> None:
         print(f"{f'{c_in}->{c_out} @ {s}x{s}':<20} {ms['forward']:>8.1f} "
               + " ".join(f"{ms[n]:>12.1f}" for n in variants) + f" {ms['onednn'] / ms['forward']:>15.2f}"
               + f" {ms['forward 1T']:>11.1f} {ms['onednn 1T']:>10.1f} {paired:>12.2f}")
+        work.append(((h, gz, w), ms["forward 1T"] + ms["onednn 1T"]))
+
+    streams: list[list[tuple]] = [[], []]   # largest first, each to the lighter stream
+    loads = [0.0, 0.0]
+    for tensors, cost in sorted(work, key=lambda item: -item[1]):
+        lighter = loads.index(min(loads))
+        streams[lighter].append(tensors)
+        loads[lighter] += cost
+    fns = {"in turn": timed(lambda: [layer_work(*tensors) for tensors, _ in work]),
+           "two streams": timed(lambda: two_streams(streams), threads=1)}
+    ms = {name: statistics.median(t) for name, t in alternate(fns, a.rounds).items()}
+    print(f"all four layers: in turn on {torch.get_num_threads()} threads {ms['in turn']:.1f} ms, as two streams "
+          f"(one-thread loads {loads[0]:.0f} and {loads[1]:.0f} ms) {ms['two streams']:.1f} ms: "
+          f"{ms['two streams'] / ms['in turn']:.2f}")
 
 
 if __name__ == "__main__":
