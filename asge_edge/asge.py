@@ -125,6 +125,11 @@ def rms_from_energy(energy: torch.Tensor, in_place: bool = False) -> torch.Tenso
     return energy.clamp_min_(RMS_EPS).sqrt_() if in_place else energy.clamp_min(RMS_EPS).sqrt()
 
 
+def memory_layout(a: torch.Tensor) -> torch.memory_format:
+    """channels_last where ``a`` (B, C, H, W) has its channels innermost (C > 1), else contiguous."""
+    return torch.channels_last if a.stride(1) == 1 and a.shape[1] > 1 else torch.contiguous_format
+
+
 def goodness_and_energy(a: torch.Tensor, p: int, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Patch goodness of ``a`` and, when k > 1, its k x k mean energy, without autograd.
 
@@ -146,7 +151,7 @@ def goodness_and_energy(a: torch.Tensor, p: int, k: int) -> tuple[torch.Tensor, 
     b, c, hh, ww = a.shape
     rows = min(b, energy_rows(c * hh * ww))
     like = dict(dtype=torch.promote_types(a.dtype, torch.float32), device=a.device)   # fp32 (fp64 stays fp64)
-    layout = torch.channels_last if a.stride(1) == 1 and c > 1 else torch.contiguous_format
+    layout = memory_layout(a)
     buf = torch.empty((rows, c, hh, ww), memory_format=layout, **like)                        # rows, C, H, W
     energy = torch.empty((b, c, hh // k, ww // k), memory_format=layout, **like) if k > 1 else None   # B, C, H/k, W/k
     g = None if energy is not None else torch.empty((b, c, p, p), **like)                   # B, C, p, p
@@ -209,8 +214,11 @@ class _ConvReluGoodness(torch.autograd.Function):
         h, weight, a = ctx.saved_tensors
         b, c, hh, ww = a.shape
         p = ctx.p
-        scale = grad_g.view(b, c, p, 1, p, 1) * (2.0 / ((hh // p) * (ww // p)))       # B, C, p, 1, p, 1
-        grad_z = a.view(b, c, p, hh // p, p, ww // p).mul_(scale).view(b, c, hh, ww)   # B, C, H, W (in a)
+        # The scale takes a's layout, so that the multiply's innermost loop runs along unit
+        # strides in both: broadcast from NCHW onto channels_last, it ran 3-5x slower.
+        scale = (grad_g.view(b, c, p, p) * (2.0 / ((hh // p) * (ww // p)))).contiguous(
+            memory_format=memory_layout(a))                                                # B, C, p, p
+        grad_z = a.view(b, c, p, hh // p, p, ww // p).mul_(scale.view(b, c, p, 1, p, 1)).view(b, c, hh, ww)   # B, C, H, W (in a)
         accumulated, step = ctx.weight_param.grad, grad_slice(c, weight[0].numel())
         if accumulated is None or step >= c:   # nothing to add to yet, or the whole gradient is one slice
             _, grad_w, grad_b = _conv_grads(grad_z, h, weight, ctx.padding, True)
