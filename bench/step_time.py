@@ -6,7 +6,8 @@ Claims:
   carries no graph. The goodness backward is also fused (asge.relu_goodness).
 - device.py: channels_last makes both faster on the CPU (oneDNN); this prints by how much.
 
-It also times the steps' convolutions alone, in channels_last: per layer, the forward and
+Then, in rounds of their own (so that their tensors do not change the heap the steps ran
+on), it times the steps' convolutions alone, in channels_last: per layer, the forward and
 the weight and bias gradients (ASGE), plus the input gradient for layers 2..L (BP), on
 random tensors of each layer's shapes, with the kernels the steps call. Their ratio is what
 the convolution kernels alone give, before the rest of each step's work (ASGE's goodness,
@@ -104,14 +105,17 @@ def main() -> None:
     cfg = ModelConfig(arch=a.model, width=a.width)
     keys = [(m, f) for f in FORMATS for m in ("asge", "bp")]
     rounds = {k: make_round(k[0], cfg, shape, a.batch_size, a.steps, FORMATS[k[1]]) for k in keys}
-    for m in ("asge", "bp"):
-        rounds[(m, "convs only")] = make_conv_round(cfg, shape, a.batch_size, a.steps, input_grad=m == "bp")
     times = alternate(rounds, a.rounds)
+    # The convolutions alone, afterwards: their tensors would change the heap the steps run on.
+    del rounds
+    convs = {(m, "convs only"): make_conv_round(cfg, shape, a.batch_size, a.steps, input_grad=m == "bp")
+             for m in ("asge", "bp")}
+    times.update(alternate(convs, a.rounds))
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"{a.model} width {a.width}, input {a.input_shape}, batch {a.batch_size}, "
           f"{a.rounds} rounds x {a.steps} steps, CPU threads {torch.get_num_threads()}, torch {torch.__version__}")
     print(f"{'method':<6} {'memory format':<14} {'median step (ms)':>17} {'min (ms)':>9} {'max (ms)':>9}")
-    for k in rounds:
+    for k in times:
         print(f"{k[0]:<6} {k[1]:<14} {1e3 * med[k]:>17.1f} {1e3 * min(times[k]):>9.1f} {1e3 * max(times[k]):>9.1f}")
     for f in FORMATS:
         ratios = paired(times, ("asge", f), ("bp", f))
