@@ -256,9 +256,11 @@ def _cmd_export(a: argparse.Namespace) -> int:
         what = f"early exit at layer {report['exit_layer']}" if report["exit_layer"] else "Fusion network"
         print(f"{what} -> {report['onnx']} ({report['bytes']:,} B, validation accuracy {100 * report['val_accuracy']:.2f}%)")
         print("onnx.checker (full): passed")
+        tol = report["tolerance"]
         for b, d in report["parity_max_abs_diff"].items():
-            print(f"ONNX Runtime vs PyTorch, batch {b}: max abs diff {d:.2e} "
-                  f"({'within' if d <= report['tolerance'] else 'OVER'} tolerance {report['tolerance']:g})")
+            scale = report["parity_logit_scale"][b]
+            print(f"ONNX Runtime vs PyTorch, batch {b}: max abs diff {d:.2e}, {d / scale:.1e} of the logit scale "
+                  f"{scale:.3g} ({'within' if d <= tol * scale else 'OVER'} tolerance {tol:g})")
         print(f"ONNX Runtime latency: {report['ort_ms_per_image']:.3f} ms per image (batch 1, 1 thread)")
         if "tensorrt" in report:
             print(f"TensorRT engine: {report['tensorrt']['engine']}")

@@ -1,10 +1,12 @@
 """ONNX Runtime against PyTorch, and ONNX Runtime's latency.
 
 Contract: ``parity`` runs an exported model in ONNX Runtime (CPU) and a PyTorch
-reference on the same seeded [0, 1] images at each batch size and returns the max abs
-difference of the first output per batch; ``latency_ms`` is ONNX Runtime's median time
-per image at batch 1 on one thread (the embedded case), after warm-up. Tolerances are the
-named constants below, measured on the CPU-sized VGG8 (docs/BENCHMARKS.md).
+reference on the same seeded [0, 1] images at each batch size and returns, per batch, the
+max abs difference of the first output and the reference's ``logit_scale``; a difference is
+within tolerance when it is at most the tolerance times that scale. ``latency_ms`` is ONNX
+Runtime's median time per image at batch 1 on one thread (the embedded case), after
+warm-up. Tolerances are the named constants below, measured on the CPU-sized VGG8
+(docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -19,10 +21,19 @@ import onnxruntime as ort
 import torch
 
 PARITY_BATCHES = (1, 17)
-# Logits reach about 10 in magnitude; fp32 ONNX Runtime vs PyTorch differs by ~3e-5 there.
-ONNX_ATOL = 1e-3
-# --half: fp16 convs against the fp32 PyTorch network, measured up to ~7e-3.
-HALF_ATOL = 5e-2
+# Tolerances are relative to the logits' scale (logit_scale): two runtimes' fp32 convolutions
+# round differently, by amounts that grow with the values, and goodness logits have no fixed
+# scale: about 10 for the CPU-sized Fashion-MNIST VGG8, where fp32 ONNX Runtime and PyTorch
+# differ by ~3e-5 (3e-6 of the scale), and over 400 after one epoch of the full-width VGG8 on
+# the synthetic set, where they differ by ~1.3e-3 (the same 3e-6 of the scale).
+ONNX_RTOL = 1e-4
+# --half: fp16 convs against the fp32 PyTorch network, measured up to ~7e-3 at a scale of ~10.
+HALF_RTOL = 5e-3
+
+
+def logit_scale(ref: np.ndarray) -> float:
+    """max(1, max |ref|): what parity differences are measured against."""
+    return max(1.0, float(np.abs(ref).max()))
 
 
 def session(path: Path, threads: int = 0) -> ort.InferenceSession:
@@ -33,8 +44,9 @@ def session(path: Path, threads: int = 0) -> ort.InferenceSession:
 
 
 def parity(path: Path, reference: Callable[[torch.Tensor], torch.Tensor], input_shape: tuple[int, ...],
-           batches: tuple[int, ...] = PARITY_BATCHES, seed: int = 0) -> dict[int, float]:
-    """Max abs difference between ONNX Runtime and ``reference`` per batch size."""
+           batches: tuple[int, ...] = PARITY_BATCHES, seed: int = 0) -> dict[int, tuple[float, float]]:
+    """(max abs difference between ONNX Runtime and ``reference``, the reference's logit_scale)
+    per batch size."""
     sess = session(path)
     name = sess.get_inputs()[0].name
     gen = torch.Generator().manual_seed(seed)
@@ -44,7 +56,7 @@ def parity(path: Path, reference: Callable[[torch.Tensor], torch.Tensor], input_
         with torch.no_grad():
             ref = reference(x).float().numpy()
         out = sess.run(None, {name: x.numpy()})[0]
-        diffs[b] = float(np.abs(out - ref).max())
+        diffs[b] = (float(np.abs(out - ref).max()), logit_scale(ref))
     return diffs
 
 

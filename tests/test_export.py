@@ -1,18 +1,21 @@
 """Export: ONNX early exit and Fusion net, --half, TensorRT readiness, the cascade, infer."""
 
 import json
+import shutil
 
 import numpy as np
 import onnx
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from asge_edge.checkpoint import load_run
 from asge_edge.cli import main
 from asge_edge.data import load_splits
 from export.cascade import NEVER, Cascade, calibrate
 from export.tensorrt import compatibility_problems, trtexec_command
-from export.verify import HALF_ATOL, ONNX_ATOL
+from export.verify import HALF_RTOL, ONNX_RTOL, logit_scale
 
 
 def _export(args, capsys):
@@ -64,13 +67,33 @@ def test_early_exit_matches_pytorch_at_any_batch(exit_model, test_images):
     for b in (1, 5, 40):
         with torch.no_grad():
             ref = net.exit_logits(torch.from_numpy(x[:b]), k).numpy()
-        assert np.abs(sess.run(None, {"images": x[:b]})[0] - ref).max() <= ONNX_ATOL
+        assert np.abs(sess.run(None, {"images": x[:b]})[0] - ref).max() <= ONNX_RTOL * logit_scale(ref)
+
+
+def test_parity_is_judged_against_the_logits_scale(tiny_run, tmp_path, capsys):
+    """Goodness logits have no fixed scale. With the exit layer's fixed projection scaled
+    1000x, the logits and the two runtimes' rounding differences grow 1000x (past the old
+    absolute tolerance of 1e-3), and the export still passes; it would not with a wrong graph."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    k = json.loads((run / "summary.json").read_text())["best_layer"]
+    path = run / "model.safetensors"
+    with safe_open(path, "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(path)
+    for name in (f"layers.{k - 1}.proj_w", f"layers.{k - 1}.proj_b"):
+        tensors[name] = tensors[name] * 1000
+    save_file(tensors, path, metadata=metadata)
+    report = _export([str(run), "--early-exit", "--out", str(tmp_path / "x.onnx")], capsys)
+    assert report["ok"] and min(report["parity_logit_scale"].values()) > 1000
+    assert max(report["parity_max_abs_diff"].values()) > 1e-3
 
 
 def test_half_fusion_export_keeps_squares_fp32_and_meets_its_tolerance(tiny_run, tmp_path, capsys):
     report = _export([str(tiny_run), "--half", "--out", str(tmp_path / "f16.onnx")], capsys)
-    assert report["ok"] and report["strategy"] == "fusion" and report["tolerance"] == HALF_ATOL
-    assert max(report["parity_max_abs_diff"].values()) <= HALF_ATOL
+    assert report["ok"] and report["strategy"] == "fusion" and report["tolerance"] == HALF_RTOL
+    for b, d in report["parity_max_abs_diff"].items():
+        assert d <= HALF_RTOL * report["parity_logit_scale"][b]
     model = onnx.load(str(tmp_path / "f16.onnx"))
     inits = {t.name: t for t in model.graph.initializer}
     convs = [n for n in model.graph.node if n.op_type == "Conv"]
@@ -136,7 +159,7 @@ def test_cascade_outputs_equal_the_network_up_to_the_chosen_exit(cascade_dir, te
             rows = res.exit_layer == k
             with torch.no_grad():
                 ref = net.exit_logits(torch.from_numpy(x[rows]), k).numpy()
-            assert np.abs(res.logits[rows] - ref).max() <= ONNX_ATOL
+            assert np.abs(res.logits[rows] - ref).max() <= ONNX_RTOL * logit_scale(ref)
     assert (Cascade(cascade_dir).run(x, NEVER).exit_layer == 7).all()
 
 
