@@ -46,6 +46,21 @@ def test_input_too_small_for_model(capsys, tmp_path):
                     "too small")
 
 
+def test_one_class_is_refused(capsys, tmp_path):
+    _one_line_error(capsys, ["train", *TINY_RUN, "--num-classes", "1", "--out", str(tmp_path / "o")],
+                    "at least 2")
+
+
+def test_imagefolder_with_one_class_is_refused(capsys, tmp_path):
+    from PIL import Image
+
+    for sub in ("train", "val"):
+        (tmp_path / sub / "cat").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / sub / "cat" / "0.png")
+    _one_line_error(capsys, ["train", "--dataset", "imagefolder", "--data-root", str(tmp_path),
+                             "--out", str(tmp_path / "o")], "at least 2")
+
+
 def test_non_empty_out_is_not_overwritten(capsys, tmp_path):
     (tmp_path / "keep.txt").write_text("precious")
     _one_line_error(capsys, ["train", *TINY_RUN, "--out", str(tmp_path)], "--force")
