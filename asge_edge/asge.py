@@ -218,7 +218,8 @@ class _ConvReluGoodness(torch.autograd.Function):
         # strides in both: broadcast from NCHW onto channels_last, it ran 3-5x slower.
         scale = (grad_g.view(b, c, p, p) * (2.0 / ((hh // p) * (ww // p)))).contiguous(
             memory_format=memory_layout(a))                                                # B, C, p, p
-        grad_z = a.view(b, c, p, hh // p, p, ww // p).mul_(scale.view(b, c, p, 1, p, 1)).view(b, c, hh, ww)   # B, C, H, W (in a)
+        patches = a.view(b, c, p, hh // p, p, ww // p)                                   # B, C, p, H/p, p, W/p
+        grad_z = patches.mul_(scale.view(b, c, p, 1, p, 1)).view(b, c, hh, ww)         # B, C, H, W (in a)
         accumulated, step = ctx.weight_param.grad, grad_slice(c, weight[0].numel())
         if accumulated is None or step >= c:   # nothing to add to yet, or the whole gradient is one slice
             _, grad_w, grad_b = _conv_grads(grad_z, h, weight, ctx.padding, True)

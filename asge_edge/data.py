@@ -234,7 +234,8 @@ def load_splits(cfg: DataConfig) -> Splits:
             train, test, names = loader(cfg, root)
         mean, std = NORMS[cfg.dataset]
     if len(names) < 2:
-        raise UserError(f"{cfg.dataset} has {len(names)} class{'' if len(names) == 1 else 'es'}; a classifier needs at least 2 "
+        classes = f"{len(names)} class{'' if len(names) == 1 else 'es'}"
+        raise UserError(f"{cfg.dataset} has {classes}; a classifier needs at least 2 "
                         "(--num-classes for synthetic, one folder per class for imagefolder)")
     n = len(train)
     val_size = cfg.val_size if cfg.val_size is not None else DEFAULT_VAL.get(cfg.dataset, max(1, n // 10))
