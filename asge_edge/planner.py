@@ -58,6 +58,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from .asge import energy_rows, grad_slice
+from .budget import format_size
 from .models import LayerSpec
 
 FP32 = 4
@@ -137,6 +138,11 @@ class BudgetTooSmall(ValueError):
     def __init__(self, budget: int, min_budget: int):
         super().__init__(f"memory budget {budget} B is too small: even a micro-batch of 1 needs {min_budget} B")
         self.budget, self.min_budget = budget, min_budget
+
+    def advice(self, what: str) -> str:
+        """One line for the user: the budget is too small for ``what``, and the smallest that works."""
+        return (f"--memory-budget {self.budget} B ({format_size(self.budget)}) is too small for {what}; "
+                f"the smallest that works is {self.min_budget} B ({format_size(self.min_budget)})")
 
 
 def layer_memory(spec: LayerSpec, precision: str, optimizer: str) -> LayerMemory:

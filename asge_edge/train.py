@@ -129,8 +129,8 @@ def configure_streaming(cfg: RunConfig, method: Method, device: torch.device) ->
         plan = plan_memory(method.net.specs, cfg.info.input_shape, cfg.train.batch_size, cfg.train.memory_budget,
                            method.precision, cfg.train.optimizer)
     except BudgetTooSmall as e:
-        raise UserError(f"--memory-budget {e.budget} B is too small for {cfg.model.arch} x{cfg.model.width} at this "
-                        f"input; the smallest that works is {e.min_budget} B") from None
+        shape = "x".join(map(str, cfg.info.input_shape))
+        raise UserError(e.advice(f"{cfg.model.arch} x{cfg.model.width} at {shape}")) from None
     method.micro_batch = plan.micro_batch
     return plan
 
