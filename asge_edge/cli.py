@@ -124,7 +124,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     r = t.add_argument_group("run")
     r.add_argument("--out", type=Path, default=Path("runs/latest"), help="output directory (default runs/latest)")
     r.add_argument("--force", action="store_true", help="overwrite the outputs of a previous run in --out")
-    r.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    r.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint, "
+                   "with the settings saved in its config.json (other training flags are ignored)")
     r.add_argument("--checkpoint-every", type=_positive_int, default=None, metavar="N",
                    help="also save the state every N steps (default: at each epoch's end; Ctrl-C always saves)")
     r.add_argument("--quiet", action="store_true", help="no progress bar or tables")

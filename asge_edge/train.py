@@ -288,6 +288,9 @@ def train(cfg: RunConfig, opts: RunOptions) -> dict[str, Any]:
         print(f"asge-edge {__version__}: {tc.method} {cfg.model.arch} x{cfg.model.width} on {cfg.data.dataset} "
               f"({len(splits.train)}/{len(splits.val)}/{len(splits.test)} train/val/test), {device} {precision}, "
               f"lr {tc.resolved_lr:.3g} -> {tc.resolved_lr_min:.3g}, batch {tc.batch_size}, {tc.epochs} epochs")
+        if opts.resume:
+            print(f"resuming {out} after epoch {progress['epoch']}, step {progress['step']}, "
+                  f"with the settings in its {CONFIG_FILE}")
         if plan is not None and tc.memory_budget is not None:
             print(f"memory plan: micro-batch {plan.micro_batch} x {plan.accumulation_steps} steps, planned peak "
                   f"{format_size(plan.planned_peak)} within {format_size(tc.memory_budget)}"
