@@ -17,8 +17,9 @@ from .planner import Plan
 
 
 def layer_table(specs: Sequence[LayerSpec], val: Sequence[float], test: Sequence[float],
-                strategies: dict[str, float | None], best: int) -> str:
-    """The per-layer accuracy table and the strategy lines, as printed after training."""
+                strategies: dict[str, float | None], best: int | None) -> str:
+    """The per-layer accuracy table and the strategy lines, as printed after training;
+    ``best`` is None for a method without Best-Pred (BP)."""
     lines = [f"{'layer':>5} {'channels':>8} {'conv HxW':>8} {'P':>3} {'goodness':>8} {'val acc':>8} {'test acc':>8}"]
     for s, v, t in zip(specs, val, test):
         mark = "  <- best" if s.index == best else ""
@@ -26,7 +27,7 @@ def layer_table(specs: Sequence[LayerSpec], val: Sequence[float], test: Sequence
                      f"{s.goodness_dim:>8} {100 * v:>7.2f}% {100 * t:>7.2f}%{mark}")
     lines.append("")
     for name, acc in strategies.items():
-        label = f"{name} (layer {best})" if name == "best" else name
+        label = f"{name} (layer {best})" if name == "best" and best is not None else name
         lines.append(f"test accuracy {label:<14} {'n/a' if acc is None else f'{100 * acc:.2f}%'}")
     return "\n".join(lines)
 

@@ -44,7 +44,7 @@ from .errors import Interrupted, UserError
 from .budget import format_size
 from .evaluate import Accuracy, best_layer, evaluate
 from .memory import measure_step
-from .methods import ASGEMethod, Method, make_method
+from .methods import HEADS, ASGEMethod, Method, make_method
 from .offload import Offloader, make_offloader
 from .planner import BudgetTooSmall, Plan, plan_memory
 from .report import layer_table, plot_layer_accuracy, read_metrics, write_metrics
@@ -357,9 +357,9 @@ def train(cfg: RunConfig, opts: RunOptions) -> dict[str, Any]:
             plot_layer_accuracy(history, out / "layer_accuracy.png", f"{tc.method} {cfg.model.arch} on {cfg.data.dataset}")
             if not opts.quiet:
                 layers = " ".join(f"{100 * a:.1f}" for a in val.layers)
+                heads = " ".join(f"{h} {100 * getattr(val, h):.2f}" for h in HEADS if h in method.strategies)
                 print(f"epoch {epoch}/{tc.epochs} {seconds:.0f}s {ep.seen / seconds:.0f} img/s | val layers {layers} | "
-                      f"last {100 * val.last:.2f} fusion {100 * val.fusion:.2f}"
-                      f"{' *' if progress['best_epoch'] == epoch else ''}")
+                      f"{heads}{' *' if progress['best_epoch'] == epoch else ''}")
 
     if not writer:
         return {}
@@ -398,7 +398,7 @@ def finish(out: Path, strategies: tuple[str, ...], history: list[dict[str, Any]]
     }
     write_json(out / "summary.json", summary)
     if not quiet:
-        print(layer_table(net.specs, layer_val, test.layers, summary["test_accuracy"], best))
+        print(layer_table(net.specs, layer_val, test.layers, summary["test_accuracy"], summary["best_layer"]))
         print(f"{images} training images in {progress['train_seconds']:.0f}s ({summary['images_per_second']:.0f} img/s); "
               f"outputs in {out}")
     return summary

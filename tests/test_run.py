@@ -57,12 +57,17 @@ def test_eval_reproduces_the_summary(tiny_run, capsys):
         assert result["test_accuracy"][k] == pytest.approx(v, abs=1e-6)
 
 
-def test_bp_baseline_runs_and_reports_last_only(tmp_path):
+def test_bp_baseline_runs_and_reports_last_only(tmp_path, capsys):
     out = tmp_path / "bp"
-    assert main(["train", *TINY_RUN, "--method", "bp", "--out", str(out)]) == 0
+    loud = [a for a in TINY_RUN if a != "--quiet"]
+    assert main(["train", *loud, "--method", "bp", "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["test_accuracy"]["last"] > 0.6
     assert summary["test_accuracy"]["fusion"] is None and summary["best_layer"] is None
+    printed = capsys.readouterr().out   # no Best layer marked, no untrained Fusion head's accuracy
+    epochs = [line for line in printed.splitlines() if "val layers" in line]
+    assert epochs and not any("fusion" in line for line in epochs)
+    assert "<- best" not in printed and "(layer" not in printed
 
 
 def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypatch):
