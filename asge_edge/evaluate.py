@@ -16,6 +16,7 @@ import torch
 from .checkpoint import load_run
 from .data import Split, batches, load_splits
 from .device import resolve_device, to_device
+from .errors import UserError
 from .methods import METHODS
 from .models import ASGENet
 from .offload import Offloader, make_offloader
@@ -73,13 +74,19 @@ def evaluate_run(run_dir, device_name: str = "auto", strategy: str | None = None
     Returns:
         {"test_accuracy": {strategy: fraction or None}, "best_layer": k or None,
          "layer_test_accuracy": [...], "layer_val_accuracy": [...]}.
+
+    Raises:
+        UserError: ``strategy`` is one the run's method did not train (Best or Fusion of a BP run).
     """
     device = resolve_device(device_name)
     cfg, net, _ = load_run(run_dir)
+    trained = METHODS[cfg.train.method].strategies
+    if strategy is not None and strategy not in trained:
+        raise UserError(f"--strategy {strategy}: this {cfg.train.method} run has no {strategy} predictor; "
+                        f"use {' or '.join(trained)}")
     off = make_offloader(cfg.train.offload and device.type != "cpu", device)
     net = net.place(device, off.park_device if off else None)
     splits = load_splits(cfg.data)
-    trained = METHODS[cfg.train.method].strategies
     val, test = evaluate(net, splits.val, device, offloader=off), evaluate(net, splits.test, device, offloader=off)
     best = best_layer(val.layers)
     names = (strategy,) if strategy else ("fusion", "last", "best")

@@ -61,6 +61,11 @@ def test_imagefolder_with_one_class_is_refused(capsys, tmp_path):
                              "--out", str(tmp_path / "o")], "at least 2")
 
 
+def test_eval_of_a_strategy_the_run_did_not_train(capsys, tmp_path):
+    assert main(["train", *TINY_RUN, "--method", "bp", "--epochs", "1", "--out", str(tmp_path / "bp")]) == 0
+    _one_line_error(capsys, ["eval", str(tmp_path / "bp"), "--strategy", "best"], "use last")
+
+
 def test_non_empty_out_is_not_overwritten(capsys, tmp_path):
     (tmp_path / "keep.txt").write_text("precious")
     _one_line_error(capsys, ["train", *TINY_RUN, "--out", str(tmp_path)], "--force")
