@@ -10,9 +10,9 @@ maximum over layers, never their sum:
 
     peak = max_l (fixed_l + max(m * per_sample_l, m * forward_l + squares_l(m))) + batch_bytes
 
-with m the micro-batch, and squares_l(m) = min(m, chunk_rows_l) * squares_per_sample_l the
-buffer in which the forward makes the layer's squares a chunk of samples at a time
-(asge.goodness_and_energy).
+with m the micro-batch, and squares_l(m) = min(m, asge.energy_rows(C*H*W, m)) *
+squares_per_sample_l the buffer in which the forward makes the layer's squares a chunk of
+samples at a time (asge.goodness_and_energy).
 
 ``batch_bytes`` is what must stay for the whole logical batch: the raw input batch, its
 labels, and the per-layer GAP features that the Last and Fusion heads read (sum C_l per
@@ -29,7 +29,8 @@ keeps) under mixed precision, ``up`` an fp32 copy of a, and ``pooled`` the 2x2 e
   where the RMS pool shares the squares (LayerSpec.energy_window). The ReLU runs in place
   on the conv output. The squares never exist whole: asge.goodness_and_energy makes them
   ``energy_rows`` samples at a time in one buffer (squares_l above), of at most
-  ENERGY_CHUNK_BYTES (one sample where a sample is larger).
+  ENERGY_CHUNK_BYTES (one sample where a sample is larger), or an ENERGY_CHUNKS-th of
+  the micro-batch where that is more.
 - transition (no autograd, before backward): in + cast + a + g + out, plus the energy,
   which becomes the RMS pool in place, where it is shared; otherwise up, plus a^2 and
   pooled where the layer pools.
@@ -81,11 +82,13 @@ class LayerMemory:
     fixed: int          # weights + gradients + optimiser state + their temporaries + fixed projection
     forward: int        # per sample: the forward phase, which also holds...
     squares: int        # ...the squares' chunk buffer, this many bytes per sample (fp32)...
-    chunk_rows: int     # ...for at most this many samples (0: the layer squares a whole, in per_sample)
+    chunked: bool       # ...for asge.energy_rows samples (False: the layer squares a whole, in per_sample)
 
     def chunk(self, micro_batch: int) -> int:
         """Bytes of the squares' chunk buffer at a micro-batch of ``micro_batch``."""
-        return min(micro_batch, self.chunk_rows) * self.squares
+        if not self.chunked:
+            return 0
+        return min(micro_batch, energy_rows(self.squares // FP32, micro_batch)) * self.squares
 
     def peak(self, micro_batch: int) -> int:
         """Bytes of this layer's training phase at a micro-batch of ``micro_batch``."""
@@ -93,12 +96,13 @@ class LayerMemory:
         return self.fixed + max(m * self.per_sample, m * self.forward + self.chunk(m))
 
     def largest_micro_batch(self, room: int) -> int:
-        """The largest micro-batch whose phase fits in ``room`` bytes (below 1: none does)."""
-        room -= self.fixed
-        forward = room // (self.forward + self.squares)       # while the chunk grows with the micro-batch
-        if forward >= self.chunk_rows:
-            forward = (room - self.chunk_rows * self.squares) // self.forward
-        return min(room // self.per_sample, forward)
+        """The largest micro-batch whose phase fits in ``room`` bytes (0: none does). The peak
+        grows with the micro-batch, so a bisection finds it."""
+        lo, hi = 0, max(0, (room - self.fixed) // self.per_sample)   # no larger one fits
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if self.peak(mid) <= room else (lo, mid - 1)
+        return lo
 
 
 @dataclass(frozen=True)
@@ -165,13 +169,11 @@ def layer_memory(spec: LayerSpec, precision: str, optimizer: str) -> LayerMemory
         forward = resident + good + shared
         transition = resident + out + (shared or upcast + pooling)
         backward = resident + out + 2 * good + sliced
-        rows = energy_rows(act)
     else:
         piece = spec.channels
         forward = resident + act * FP32 + upcast
         transition = resident + out + upcast + pooling
         backward = resident + out + act * (FP32 + s)
-        rows = 0
     params = spec.channels * (fan_in + 1)
     half = params * s if s != FP32 else 0                             # the s-byte copy of the weights, saved for backward
     # The first micro-batch's gradient is whole: in s bytes beside its fp32 cast (the
@@ -182,7 +184,7 @@ def layer_memory(spec: LayerSpec, precision: str, optimizer: str) -> LayerMemory
     fixed = (params * FP32 * (2 + OPTIMIZER_STATE[optimizer]) + half + temps
              + (spec.goodness_dim + 1) * spec.num_classes * FP32)
     return LayerMemory(spec.index, inp, out, cast + act * s, max(forward, transition, backward), fixed,
-                       forward, act * FP32, rows)
+                       forward, act * FP32, spec.even_patches)
 
 
 def _batch_bytes(specs: Sequence[LayerSpec], input_shape: tuple[int, int, int], batch: int, optimizer: str) -> int:

@@ -122,7 +122,7 @@ def test_conv_relu_goodness_equals_autograd(shape, c, p, k, channels_last):
 def test_squares_in_chunks_equal_the_whole_batch(monkeypatch, k, dtype, channels_last):
     # 5 samples of 3x8x8 in chunks of 2 fp32 samples: two whole chunks and a short one.
     monkeypatch.setattr(asge, "ENERGY_CHUNK_BYTES", 2 * 3 * 8 * 8 * 4)
-    assert asge.energy_rows(3 * 8 * 8) == 2
+    assert asge.energy_rows(3 * 8 * 8, 5) == 2
     a = torch.rand(5, 3, 8, 8, generator=torch.Generator().manual_seed(3)).mul(400).to(dtype)   # fp16 squares overflow
     if channels_last:
         a = a.contiguous(memory_format=torch.channels_last)
@@ -137,6 +137,17 @@ def test_squares_in_chunks_equal_the_whole_batch(monkeypatch, k, dtype, channels
         assert torch.equal(g, asge.patch_mean(energy, 2).flatten(1))
         torch.testing.assert_close(g, spatial_goodness(a, 2))
         assert energy.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+def test_a_large_batch_squares_in_at_most_energy_chunks_chunks(monkeypatch):
+    # One-sample chunks by size; 100 samples would take 100 of them, which costs dispatch.
+    monkeypatch.setattr(asge, "ENERGY_CHUNK_BYTES", 3 * 8 * 8 * 4)
+    assert asge.energy_rows(3 * 8 * 8, asge.ENERGY_CHUNKS) == 1
+    rows = asge.energy_rows(3 * 8 * 8, 100)
+    assert -(-100 // rows) <= asge.ENERGY_CHUNKS and -(-100 // (rows - 1)) > asge.ENERGY_CHUNKS
+    a = torch.rand(100, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    g, energy = asge.goodness_and_energy(a, 2, 2)
+    assert torch.equal(energy, torch.nn.functional.avg_pool2d(asge.square(a), 2))
 
 
 def test_later_micro_batches_add_their_gradient_in_slices(monkeypatch):
