@@ -49,8 +49,8 @@ GRAD_SLICE_BYTES = 2 ** 21
 # (twice it under mixed precision), and only their patch and window means are kept...
 ENERGY_CHUNK_BYTES = 2 ** 20
 # ...and in at most this many chunks per layer, where that takes larger ones: each chunk is
-# two kernel launches and about 24 us of host-side dispatch on this CPU, and in 1 MiB chunks
-# a step of full-width VGG8 on 3x32x32 at batch 128 made 324 of them.
+# two kernel launches and 25-37 us of host-side dispatch on this CPU (bench/squares.py), and
+# in 1 MiB chunks a step of full-width VGG8 on 3x32x32 at batch 128 made 324 of them.
 ENERGY_CHUNKS = 8
 
 
