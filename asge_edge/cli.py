@@ -40,14 +40,22 @@ def parse_shape(text: str) -> tuple[int, int, int]:
     return c, h, w
 
 
-def _positive_int(text: str) -> int:
+def _int(text: str, low: int) -> int:
     try:
         v = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    if v < low:
+        raise argparse.ArgumentTypeError(f"must be >= {low}, got {v}")
     return v
+
+
+def _positive_int(text: str) -> int:
+    return _int(text, 1)
+
+
+def _non_negative_int(text: str) -> int:
+    return _int(text, 0)
 
 
 def _float(text: str, low: float, strict: bool) -> float:
@@ -66,6 +74,13 @@ def _positive_float(text: str) -> float:
 
 def _non_negative_float(text: str) -> float:
     return _float(text, 0.0, strict=False)
+
+
+def _confidence(text: str) -> float:
+    v = _positive_float(text)
+    if v > 1:
+        raise argparse.ArgumentTypeError(f"expected a softmax confidence in (0, 1], got {text!r}")
+    return v
 
 
 def _size(text: str) -> int:
@@ -93,7 +108,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     d.add_argument("--num-classes", type=_positive_int, default=DataConfig.num_classes, help="synthetic: classes")
     d.add_argument("--train-size", type=_positive_int, default=DataConfig.train_size, help="synthetic: training images")
     d.add_argument("--image-size", type=_positive_int, default=DataConfig.image_size, help="imagefolder: side in pixels")
-    d.add_argument("--workers", type=int, default=4, help="imagefolder: DataLoader workers")
+    d.add_argument("--workers", type=_non_negative_int, default=4, help="imagefolder: DataLoader workers")
     m = t.add_argument_group("model")
     m.add_argument("--model", default="vgg8", choices=tuple(PRESETS))
     m.add_argument("--width", type=_positive_float, default=1.0, help="channel multiplier (0.25: CPU-sized)")
@@ -172,7 +187,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("infer", help="predict with an exported model.onnx or cascade directory (ONNX Runtime)")
     i.add_argument("model", type=Path, help="a .onnx file from 'asge-edge export' or a cascade directory")
     i.add_argument("--images", type=Path, required=True, help="IDX file, .npy/.npz, or a folder of PNGs")
-    i.add_argument("--threshold", type=_positive_float, default=None, help="cascade: override its threshold")
+    i.add_argument("--threshold", type=_confidence, default=None,
+                   help="cascade: override its threshold, a softmax confidence in (0, 1]")
     i.add_argument("--json", action="store_true", help="print JSON (predictions included)")
     return p
 

@@ -24,6 +24,8 @@ def _one_line_error(capsys, argv, needle):
     (["train", "--epochs", "0"], "--epochs"),
     (["train", "--input-shape", "3x32"], "CxHxW"),
     (["train", "--lr", "fast"], "--lr"),
+    (["train", "--workers", "-1"], "--workers"),
+    (["infer", "model.onnx", "--images", "x.npy", "--threshold", "2"], "(0, 1]"),
     (["train", "--no-such-flag"], "unrecognized"),
     (["frobnicate"], "invalid choice"),
 ])
