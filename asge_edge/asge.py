@@ -64,8 +64,9 @@ def grad_slice(out_channels: int, fan_in: int, elem_bytes: int = 4) -> int:
 
 def energy_rows(sample_elements: int, batch: int) -> int:
     """Samples per chunk of squares in a batch of ``batch``: as many as fit in
-    ENERGY_CHUNK_BYTES in fp32 (one at least), or enough for at most ENERGY_CHUNKS chunks."""
-    return max(1, ENERGY_CHUNK_BYTES // (sample_elements * 4), math.ceil(batch / ENERGY_CHUNKS))
+    ENERGY_CHUNK_BYTES in fp32 (one at least), or enough for at most ENERGY_CHUNKS chunks,
+    and never more than the batch."""
+    return min(batch, max(1, ENERGY_CHUNK_BYTES // (sample_elements * 4), math.ceil(batch / ENERGY_CHUNKS)))
 
 
 def partition_factor(alpha: float, c_last: int, c: int, h: int, w: int) -> int:
@@ -154,7 +155,7 @@ def goodness_and_energy(a: torch.Tensor, p: int, k: int) -> tuple[torch.Tensor, 
         fp32 (fp64 for fp64 input).
     """
     b, c, hh, ww = a.shape
-    rows = min(b, energy_rows(c * hh * ww, b))
+    rows = energy_rows(c * hh * ww, b)
     like = dict(dtype=torch.promote_types(a.dtype, torch.float32), device=a.device)   # fp32 (fp64 stays fp64)
     layout = memory_layout(a)
     buf = torch.empty((rows, c, hh, ww), memory_format=layout, **like)                        # rows, C, H, W

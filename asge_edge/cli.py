@@ -236,7 +236,7 @@ def _cmd_plan(a: argparse.Namespace) -> int:
         plan = plan_memory(specs, a.input_shape, a.batch_size, a.memory_budget,
                            "fp32" if a.amp == "off" else a.amp, a.optimizer)
     except BudgetTooSmall as e:
-        raise UserError(e.advice(f"{a.model} x{a.width} at {'x'.join(map(str, a.input_shape))}")) from None
+        raise UserError(e.advice(a.model, a.width, a.input_shape)) from None
     except ValueError as e:
         raise UserError(str(e)) from None
     print(json.dumps(plan.to_dict(), indent=2) if a.json else plan_table(plan))

@@ -10,7 +10,7 @@ maximum over layers, never their sum:
 
     peak = max_l (fixed_l + max(m * per_sample_l, m * forward_l + squares_l(m))) + batch_bytes
 
-with m the micro-batch, and squares_l(m) = min(m, asge.energy_rows(C*H*W, m)) *
+with m the micro-batch, and squares_l(m) = asge.energy_rows(C*H*W, m) *
 squares_per_sample_l the buffer in which the forward makes the layer's squares a chunk of
 samples at a time (asge.goodness_and_energy).
 
@@ -88,7 +88,7 @@ class LayerMemory:
         """Bytes of the squares' chunk buffer at a micro-batch of ``micro_batch``."""
         if not self.chunked:
             return 0
-        return min(micro_batch, energy_rows(self.squares // FP32, micro_batch)) * self.squares
+        return energy_rows(self.squares // FP32, micro_batch) * self.squares
 
     def peak(self, micro_batch: int) -> int:
         """Bytes of this layer's training phase at a micro-batch of ``micro_batch``."""
@@ -143,8 +143,10 @@ class BudgetTooSmall(ValueError):
         super().__init__(f"memory budget {budget} B is too small: even a micro-batch of 1 needs {min_budget} B")
         self.budget, self.min_budget = budget, min_budget
 
-    def advice(self, what: str) -> str:
-        """One line for the user: the budget is too small for ``what``, and the smallest that works."""
+    def advice(self, arch: str, width: float, input_shape: tuple[int, ...]) -> str:
+        """One line for the user: the budget is too small for this model and input, and the
+        smallest that works."""
+        what = f"{arch} x{width} at {'x'.join(map(str, input_shape))}"
         return (f"--memory-budget {self.budget} B ({format_size(self.budget)}) is too small for {what}; "
                 f"the smallest that works is {self.min_budget} B ({format_size(self.min_budget)})")
 

@@ -129,8 +129,7 @@ def configure_streaming(cfg: RunConfig, method: Method, device: torch.device) ->
         plan = plan_memory(method.net.specs, cfg.info.input_shape, cfg.train.batch_size, cfg.train.memory_budget,
                            method.precision, cfg.train.optimizer)
     except BudgetTooSmall as e:
-        shape = "x".join(map(str, cfg.info.input_shape))
-        raise UserError(e.advice(f"{cfg.model.arch} x{cfg.model.width} at {shape}")) from None
+        raise UserError(e.advice(cfg.model.arch, cfg.model.width, cfg.info.input_shape)) from None
     method.micro_batch = plan.micro_batch
     return plan
 

@@ -46,7 +46,7 @@ def timed(a: torch.Tensor, p: int, k: int, chunks: int):
 
 def chunk_count(sample_elements: int, batch: int, chunks: int) -> int:
     asge.ENERGY_CHUNKS = chunks
-    return math.ceil(batch / min(batch, asge.energy_rows(sample_elements, batch)))
+    return math.ceil(batch / asge.energy_rows(sample_elements, batch))
 
 
 def main() -> None:

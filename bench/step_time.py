@@ -3,7 +3,7 @@
 Claims:
 - Issue 2: an ASGE training step costs at most 0.7x a backprop step. A layer's update
   needs no gradient with respect to its input, and none is computed: each layer's input
-  carries no graph. The goodness backward is also fused (asge.relu_goodness).
+  carries no graph. The goodness backward is also fused (asge.conv_relu_goodness).
 - device.py: channels_last makes both faster on the CPU (oneDNN); this prints by how much.
 
 Then, in rounds of their own (so that their tensors do not change the heap the steps ran
@@ -71,12 +71,13 @@ def make_conv_round(cfg: ModelConfig, shape, batch: int, steps: int, input_grad:
         s, w = layer.spec, layer.conv.weight.detach()
         h = channels_last(torch.randn(batch, s.in_channels, s.height, s.width, generator=g))   # B, C_in, H, W
         gz = channels_last(torch.randn(batch, s.channels, s.height, s.width, generator=g))     # B, C, H, W
-        convs.append((h, w, layer.conv.bias.detach(), gz, [input_grad and i > 0, True, True]))
+        pad = list(layer.conv.padding)
+        convs.append((h, w, layer.conv.bias.detach(), gz, pad, [input_grad and i > 0, True, True]))
 
     def one_pass() -> None:
-        for h, w, b, gz, mask in convs:
-            F.conv2d(h, w, b, padding=1)
-            torch.ops.aten.convolution_backward(gz, h, w, [w.shape[0]], [1, 1], [1, 1], [1, 1], False, [0, 0], 1, mask)
+        for h, w, b, gz, pad, mask in convs:
+            F.conv2d(h, w, b, padding=pad)
+            torch.ops.aten.convolution_backward(gz, h, w, [w.shape[0]], [1, 1], pad, [1, 1], False, [0, 0], 1, mask)
 
     one_pass()
 

@@ -5,8 +5,8 @@ reference on the same seeded [0, 1] images at each batch size and returns, per b
 max abs difference of the first output and the reference's ``logit_scale``; a difference is
 within tolerance when it is at most the tolerance times that scale. ``latency_ms`` is ONNX
 Runtime's median time per image at batch 1 on one thread (the embedded case), after
-warm-up. Tolerances are the named constants below, measured on the CPU-sized VGG8
-(docs/BENCHMARKS.md).
+warm-up. Tolerances are the named constants below, measured on the CPU-sized VGG8 and a
+full-width one (docs/BENCHMARKS.md, export section).
 """
 
 from __future__ import annotations

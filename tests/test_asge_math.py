@@ -122,7 +122,7 @@ def test_conv_relu_goodness_equals_autograd(shape, c, p, k, channels_last):
 def test_squares_in_chunks_equal_the_whole_batch(monkeypatch, k, dtype, channels_last):
     # 5 samples of 3x8x8 in chunks of 2 fp32 samples: two whole chunks and a short one.
     monkeypatch.setattr(asge, "ENERGY_CHUNK_BYTES", 2 * 3 * 8 * 8 * 4)
-    assert asge.energy_rows(3 * 8 * 8, 5) == 2
+    assert asge.energy_rows(3 * 8 * 8, 5) == 2 and asge.energy_rows(3 * 8 * 8, 1) == 1   # never more than the batch
     a = torch.rand(5, 3, 8, 8, generator=torch.Generator().manual_seed(3)).mul(400).to(dtype)   # fp16 squares overflow
     if channels_last:
         a = a.contiguous(memory_format=torch.channels_last)
