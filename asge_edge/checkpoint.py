@@ -117,6 +117,16 @@ def load_weights(net: ASGENet, tensors: dict[str, torch.Tensor], path: Path) -> 
     net.load_state_dict(tensors)
 
 
+def read_config(run_dir: Path) -> RunConfig:
+    """The RunConfig in ``run_dir``'s config.json; a UserError if it is missing or not one."""
+    path = Path(run_dir) / CONFIG_FILE
+    raw = read_json(path)
+    try:
+        return RunConfig.from_dict(raw)
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path} is not an asge-edge {__version__} config ({e}); retrain with this version") from None
+
+
 def load_run(run_dir: Path) -> tuple[RunConfig, ASGENet, dict[str, Any]]:
     """Rebuild the model of a finished run.
 
@@ -124,11 +134,7 @@ def load_run(run_dir: Path) -> tuple[RunConfig, ASGENet, dict[str, Any]]:
         (config, network with the selected checkpoint's weights, checkpoint metadata).
     """
     run_dir = Path(run_dir)
-    raw = read_json(run_dir / CONFIG_FILE)
-    try:
-        cfg = RunConfig.from_dict(raw)
-    except (KeyError, TypeError) as e:
-        raise UserError(f"{run_dir / CONFIG_FILE} is not an asge-edge {__version__} config ({e}); retrain with this version") from None
+    cfg = read_config(run_dir)
     tensors, meta = _load_tensors(run_dir / MODEL_FILE)
     net = build_net(cfg)
     load_weights(net, tensors, run_dir / MODEL_FILE)

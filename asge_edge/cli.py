@@ -209,7 +209,11 @@ def _run_config(a: argparse.Namespace) -> RunConfig:
 def _cmd_train(a: argparse.Namespace) -> int:
     from .train import RunOptions, train
 
-    train(_run_config(a), RunOptions(out=a.out, quiet=a.quiet, force=a.force, resume=a.resume, workers=a.workers,
+    try:
+        cfg = _run_config(a)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    train(cfg, RunOptions(out=a.out, quiet=a.quiet, force=a.force, resume=a.resume, workers=a.workers,
                                      checkpoint_every=a.checkpoint_every or 0))
     return 0
 

@@ -103,11 +103,18 @@ class TrainConfig:
     def resolved_lr(self) -> float:
         return self.lr if self.lr is not None else auto_lr(self.epochs, self.optimizer)
 
+    def __post_init__(self):
+        if self.lr_min is not None and self.lr_min > self.resolved_lr:
+            raise ValueError(f"--lr-min {self.lr_min:g} is above the initial lr {self.resolved_lr:g}, so the "
+                             f"cosine would anneal upwards; give a --lr-min of at most {self.resolved_lr:g}")
+
     @property
     def resolved_lr_min(self) -> float:
+        """The cosine's final lr: as given, else the optimiser's default, capped at the initial lr
+        (a small --lr alone must not anneal upwards)."""
         if self.lr_min is not None:
             return self.lr_min
-        return SGD_LR_MIN if self.optimizer == "sgd" else PAPER_LR_MIN
+        return min(SGD_LR_MIN if self.optimizer == "sgd" else PAPER_LR_MIN, self.resolved_lr)
 
     @property
     def resolved_weight_decay(self) -> float:

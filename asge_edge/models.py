@@ -112,7 +112,7 @@ def layer_specs(cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes
     for i, (c, (_, pool)) in enumerate(zip(chans, preset)):
         if pool and min(h, w) < 2:
             smallest = 2 ** sum(p for _, p in preset)
-            raise ValueError(f"input {h}x{w} is too small for {cfg.arch}: it pools {sum(p for _, p in preset)} times, so it needs at least {smallest}x{smallest}")
+            raise ValueError(f"input {input_shape[1]}x{input_shape[2]} is too small for {cfg.arch}: it pools {sum(p for _, p in preset)} times, so it needs at least {smallest}x{smallest}")
         p = partition_factor(cfg.alpha, c_last, c, h, w)
         specs.append(LayerSpec(i + 1, c_in, c, h, w, cfg.pool if pool else None, p, c * p * p, num_classes))
         c_in = c

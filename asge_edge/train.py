@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
-from .checkpoint import (CONFIG_FILE, MODEL_FILE, STATE_FILE, build_net, load_run, load_state, read_json,
+from .checkpoint import (CONFIG_FILE, MODEL_FILE, STATE_FILE, build_net, load_run, load_state, read_config,
                          save_model, save_state, write_json)
 from .config import RunConfig
 from .data import load_splits, batches
@@ -259,7 +259,7 @@ def train(cfg: RunConfig, opts: RunOptions) -> dict[str, Any]:
         device = world.device
         world.barrier()   # the output directory is ready
     if opts.resume:
-        cfg = RunConfig.from_dict(read_json(out / CONFIG_FILE))
+        cfg = read_config(out)
     splits = load_splits(cfg.data)
     cfg = replace(cfg, info=splits.info, version=__version__)
     net = build_net(cfg)

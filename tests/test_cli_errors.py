@@ -25,6 +25,7 @@ def _one_line_error(capsys, argv, needle):
     (["train", "--input-shape", "3x32"], "CxHxW"),
     (["train", "--lr", "fast"], "--lr"),
     (["train", "--workers", "-1"], "--workers"),
+    (["train", "--lr", "1e-3", "--lr-min", "1e-2"], "at most 0.001"),
     (["infer", "model.onnx", "--images", "x.npy", "--threshold", "2"], "(0, 1]"),
     (["train", "--no-such-flag"], "unrecognized"),
     (["frobnicate"], "invalid choice"),
@@ -45,7 +46,7 @@ def test_cifar_without_root(capsys, tmp_path):
 
 def test_input_too_small_for_model(capsys, tmp_path):
     _one_line_error(capsys, ["train", *TINY_RUN, "--input-shape", "1x4x4", "--out", str(tmp_path / "o")],
-                    "too small")
+                    "input 4x4 is too small")
 
 
 def test_one_class_is_refused(capsys, tmp_path):

@@ -105,3 +105,10 @@ def test_cosine_schedule_endpoints():
     assert cosine_lr(0, 100, 1e-3, 1e-5) == pytest.approx(1e-3)
     assert cosine_lr(100, 100, 1e-3, 1e-5) == pytest.approx(1e-5)
     assert cosine_lr(50, 100, 1e-3, 1e-5) == pytest.approx((1e-3 + 1e-5) / 2)
+
+
+def test_default_final_lr_never_exceeds_a_small_initial_lr():
+    assert TrainConfig(lr=1e-3).resolved_lr_min == pytest.approx(1e-5)           # AdamW's default
+    assert TrainConfig(optimizer="sgd", lr=1e-4).resolved_lr_min == pytest.approx(1e-4)   # not SGD's 5e-4
+    with pytest.raises(ValueError, match="--lr-min"):
+        TrainConfig(lr=1e-3, lr_min=1e-2)
