@@ -36,9 +36,16 @@ FORMAT_VERSION = 1   # bumped when the layout of checkpoints changes; others are
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old or the new file, whole."""
+    """Write ``data`` to ``path`` so that readers see the old or the new file, whole.
+
+    A file system that refuses the write (read-only, full, no such directory) is a
+    UserError naming the path; the old file, if any, is left as it was.
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise _unwritable(path, e) from None
     umask = os.umask(0)
     os.umask(umask)
     os.fchmod(fd, 0o666 & ~umask)   # mkstemp's 0600 would hide outputs from other users
@@ -48,9 +55,15 @@ def atomic_write(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise _unwritable(path, e) from None
         raise
+
+
+def _unwritable(path: Path, e: OSError) -> UserError:
+    return UserError(f"cannot write {path} ({e.strerror}); free space there or choose another --out")
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -131,6 +131,28 @@ def test_unwritable_output_directory(capsys, tmp_path):
     _one_line(capsys, ["train", *TINY_RUN, "--out", str(tmp_path / "file" / "run")], "choose another --out")
 
 
+def test_a_refused_write_is_one_line_and_leaves_the_old_file(monkeypatch, tmp_path):
+    import errno
+
+    from asge_edge.checkpoint import atomic_write
+    from asge_edge.errors import UserError
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="cannot write .*choose another --out"):
+        atomic_write(tmp_path / "file" / "model.onnx", b"data")     # its directory is a file
+    target = tmp_path / "summary.json"
+    target.write_text("old")
+
+    def disk_full(*_):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "replace", disk_full)
+    with pytest.raises(UserError, match="No space left"):
+        atomic_write(target, b"new")
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "summary.json"]   # no temporary left
+
+
 def test_checkpoint_of_another_model_is_refused(capsys, tiny_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
