@@ -9,6 +9,7 @@ and .npz load without pickles.
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -27,10 +28,17 @@ def _to_nchw(a: np.ndarray, shape: tuple[int, int, int], source: Path) -> np.nda
         want = "x".join(map(str, shape))
         raise UserError(f"{source}: images of shape {tuple(a.shape)} do not fit the model, which expects "
                         f"(B, {c}, {h}, {w}) = Bx{want} (or BxHxW for one channel); resize them first")
+    if len(a) == 0:
+        raise UserError(f"{source} holds no images")
     if a.dtype == np.uint8:
         return (a.astype(np.float32) / 255.0)
+    if not np.issubdtype(a.dtype, np.floating):
+        raise UserError(f"{source}: pixels of dtype {a.dtype}; pass uint8 (0..255) or floats in [0, 1]")
     a = a.astype(np.float32)
-    if a.size and (a.min() < 0 or a.max() > 1):
+    if not np.isfinite(a).all():
+        raise UserError(f"{source}: {int((~np.isfinite(a)).sum())} pixels are NaN or infinite; pass finite "
+                        "pixels in [0, 1]")
+    if a.min() < 0 or a.max() > 1:
         raise UserError(f"{source}: float pixels must lie in [0, 1] (found {a.min():.3g}..{a.max():.3g}); "
                         "pass raw pixels, the model normalises them itself")
     return a
@@ -43,13 +51,8 @@ def load_images(path: Path, input_shape: tuple[int, int, int]) -> np.ndarray:
         return _to_nchw(_pngs(path, input_shape[0]), input_shape, path)
     if not path.is_file():
         raise UserError(f"{path} does not exist; pass an IDX file, a .npy/.npz file or a folder of PNGs")
-    if path.suffix == ".npy":
+    if path.suffix in (".npy", ".npz"):
         a = _load_numpy(path)
-    elif path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as z:
-            if not z.files:
-                raise UserError(f"{path} holds no arrays")
-            a = z["images"] if "images" in z.files else z[z.files[0]]
     else:
         try:
             a = read_idx(path).numpy()
@@ -60,10 +63,18 @@ def load_images(path: Path, input_shape: tuple[int, int, int]) -> np.ndarray:
 
 
 def _load_numpy(path: Path) -> np.ndarray:
+    """The array of a .npy file, or of a .npz file's ``images`` (else its first array); no pickles."""
     try:
-        return np.load(path, allow_pickle=False)
-    except ValueError as e:
-        raise UserError(f"{path}: {e}; save plain arrays (no objects)") from None
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            return loaded
+        with loaded as z:
+            if not z.files:
+                raise UserError(f"{path} holds no arrays")
+            return z["images"] if "images" in z.files else z[z.files[0]]
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise UserError(f"{path} is not a readable array of images ({e}); save plain arrays with numpy.save "
+                        "or numpy.savez") from None
 
 
 def _pngs(folder: Path, channels: int) -> np.ndarray:
@@ -73,7 +84,13 @@ def _pngs(folder: Path, channels: int) -> np.ndarray:
     if not files:
         raise UserError(f"{folder} holds no .png files")
     mode = "L" if channels == 1 else "RGB"
-    arrays = [np.asarray(Image.open(f).convert(mode)) for f in files]
+    arrays = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                arrays.append(np.asarray(im.convert(mode)))                  # H, W (L) or H, W, 3
+        except (OSError, Image.DecompressionBombError) as e:   # UnidentifiedImageError is an OSError
+            raise UserError(f"{f} is not a readable PNG ({e.__class__.__name__}); remove or replace it") from None
     if len({a.shape for a in arrays}) != 1:
         raise UserError(f"{folder}: the PNGs differ in size; resize them to one size first")
     return np.stack(arrays)                                      # B, H, W (L) or B, H, W, 3

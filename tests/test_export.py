@@ -216,6 +216,29 @@ def test_infer_refuses_the_wrong_image_shape(exit_model, tmp_path, capsys):
     assert "\n" not in err and "expects (B, 1, 16, 16)" in err
 
 
+@pytest.mark.parametrize("name,content,needle", [
+    ("empty.npy", np.zeros((0, 1, 16, 16), np.uint8), "holds no images"),
+    ("nan.npy", np.full((2, 1, 16, 16), np.nan, np.float32), "512 pixels are NaN"),
+    ("int.npy", np.zeros((2, 1, 16, 16), np.int64), "dtype int64"),
+    ("junk.npz", b"not a zip", "not a readable array"),
+    ("pngs", b"not a png", "not a readable PNG"),
+])
+def test_bad_image_files_are_one_line_errors(tmp_path, name, content, needle):
+    from asge_edge.errors import UserError
+    from export.inputs import load_images
+
+    path = tmp_path / name
+    if isinstance(content, np.ndarray):
+        np.save(path, content)
+    elif name == "pngs":
+        path.mkdir()
+        (path / "a.png").write_bytes(content)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(UserError, match=needle):
+        load_images(path, (1, 16, 16))
+
+
 def test_infer_refuses_a_file_that_is_not_onnx(tmp_path, capsys):
     bad = tmp_path / "m.onnx"
     bad.write_bytes(b"not a model")
