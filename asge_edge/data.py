@@ -170,11 +170,31 @@ def _imagefolder(cfg: DataConfig, root: Path) -> tuple[Split, Split, tuple[str, 
         if not (root / sub).is_dir():
             raise UserError(f"imagefolder needs {root}/{sub}/<class>/<images>; pass --data-root")
     tf = T.Compose([T.PILToTensor(), T.Resize(cfg.image_size, antialias=True), T.CenterCrop(cfg.image_size)])
-    train_ds, test_ds = (tvd.ImageFolder(str(root / s), transform=tf) for s in ("train", "val"))
+    try:
+        train_ds, test_ds = (tvd.ImageFolder(str(root / s), transform=tf, loader=read_rgb) for s in ("train", "val"))
+    except FileNotFoundError as e:   # a class folder without images
+        raise UserError(f"imagefolder under {root}: {e}; every class folder needs images") from None
     if train_ds.classes != test_ds.classes:
         raise UserError(f"{root}/train and {root}/val have different class folders; make them match")
     train, test = (Split(None, torch.tensor(d.targets), folder=d) for d in (train_ds, test_ds))
     return train, test, tuple(train_ds.classes)
+
+
+def read_rgb(path: str):
+    """The image at ``path`` as an RGB PIL image; a file PIL cannot read is a UserError naming it."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, Image.DecompressionBombError) as e:   # UnidentifiedImageError is an OSError
+        raise UserError(f"{path} is not a readable image ({e.__class__.__name__}); remove or replace it") from None
+
+
+def _worker_error(e: UserError) -> UserError:
+    """A UserError raised in a DataLoader worker, which re-raises it with the worker's traceback in
+    its message, cut back to its own one line."""
+    return UserError(str(e).strip().splitlines()[-1].split("UserError: ", 1)[-1])
 
 
 # ---------------------------------------------------------------- synthetic
@@ -276,11 +296,13 @@ def batches(split: Split, batch_size: int, gen: torch.Generator | None = None,
     order = torch.randperm(n, generator=gen) if gen is not None else torch.arange(n)
     if split.folder is not None:
         sampler = [order[i:i + batch_size].tolist() for i in range(0, n, batch_size)]
-        loader = torch.utils.data.DataLoader(split.folder, batch_sampler=sampler, num_workers=workers)
-        source = ((x, y) for x, y in loader)
+        source = iter(torch.utils.data.DataLoader(split.folder, batch_sampler=sampler, num_workers=workers))
     else:
         source = ((split.images[idx], split.labels[idx]) for idx in order.split(batch_size))
-    for x, y in source:
-        if augment_batches and gen is not None:
-            x = augment(x, gen)
-        yield x.float().div_(255), y
+    try:
+        for x, y in source:
+            if augment_batches and gen is not None:
+                x = augment(x, gen)
+            yield x.float().div_(255), y
+    except UserError as e:   # an unreadable image (read_rgb)
+        raise (_worker_error(e) if workers else e) from None

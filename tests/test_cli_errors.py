@@ -64,6 +64,31 @@ def test_imagefolder_with_one_class_is_refused(capsys, tmp_path):
                              "--out", str(tmp_path / "o")], "at least 2")
 
 
+def _two_class_folder(root, images_per_class=4):
+    from PIL import Image
+
+    for sub in ("train", "val"):
+        for cls in ("cat", "dog"):
+            (root / sub / cls).mkdir(parents=True)
+            for i in range(images_per_class):
+                Image.new("RGB", (8, 8)).save(root / sub / cls / f"{i}.png")
+
+
+def test_imagefolder_class_without_images_is_refused(capsys, tmp_path):
+    _two_class_folder(tmp_path, images_per_class=0)
+    _one_line_error(capsys, ["train", "--dataset", "imagefolder", "--data-root", str(tmp_path),
+                             "--out", str(tmp_path / "o")], "every class folder needs images")
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_imagefolder_unreadable_image_names_the_file(capsys, tmp_path, workers):
+    _two_class_folder(tmp_path)
+    (tmp_path / "train" / "dog" / "broken.png").write_bytes(b"not a png")
+    _one_line_error(capsys, ["train", "--dataset", "imagefolder", "--data-root", str(tmp_path), "--image-size", "8",
+                             "--val-size", "2", "--epochs", "1", "--quiet", "--workers", workers,
+                             "--out", str(tmp_path / "o")], "broken.png is not a readable image")
+
+
 def test_eval_of_a_strategy_the_run_did_not_train(capsys, tmp_path):
     assert main(["train", *TINY_RUN, "--method", "bp", "--epochs", "1", "--out", str(tmp_path / "bp")]) == 0
     _one_line_error(capsys, ["eval", str(tmp_path / "bp"), "--strategy", "best"], "use last")
