@@ -99,6 +99,13 @@ class Method(ABC):
         dtype = AMP_DTYPES.get(self.precision)
         return torch.autocast(device_type, dtype=dtype, enabled=dtype is not None)
 
+    def conv_input(self, h: torch.Tensor) -> torch.Tensor:
+        """``h`` in the dtype the convs compute in (a no-op in fp32): under mixed precision
+        the conv would cast it anyway, so holding it cast keeps the same values in half
+        the bytes, and no second copy."""
+        dtype = AMP_DTYPES.get(self.precision)
+        return h if dtype is None else h.to(dtype)
+
     def _total(self, n: int) -> int:
         """Samples in the logical batch: this process's n, or the global count under torchrun."""
         return self.world.total(n) if self.world is not None else n
@@ -185,25 +192,28 @@ class ASGEMethod(Method):
         self._add_scalers([f"layer{i + 1}" for i in range(len(net.layers))])   # heads stay fp32
 
     def layer_backward(self, i: int, h: torch.Tensor, y: torch.Tensor, weight: float = 1.0
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Accumulate layer ``i``'s (0-based) local gradient; touch nothing else.
 
         Args:
             i: layer index.
-            h: the layer's input (b, C_in, H, W), without a graph.
+            h: the layer's input (b, C_in, H, W), without a graph, in ``conv_input``'s dtype.
             y: labels (b,).
             weight: this micro-batch's share of the logical batch, b / B, so that the
                 accumulated gradient is that of the mean loss over the logical batch.
 
         Returns:
-            (output for layer i+1 (b, C, H', W') without a graph, loss sum, correct count).
+            (output for layer i+1 (b, C, H', W') without a graph, in ``conv_input``'s dtype;
+            its GAP (b, C), fp32, for the heads; loss sum; correct count).
         """
         layer = self.net.layers[i]
         with self.autocast(h.device.type):
-            h_next, logits = layer(h)            # b, C, H', W' ; b, N fp32 (graph: this conv only)
+            h_next, logits = layer(h)            # b, C, H', W' fp32 ; b, N fp32 (graph: this conv only)
+        feat = gap(h_next)                       # b, C: from the fp32 output, before the cast
+        h_next = self.conv_input(h_next)         # b, C, H', W' (the fp32 output is freed before backward)
         loss = F.cross_entropy(logits, y)
         self.backward(f"layer{i + 1}", loss * weight)
-        return h_next, loss.detach() * len(y), (logits.argmax(1) == y).sum()
+        return h_next, feat, loss.detach() * len(y), (logits.argmax(1) == y).sum()
 
     def step_layers(self) -> None:
         """Each layer's optimiser steps once on its accumulated (and, under torchrun, summed
@@ -244,12 +254,12 @@ class ASGEMethod(Method):
         feats: list[list[torch.Tensor]] = [[] for _ in range(n)]
         for xm, ym in zip(x.split(self.micro_batch or total), y.split(self.micro_batch or total)):
             with torch.no_grad():
-                h = self.net.normalize(xm)                     # b, C0, H, W
+                h = self.conv_input(self.net.normalize(xm))    # b, C0, H, W
             for i in range(n):
-                h, loss_sum, hits = self.layer_backward(i, h, ym, len(ym) / total)
+                h, feat, loss_sum, hits = self.layer_backward(i, h, ym, len(ym) / total)
                 losses[i] += loss_sum
                 correct[i] += hits
-                feats[i].append(gap(h))                        # b, C
+                feats[i].append(feat)                          # b, C
             del h
         self.step_layers()
         return self._stats(losses, correct, self.heads_step([torch.cat(f) for f in feats], y))
@@ -270,17 +280,17 @@ class ASGEMethod(Method):
         correct = torch.zeros(n, device=x.device)
         ys = y.split(size)
         with torch.no_grad():
-            hs = [self.net.normalize(xm).to(off.park_device) for xm in x.split(size)]   # M x (b, C0, H, W)
+            hs = [self.conv_input(self.net.normalize(xm)).to(off.park_device) for xm in x.split(size)]   # M x (b, C0, H, W)
         feats = []
         for i, layer in enumerate(self.net.layers):
             name = f"layer{i + 1}"
             off.load(layer, self.optimizers[name])
             outs, f = [], []
             for h, ym in zip(hs, ys):
-                h_next, loss_sum, hits = self.layer_backward(i, h.to(x.device), ym, len(ym) / total)
+                h_next, feat, loss_sum, hits = self.layer_backward(i, h.to(x.device), ym, len(ym) / total)
                 losses[i] += loss_sum
                 correct[i] += hits
-                f.append(gap(h_next))                          # b, C
+                f.append(feat)                                 # b, C
                 outs.append(h_next.to(off.park_device))        # b, C, H', W'
             self._reduce(layer.parameters())
             self.step(name)

@@ -18,23 +18,25 @@ samples at a time (asge.goodness_and_energy).
 labels, and the per-layer GAP features that the Last and Fusion heads read (sum C_l per
 sample), with the heads' own weights, gradients and optimiser state.
 
-Per-sample bytes of layer l. ``in`` is C_in*H*W fp32, ``act`` is C*H*W elements at the
-compute width s (4 bytes in fp32, 2 under bf16/fp16), ``out`` is C*H'*W' fp32, and ``g`` is
-the goodness, C*P*P fp32. Goodness squares and pooling energies are always fp32 (4 bytes);
-see asge.py. ``cast`` is the s-byte copy of the input that the conv reads (and backward
-keeps) under mixed precision, ``up`` an fp32 copy of a, and ``pooled`` the 2x2 energy
-(act/4 fp32) where the layer pools; ``cast`` and ``up`` are 0 in fp32. The phases of
-``ASGELayer.forward`` (asge.conv_relu_goodness) are:
-- forward: in + cast + a + g, twice (before and after flattening), plus the 2x2 energy
+Per-sample bytes of layer l. Every layer's input and output are held at the compute width
+s (4 bytes in fp32, 2 under bf16/fp16), in which the convs read them
+(methods.Method.conv_input): ``in`` is C_in*H*W*s, ``act`` is C*H*W elements at width s,
+``out`` is C*H'*W'*s (``out32`` the same in fp32, as LayerNorm makes it before the cast), and
+``g`` is the goodness, C*P*P fp32. Goodness squares and pooling energies are always fp32
+(4 bytes); see asge.py. ``up`` is an fp32 copy of a (0 in fp32), and ``pooled`` the 2x2
+energy (act/4 fp32) where the layer pools. The phases of ``ASGELayer.forward``
+(asge.conv_relu_goodness) and ``ASGEMethod.layer_backward`` are:
+- forward: in + a + g, twice (before and after flattening), plus the 2x2 energy
   where the RMS pool shares the squares (LayerSpec.energy_window). The ReLU runs in place
   on the conv output. The squares never exist whole: asge.goodness_and_energy makes them
   ``energy_rows`` samples at a time in one buffer (squares_l above), of at most
   ENERGY_CHUNK_BYTES (one sample where a sample is larger), or an ENERGY_CHUNKS-th of
   the micro-batch where that is more.
-- transition (no autograd, before backward): in + cast + a + g + out, plus the energy,
-  which becomes the RMS pool in place, where it is shared; otherwise up, plus a^2 and
-  pooled where the layer pools.
-- backward: in + cast + a, which dL/dz overwrites in place, + g + out (the next layer's
+- transition (no autograd, before backward): in + a + g + out32, plus the energy, which
+  becomes the RMS pool in place, where it is shared; otherwise up, plus a^2 and pooled
+  where the layer pools. The cast of out32 to s bytes comes after the energy (or up) is
+  freed, and is no larger than it.
+- backward: in + a, which dL/dz overwrites in place, + g + out (the next layer's
   input, held meanwhile) + dL/dg and its scale; plus, where a later micro-batch adds its
   weight gradient in slices of channels (asge.grad_slice), the contiguous copy of one
   slice of dL/dz that the conv's weight gradient reads.
@@ -155,26 +157,26 @@ def layer_memory(spec: LayerSpec, precision: str, optimizer: str) -> LayerMemory
     """Per-sample and fixed bytes of one layer's training phase (see module docstring)."""
     s = PRECISION_BYTES[precision]
     act = spec.channels * spec.height * spec.width                   # elements
-    inp = spec.in_channels * spec.height * spec.width * FP32
-    out = spec.channels * spec.out_height * spec.out_width * FP32
-    cast = spec.in_channels * spec.height * spec.width * s if precision != "fp32" else 0
+    inp = spec.in_channels * spec.height * spec.width * s
+    out_elements = spec.channels * spec.out_height * spec.out_width
+    out, out32 = out_elements * s, out_elements * FP32               # the output as held, and as LayerNorm makes it
     good = spec.goodness_dim * FP32
     pooled = act // 4 * FP32 if spec.pool else 0
     upcast = act * FP32 if s != FP32 else 0                           # a.float() under mixed precision
     pooling = act * FP32 + pooled if spec.pool else 0                 # a^2 and its pool, where the energy is not shared
-    resident = inp + cast + act * s + good                            # input, its cast, the activation a, its goodness
+    resident = inp + act * s + good                                   # input, the activation a, its goodness
     fan_in = spec.in_channels * 9
     if spec.even_patches:
         shared = pooled if spec.energy_window > 1 else 0
         piece = grad_slice(spec.channels, fan_in)                     # output channels per gradient slice
         sliced = act * s * piece // spec.channels if piece < spec.channels else 0   # a dL/dz slice, copied
         forward = resident + good + shared
-        transition = resident + out + (shared or upcast + pooling)
+        transition = resident + out32 + (shared or upcast + pooling)
         backward = resident + out + 2 * good + sliced
     else:
         piece = spec.channels
         forward = resident + act * FP32 + upcast
-        transition = resident + out + upcast + pooling
+        transition = resident + out32 + upcast + pooling
         backward = resident + out + act * (FP32 + s)
     params = spec.channels * (fan_in + 1)
     half = params * s if s != FP32 else 0                             # the s-byte copy of the weights, saved for backward
@@ -185,7 +187,7 @@ def layer_memory(spec: LayerSpec, precision: str, optimizer: str) -> LayerMemory
     temps = max(half, fresh_grad, OPTIMIZER_TEMPS[optimizer] * params * FP32)
     fixed = (params * FP32 * (2 + OPTIMIZER_STATE[optimizer]) + half + temps
              + (spec.goodness_dim + 1) * spec.num_classes * FP32)
-    return LayerMemory(spec.index, inp, out, cast + act * s, max(forward, transition, backward), fixed,
+    return LayerMemory(spec.index, inp, out, act * s, max(forward, transition, backward), fixed,
                        forward, act * FP32, spec.even_patches)
 
 

@@ -209,6 +209,28 @@ def test_mixed_precision_steps_keep_goodness_fp32(precision):
     assert not torch.equal(before, net.layers[3].conv.weight)
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_inputs_held_in_the_compute_dtype_change_no_value(precision, monkeypatch):
+    """Each layer's input is held in the convs' dtype (half the bytes); the conv casts an
+    fp32 input to the same values, so the weights come out bit-identical either way."""
+    x, y = torch.rand(32, 1, 16, 16), torch.randint(4, (32,))
+    weights = {}
+    for held in ("compute dtype", "fp32"):
+        net = ASGENet(ModelConfig(width=0.125), (1, 16, 16), 4, (0.5,), (0.25,), seed=0).to(
+            memory_format=torch.channels_last)
+        method = ASGEMethod(net, TrainConfig(), precision)
+        if held == "fp32":
+            monkeypatch.setattr(method, "conv_input", lambda h: h)
+        h_next, feat, _, _ = method.layer_backward(0, method.conv_input(net.normalize(x)), y)
+        assert h_next.dtype == (AMP_DTYPES[precision] if held == "compute dtype" else torch.float32)
+        assert feat.dtype == torch.float32
+        net.zero_grad(set_to_none=True)
+        for _ in range(3):
+            method.train_step(x, y)
+        weights[held] = [t.clone() for t in net.state_dict().values()]
+    assert all(torch.equal(a, b) for a, b in zip(weights["compute dtype"], weights["fp32"]))
+
+
 def test_asge_working_set_is_smaller_than_bp_at_the_same_batch():
     from asge_edge.methods import BPMethod
 
