@@ -99,12 +99,15 @@ class Method(ABC):
         dtype = AMP_DTYPES.get(self.precision)
         return torch.autocast(device_type, dtype=dtype, enabled=dtype is not None)
 
+    @property
+    def conv_dtype(self) -> torch.dtype | None:
+        """The dtype the convs compute in under mixed precision; None in fp32."""
+        return AMP_DTYPES.get(self.precision)
+
     def conv_input(self, h: torch.Tensor) -> torch.Tensor:
-        """``h`` in the dtype the convs compute in (a no-op in fp32): under mixed precision
-        the conv would cast it anyway, so holding it cast keeps the same values in half
-        the bytes, and no second copy."""
-        dtype = AMP_DTYPES.get(self.precision)
-        return h if dtype is None else h.to(dtype)
+        """``h`` in ``conv_dtype`` (a no-op in fp32): the conv would cast it anyway, so
+        holding it cast keeps the same values in half the bytes, and no second copy."""
+        return h if self.conv_dtype is None else h.to(self.conv_dtype)
 
     def _total(self, n: int) -> int:
         """Samples in the logical batch: this process's n, or the global count under torchrun."""
@@ -208,9 +211,7 @@ class ASGEMethod(Method):
         """
         layer = self.net.layers[i]
         with self.autocast(h.device.type):
-            h_next, logits = layer(h)            # b, C, H', W' fp32 ; b, N fp32 (graph: this conv only)
-        feat = gap(h_next)                       # b, C: from the fp32 output, before the cast
-        h_next = self.conv_input(h_next)         # b, C, H', W' (the fp32 output is freed before backward)
+            h_next, feat, logits = layer(h, self.conv_dtype)   # b, C, H', W' ; b, C fp32 ; b, N fp32 (graph: this conv)
         loss = F.cross_entropy(logits, y)
         self.backward(f"layer{i + 1}", loss * weight)
         return h_next, feat, loss.detach() * len(y), (logits.argmax(1) == y).sum()

@@ -38,7 +38,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .asge import conv_relu_goodness, energy_window, layer_norm_chw, make_projection, partition_factor, pool2d, project, rms_from_energy
+from .asge import (conv_relu_goodness, energy_rows, energy_window, layer_norm_chw, make_projection, memory_layout,
+                   partition_factor, pool2d, project, rms_from_energy)
 from .config import ModelConfig
 
 # (out_channels, pool_after) per conv layer, at width 1.
@@ -141,8 +142,10 @@ class ASGELayer(nn.Module):
         """Post-ReLU activation a: (B, C_in, H, W) -> (B, C, H, W)."""
         return F.relu(self.conv(h))
 
-    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ASGE path: (B, C_in, H, W) -> next layer's input (B, C, H', W'), logits (B, N).
+    def forward(self, h: torch.Tensor, dtype: torch.dtype | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The ASGE path: (B, C_in, H, W) -> next layer's input (B, C, H', W') in ``dtype``
+        (None: fp32), its GAP (B, C) in fp32, and the logits (B, N) in fp32.
 
         The logits carry the graph back to this layer's conv; the output carries none. The
         activation stays inside: backward reuses its memory (asge.conv_relu_goodness), and an
@@ -153,7 +156,34 @@ class ASGELayer(nn.Module):
         # a: B, C, H, W ; g: B, C*P*P ; energy: B, C, H/2, W/2 or None
         logits = project(g, self.proj_w, self.proj_b)                # B, N
         with torch.no_grad():
-            return self.transition(a, energy), logits                # B, C, H', W' ; B, N
+            return (*self.exit(a, energy, dtype), logits)            # B, C, H', W' ; B, C ; B, N
+
+    def exit(self, a: torch.Tensor, energy: torch.Tensor | None = None, dtype: torch.dtype | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next layer's input, in ``dtype`` (None: fp32), and its GAP (B, C) in fp32.
+
+        In fp32 this is the transition of the whole batch. In another dtype (the convs' under
+        mixed precision) it is made ``asge.energy_rows`` samples of a at a time: each chunk
+        is transitioned in fp32 and cast into the output, so that neither an fp32 copy of
+        a nor the fp32 output ever exists whole. Pooling and LayerNorm are per sample, so
+        every value is the whole batch's, cast.
+        """
+        b = a.shape[0]
+        rows = b if dtype in (None, torch.float32) else energy_rows(a[0].numel(), b)
+        if rows >= b:
+            out = self.transition(a, energy)                                          # B, C, H', W' fp32
+            return (out if dtype is None else out.to(dtype)), gap(out)
+        h_next = feat = None
+        for i in range(0, b, rows):
+            out = self.transition(a[i:i + rows], None if energy is None else energy[i:i + rows])   # n, C, H', W' fp32
+            if h_next is None:   # the first chunk gives the output's shape and layout
+                h_next = torch.empty((b, *out.shape[1:]), dtype=dtype, device=out.device,
+                                     memory_format=memory_layout(out))                 # B, C, H', W'
+                feat = out.new_empty((b, out.shape[1]))                               # B, C
+            h_next[i:i + rows] = out
+            feat[i:i + rows] = gap(out)
+            del out   # freed before the next chunk is made
+        return h_next, feat
 
     def transition(self, a: torch.Tensor, energy: torch.Tensor | None = None) -> torch.Tensor:
         """What the next layer reads, in fp32: pool (if any), then LayerNorm over (C, H, W).
@@ -254,9 +284,9 @@ class ASGENet(nn.Module):
         h = self.normalize(x)                                   # B, C0, H, W
         layer_logits, feats = [], []
         for layer in self.layers:
-            h, logits = layer(h)                                # B, C, H', W' ; B, N
+            h, feat, logits = layer(h)                          # B, C, H', W' ; B, C ; B, N
             layer_logits.append(logits)
-            feats.append(gap(h))                                # B, C
+            feats.append(feat)
         last, fusion = self.heads(feats)
         return NetOutput(layer_logits, last, fusion)
 
@@ -274,5 +304,5 @@ class ASGENet(nn.Module):
             raise ValueError(f"exit layer {k} is out of range 1..{len(self.layers)}")
         h = self.normalize(x)                                   # B, C0, H, W
         for layer in self.layers[:k]:
-            h, logits = layer(h)                                # B, C, H', W' ; B, N
+            h, _, logits = layer(h)                             # B, C, H', W' ; B, C ; B, N
         return logits

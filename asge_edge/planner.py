@@ -8,20 +8,22 @@ layer phase fits the budget, split as evenly as the logical batch allows. Stream
 trains one layer at a time on one micro-batch at a time, so the planned peak is the
 maximum over layers, never their sum:
 
-    peak = max_l (fixed_l + max(m * per_sample_l, m * forward_l + squares_l(m))) + batch_bytes
+    peak = max_l (fixed_l + max(m * per_sample_l, m * forward_l + squares_l(m),
+                                m * exit_l + rows_l(m) * exit_chunk_l)) + batch_bytes
 
-with m the micro-batch, and squares_l(m) = asge.energy_rows(C*H*W, m) *
-squares_per_sample_l the buffer in which the forward makes the layer's squares a chunk of
-samples at a time (asge.goodness_and_energy).
+with m the micro-batch, rows_l(m) = asge.energy_rows(C*H*W, m) the samples per chunk,
+squares_l(m) = rows_l(m) * squares_per_sample_l the buffer in which the forward makes the
+layer's squares a chunk of samples at a time (asge.goodness_and_energy), and exit_chunk_l
+what the exit holds per sample of its chunk under mixed precision (ASGELayer.exit).
 
 ``batch_bytes`` is what must stay for the whole logical batch: the raw input batch, its
 labels, and the per-layer GAP features that the Last and Fusion heads read (sum C_l per
 sample), with the heads' own weights, gradients and optimiser state.
 
 Per-sample bytes of layer l. Every layer's input and output are held at the compute width
-s (4 bytes in fp32, 2 under bf16/fp16), in which the convs read them
-(methods.Method.conv_input): ``in`` is C_in*H*W*s, ``act`` is C*H*W elements at width s,
-``out`` is C*H'*W'*s (``out32`` the same in fp32, as LayerNorm makes it before the cast), and
+s (4 bytes in fp32, 2 under bf16/fp16), in which the convs read them (ASGELayer.exit,
+methods.Method.conv_input): ``in`` is C_in*H*W*s, ``act`` is C*H*W elements at width s,
+``out`` is C*H'*W'*s (``out32`` the same in fp32, as LayerNorm makes it), and
 ``g`` is the goodness, C*P*P fp32. Goodness squares and pooling energies are always fp32
 (4 bytes); see asge.py. ``up`` is an fp32 copy of a (0 in fp32), and ``pooled`` the 2x2
 energy (act/4 fp32) where the layer pools. The phases of ``ASGELayer.forward``
@@ -32,10 +34,12 @@ energy (act/4 fp32) where the layer pools. The phases of ``ASGELayer.forward``
   ``energy_rows`` samples at a time in one buffer (squares_l above), of at most
   ENERGY_CHUNK_BYTES (one sample where a sample is larger), or an ENERGY_CHUNKS-th of
   the micro-batch where that is more.
-- transition (no autograd, before backward): in + a + g + out32, plus the energy, which
-  becomes the RMS pool in place, where it is shared; otherwise up, plus a^2 and pooled
-  where the layer pools. The cast of out32 to s bytes comes after the energy (or up) is
-  freed, and is no larger than it.
+- exit (no autograd, before backward): in + a + g, plus the energy where it is shared
+  (each chunk of it becomes the RMS pool in place), plus the exit's temporaries: out32,
+  and, where the energy is not shared, up, plus a^2 and pooled where the layer pools. In
+  fp32 the exit is the whole batch's (per_sample_l holds it). Under mixed precision it is
+  made rows_l(m) samples at a time: exit_l is in + a + g + the shared energy + out (the
+  s-byte output being filled), and exit_chunk_l the temporaries, per sample of the chunk.
 - backward: in + a, which dL/dz overwrites in place, + g + out (the next layer's
   input, held meanwhile) + dL/dg and its scale; plus, where a later micro-batch adds its
   weight gradient in slices of channels (asge.grad_slice), the contiguous copy of one
@@ -43,7 +47,7 @@ energy (act/4 fp32) where the layer pools. The phases of ``ASGELayer.forward``
 Where P does not divide H and W the layer falls back to autograd, which squares a whole
 (up and a^2 in the forward) and adds a full-size dL/da (fp32) and dL/dz (s) to the
 backward, and accumulates a whole fresh gradient.
-per_sample_l is the largest of the three, forward_l the first. fixed_l is the weights,
+per_sample_l is the largest of the three (the exit's chunk aside), forward_l the first. fixed_l is the weights,
 gradient and optimiser state; under mixed precision, the s-byte copy of the weights that
 the conv reads and backward keeps; and the larger of two temporaries that never coexist:
 the optimiser step's (``OPTIMIZER_TEMPS``) and the backward's fresh gradient of a later
@@ -80,22 +84,27 @@ class LayerMemory:
     input: int          # per sample: the layer's input, resident while it trains
     output: int         # per sample: what it hands to the next layer
     saved: int          # per sample: what autograd saves for backward (goodness path included)
-    per_sample: int     # per sample: the largest phase, the squares' chunk aside
+    per_sample: int     # per sample: the largest phase, the chunks aside
     fixed: int          # weights + gradients + optimiser state + their temporaries + fixed projection
     forward: int        # per sample: the forward phase, which also holds...
     squares: int        # ...the squares' chunk buffer, this many bytes per sample (fp32)...
     chunked: bool       # ...for asge.energy_rows samples (False: the layer squares a whole, in per_sample)
+    exit: int = 0       # per sample: the exit phase under mixed precision, which also holds...
+    exit_chunk: int = 0   # ...this many bytes per sample of its chunk (0: the exit is whole, in per_sample)
+
+    def rows(self, micro_batch: int) -> int:
+        """Samples per chunk (asge.energy_rows of the activation, C*H*W elements)."""
+        return energy_rows(self.squares // FP32, micro_batch)
 
     def chunk(self, micro_batch: int) -> int:
         """Bytes of the squares' chunk buffer at a micro-batch of ``micro_batch``."""
-        if not self.chunked:
-            return 0
-        return energy_rows(self.squares // FP32, micro_batch) * self.squares
+        return self.rows(micro_batch) * self.squares if self.chunked else 0
 
     def peak(self, micro_batch: int) -> int:
         """Bytes of this layer's training phase at a micro-batch of ``micro_batch``."""
         m = micro_batch
-        return self.fixed + max(m * self.per_sample, m * self.forward + self.chunk(m))
+        return self.fixed + max(m * self.per_sample, m * self.forward + self.chunk(m),
+                                m * self.exit + self.rows(m) * self.exit_chunk)
 
     def largest_micro_batch(self, room: int) -> int:
         """The largest micro-batch whose phase fits in ``room`` bytes (0: none does). The peak
@@ -166,17 +175,21 @@ def layer_memory(spec: LayerSpec, precision: str, optimizer: str) -> LayerMemory
     pooling = act * FP32 + pooled if spec.pool else 0                 # a^2 and its pool, where the energy is not shared
     resident = inp + act * s + good                                   # input, the activation a, its goodness
     fan_in = spec.in_channels * 9
+    shared = pooled if spec.even_patches and spec.energy_window > 1 else 0
+    # The exit reads the shared energy (the RMS pool made in place), or a, upcast and pooled.
+    exit_temps = out32 + (0 if shared else upcast + pooling)
+    if s == FP32:
+        transition, exit_, exit_chunk = resident + shared + exit_temps, 0, 0
+    else:   # a chunk of samples at a time, cast into the s-byte output (ASGELayer.exit)
+        transition, exit_, exit_chunk = 0, resident + shared + out, exit_temps
     if spec.even_patches:
-        shared = pooled if spec.energy_window > 1 else 0
         piece = grad_slice(spec.channels, fan_in)                     # output channels per gradient slice
         sliced = act * s * piece // spec.channels if piece < spec.channels else 0   # a dL/dz slice, copied
         forward = resident + good + shared
-        transition = resident + out32 + (shared or upcast + pooling)
         backward = resident + out + 2 * good + sliced
     else:
         piece = spec.channels
         forward = resident + act * FP32 + upcast
-        transition = resident + out32 + upcast + pooling
         backward = resident + out + act * (FP32 + s)
     params = spec.channels * (fan_in + 1)
     half = params * s if s != FP32 else 0                             # the s-byte copy of the weights, saved for backward
@@ -187,8 +200,8 @@ def layer_memory(spec: LayerSpec, precision: str, optimizer: str) -> LayerMemory
     temps = max(half, fresh_grad, OPTIMIZER_TEMPS[optimizer] * params * FP32)
     fixed = (params * FP32 * (2 + OPTIMIZER_STATE[optimizer]) + half + temps
              + (spec.goodness_dim + 1) * spec.num_classes * FP32)
-    return LayerMemory(spec.index, inp, out, act * s, max(forward, transition, backward), fixed,
-                       forward, act * FP32, spec.even_patches)
+    return LayerMemory(spec.index, inp, out, act * s, max(forward, transition, exit_, backward), fixed,
+                       forward, act * FP32, spec.even_patches, exit_, exit_chunk)
 
 
 def _batch_bytes(specs: Sequence[LayerSpec], input_shape: tuple[int, int, int], batch: int, optimizer: str) -> int:

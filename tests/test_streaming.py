@@ -199,9 +199,9 @@ def test_mixed_precision_steps_keep_goodness_fp32(precision):
     assert bool(method.scalers) == (precision == "fp16")   # one GradScaler per layer under fp16
     x, y = torch.rand(32, 1, 16, 16), torch.randint(4, (32,))
     with method.autocast("cpu"):
-        h_next, logits = net.layers[1](torch.randn(32, net.specs[1].in_channels, 16, 16))
+        h_next, feat, logits = net.layers[1](torch.randn(32, net.specs[1].in_channels, 16, 16))
         assert net.layers[1].activate(torch.randn(2, net.specs[1].in_channels, 16, 16)).dtype == AMP_DTYPES[precision]
-    assert logits.dtype == torch.float32 and h_next.dtype == torch.float32
+    assert logits.dtype == feat.dtype == h_next.dtype == torch.float32
     before = net.layers[3].conv.weight.detach().clone()
     for _ in range(3):
         stats = method.train_step(x, y)
@@ -210,25 +210,27 @@ def test_mixed_precision_steps_keep_goodness_fp32(precision):
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_inputs_held_in_the_compute_dtype_change_no_value(precision, monkeypatch):
-    """Each layer's input is held in the convs' dtype (half the bytes); the conv casts an
-    fp32 input to the same values, so the weights come out bit-identical either way."""
+def test_exits_in_the_compute_dtype_change_no_value(precision, monkeypatch):
+    """Under mixed precision each layer's exit is made a chunk of samples at a time and held
+    in the convs' dtype (ASGELayer.exit); the conv would cast the whole fp32 exit to the
+    same values, so the weights come out bit-identical either way."""
+    monkeypatch.setattr(asge, "ENERGY_CHUNK_BYTES", 2 ** 14)   # chunks of 4 samples here, not the whole batch
     x, y = torch.rand(32, 1, 16, 16), torch.randint(4, (32,))
     weights = {}
-    for held in ("compute dtype", "fp32"):
+    for held in ("compute dtype, chunked", "fp32, whole"):
+        if held == "fp32, whole":
+            monkeypatch.setattr(ASGEMethod, "conv_dtype", property(lambda self: None))
         net = ASGENet(ModelConfig(width=0.125), (1, 16, 16), 4, (0.5,), (0.25,), seed=0).to(
             memory_format=torch.channels_last)
         method = ASGEMethod(net, TrainConfig(), precision)
-        if held == "fp32":
-            monkeypatch.setattr(method, "conv_input", lambda h: h)
         h_next, feat, _, _ = method.layer_backward(0, method.conv_input(net.normalize(x)), y)
-        assert h_next.dtype == (AMP_DTYPES[precision] if held == "compute dtype" else torch.float32)
+        assert h_next.dtype == (torch.float32 if held == "fp32, whole" else AMP_DTYPES[precision])
         assert feat.dtype == torch.float32
         net.zero_grad(set_to_none=True)
         for _ in range(3):
             method.train_step(x, y)
         weights[held] = [t.clone() for t in net.state_dict().values()]
-    assert all(torch.equal(a, b) for a, b in zip(weights["compute dtype"], weights["fp32"]))
+    assert all(torch.equal(a, b) for a, b in zip(*weights.values()))
 
 
 def test_asge_working_set_is_smaller_than_bp_at_the_same_batch():
