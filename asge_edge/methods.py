@@ -198,6 +198,10 @@ class ASGEMethod(Method):
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Accumulate layer ``i``'s (0-based) local gradient; touch nothing else.
 
+        The layer's exit (the next layer's input) is made before backward where it reads the
+        activation, which backward overwrites, and after it where it reads only the RMS pool's
+        energy: then the activation and the exit's output never coexist.
+
         Args:
             i: layer index.
             h: the layer's input (b, C_in, H, W), without a graph, in ``conv_input``'s dtype.
@@ -211,9 +215,16 @@ class ASGEMethod(Method):
         """
         layer = self.net.layers[i]
         with self.autocast(h.device.type):
-            h_next, feat, logits = layer(h, self.conv_dtype)   # b, C, H', W' ; b, C fp32 ; b, N fp32 (graph: this conv)
+            a, energy, logits = layer(h)         # b, C, H, W ; b, C, H/2, W/2 fp32 or None ; b, N (graph: this conv)
+            if energy is None:                   # the exit reads a, which backward turns into dL/dz
+                with torch.no_grad():
+                    h_next, feat = layer.exit(a, None, self.conv_dtype)   # b, C, H', W' ; b, C fp32
+        del a   # backward's to use; after it, a's memory is free
         loss = F.cross_entropy(logits, y)
         self.backward(f"layer{i + 1}", loss * weight)
+        if energy is not None:                   # the RMS pool's energy waited in its own memory
+            with self.autocast(h.device.type), torch.no_grad():
+                h_next, feat = layer.exit(None, energy, self.conv_dtype)
         return h_next, feat, loss.detach() * len(y), (logits.argmax(1) == y).sum()
 
     def step_layers(self) -> None:

@@ -142,25 +142,33 @@ class ASGELayer(nn.Module):
         """Post-ReLU activation a: (B, C_in, H, W) -> (B, C, H, W)."""
         return F.relu(self.conv(h))
 
-    def forward(self, h: torch.Tensor, dtype: torch.dtype | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The ASGE path: (B, C_in, H, W) -> next layer's input (B, C, H', W') in ``dtype``
-        (None: fp32), its GAP (B, C) in fp32, and the logits (B, N) in fp32.
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """The local half of the ASGE path: conv, ReLU, goodness and its projection.
 
-        The logits carry the graph back to this layer's conv; the output carries none. The
-        activation stays inside: backward reuses its memory (asge.conv_relu_goodness), and an
-        RMS pool reads the squares the goodness already computed.
+        Returns (a (B, C, H, W), energy (B, C, H/2, W/2) fp32 or None, logits (B, N) fp32).
+        Only the logits carry a graph, back to this layer's conv. Backward turns a into dL/dz
+        in place (asge.conv_relu_goodness), so ``exit`` must read a before backward; the RMS
+        pool's energy, where the goodness shares its squares, has memory of its own and can wait.
         """
         a, g, energy = conv_relu_goodness(h, self.conv.weight, self.conv.bias, self.conv.padding,
                                           self.spec.partition, self.spec.energy_window)
         # a: B, C, H, W ; g: B, C*P*P ; energy: B, C, H/2, W/2 or None
-        logits = project(g, self.proj_w, self.proj_b)                # B, N
+        return a, energy, project(g, self.proj_w, self.proj_b)      # ... ; B, N
+
+    def run(self, h: torch.Tensor, dtype: torch.dtype | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The whole ASGE path: (B, C_in, H, W) -> next layer's input (B, C, H', W') in ``dtype``
+        (None: fp32), its GAP (B, C) in fp32, and the logits (B, N) in fp32: ``forward``,
+        then ``exit``. The logits carry the graph back to this layer's conv; the output none.
+        """
+        a, energy, logits = self(h)
         with torch.no_grad():
             return (*self.exit(a, energy, dtype), logits)            # B, C, H', W' ; B, C ; B, N
 
-    def exit(self, a: torch.Tensor, energy: torch.Tensor | None = None, dtype: torch.dtype | None = None
+    def exit(self, a: torch.Tensor | None, energy: torch.Tensor | None = None, dtype: torch.dtype | None = None
              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next layer's input, in ``dtype`` (None: fp32), and its GAP (B, C) in fp32.
+        """The next layer's input, in ``dtype`` (None: fp32), and its GAP (B, C) in fp32, from
+        a or, where given, the RMS pool's energy (a may then be None: backward has used it).
 
         In fp32 this is the transition of the whole batch. In another dtype (the convs' under
         mixed precision) it is made ``asge.energy_rows`` samples of a at a time: each chunk
@@ -168,28 +176,30 @@ class ASGELayer(nn.Module):
         a nor the fp32 output ever exists whole. Pooling and LayerNorm are per sample, so
         every value is the whole batch's, cast.
         """
-        b = a.shape[0]
-        rows = b if dtype in (None, torch.float32) else energy_rows(a[0].numel(), b)
+        b = len(a if energy is None else energy)
+        sample = self.spec.channels * self.spec.height * self.spec.width                # elements of a sample of a
+        rows = b if dtype in (None, torch.float32) else energy_rows(sample, b)
         if rows >= b:
             out = self.transition(a, energy)                                          # B, C, H', W' fp32
             return (out if dtype is None else out.to(dtype)), gap(out)
         h_next = feat = None
         for i in range(0, b, rows):
-            out = self.transition(a[i:i + rows], None if energy is None else energy[i:i + rows])   # n, C, H', W' fp32
+            part = slice(i, i + rows)
+            out = self.transition(None if a is None else a[part], None if energy is None else energy[part])   # n, C, H', W' fp32
             if h_next is None:   # the first chunk gives the output's shape and layout
                 h_next = torch.empty((b, *out.shape[1:]), dtype=dtype, device=out.device,
                                      memory_format=memory_layout(out))                 # B, C, H', W'
                 feat = out.new_empty((b, out.shape[1]))                               # B, C
-            h_next[i:i + rows] = out
-            feat[i:i + rows] = gap(out)
+            h_next[part] = out
+            feat[part] = gap(out)
             del out   # freed before the next chunk is made
         return h_next, feat
 
-    def transition(self, a: torch.Tensor, energy: torch.Tensor | None = None) -> torch.Tensor:
+    def transition(self, a: torch.Tensor | None, energy: torch.Tensor | None = None) -> torch.Tensor:
         """What the next layer reads, in fp32: pool (if any), then LayerNorm over (C, H, W).
 
         ``energy``, when given, is avg_pool(a^2, 2), from which the RMS pool is read, in its
-        own memory.
+        own memory (and a is not read).
         """
         if energy is not None:
             a = rms_from_energy(energy, in_place=True)         # B, C, H/2, W/2 fp32
@@ -284,7 +294,7 @@ class ASGENet(nn.Module):
         h = self.normalize(x)                                   # B, C0, H, W
         layer_logits, feats = [], []
         for layer in self.layers:
-            h, feat, logits = layer(h)                          # B, C, H', W' ; B, C ; B, N
+            h, feat, logits = layer.run(h)                      # B, C, H', W' ; B, C ; B, N
             layer_logits.append(logits)
             feats.append(feat)
         last, fusion = self.heads(feats)
@@ -304,5 +314,5 @@ class ASGENet(nn.Module):
             raise ValueError(f"exit layer {k} is out of range 1..{len(self.layers)}")
         h = self.normalize(x)                                   # B, C0, H, W
         for layer in self.layers[:k]:
-            h, _, logits = layer(h)                             # B, C, H', W' ; B, C ; B, N
+            h, _, logits = layer.run(h)                         # B, C, H', W' ; B, C ; B, N
         return logits

@@ -34,22 +34,25 @@ energy (act/4 fp32) where the layer pools. The phases of ``ASGELayer.forward``
   ``energy_rows`` samples at a time in one buffer (squares_l above), of at most
   ENERGY_CHUNK_BYTES (one sample where a sample is larger), or an ENERGY_CHUNKS-th of
   the micro-batch where that is more.
-- exit (no autograd, before backward): in + a + g, plus the energy where it is shared
-  (each chunk of it becomes the RMS pool in place), plus the exit's temporaries: out32,
-  and, where the energy is not shared, up, plus a^2 and pooled where the layer pools. In
-  fp32 the exit is the whole batch's (per_sample_l holds it). Under mixed precision it is
-  made rows_l(m) samples at a time: exit_l is in + a + g + the shared energy + out (the
-  s-byte output being filled), and exit_chunk_l the temporaries, per sample of the chunk.
-- backward: in + a, which dL/dz overwrites in place, + g + out (the next layer's
-  input, held meanwhile) + dL/dg and its scale; plus, where a later micro-batch adds its
-  weight gradient in slices of channels (asge.grad_slice), the contiguous copy of one
-  slice of dL/dz that the conv's weight gradient reads.
+- exit (no autograd): where the energy is shared, after backward, in + g + the energy
+  (each chunk of it becomes the RMS pool in place); otherwise before backward, in + a +
+  g; plus the exit's temporaries: out32, and, where the energy is not shared, up, plus a^2
+  and pooled where the layer pools. In fp32 the exit is the whole batch's (per_sample_l
+  holds it). Under mixed precision it is made rows_l(m) samples at a time: exit_l is the
+  above before the temporaries, + out (the s-byte output being filled), and exit_chunk_l
+  the temporaries, per sample of the chunk.
+- backward: in + a, which dL/dz overwrites in place, + g + the shared energy, which
+  waits, or else out (the next layer's input, made before) + dL/dg and its scale; plus,
+  where a later micro-batch adds its weight gradient in slices of channels
+  (asge.grad_slice), the contiguous copy of one slice of dL/dz that the conv's weight
+  gradient reads.
 Where P does not divide H and W the layer falls back to autograd, which squares a whole
 (up and a^2 in the forward) and adds a full-size dL/da (fp32) and dL/dz (s) to the
 backward, and accumulates a whole fresh gradient.
-per_sample_l is the largest of the three (the exit's chunk aside), forward_l the first. fixed_l is the weights,
-gradient and optimiser state; under mixed precision, the s-byte copy of the weights that
-the conv reads and backward keeps; and the larger of two temporaries that never coexist:
+per_sample_l is the largest of the three (the exit's chunk aside), forward_l the first.
+fixed_l is the weights, gradient and optimiser state; under mixed precision, the s-byte
+copy of the weights that the conv reads and backward keeps; and the larger of two
+temporaries that never coexist:
 the optimiser step's (``OPTIMIZER_TEMPS``) and the backward's fresh gradient of a later
 micro-batch. That is one slice of output channels (asge.grad_slice) and the bias, or,
 where the gradient is one slice under mixed precision, the whole gradient in s bytes and
@@ -176,17 +179,19 @@ def layer_memory(spec: LayerSpec, precision: str, optimizer: str) -> LayerMemory
     resident = inp + act * s + good                                   # input, the activation a, its goodness
     fan_in = spec.in_channels * 9
     shared = pooled if spec.even_patches and spec.energy_window > 1 else 0
-    # The exit reads the shared energy (the RMS pool made in place), or a, upcast and pooled.
+    # The exit reads the shared energy (the RMS pool made in place) after backward, when a is
+    # gone; or, before backward, a, upcast and pooled.
     exit_temps = out32 + (0 if shared else upcast + pooling)
+    exit_base = (inp + good if shared else resident) + shared
     if s == FP32:
-        transition, exit_, exit_chunk = resident + shared + exit_temps, 0, 0
+        transition, exit_, exit_chunk = exit_base + exit_temps, 0, 0
     else:   # a chunk of samples at a time, cast into the s-byte output (ASGELayer.exit)
-        transition, exit_, exit_chunk = 0, resident + shared + out, exit_temps
+        transition, exit_, exit_chunk = 0, exit_base + out, exit_temps
     if spec.even_patches:
         piece = grad_slice(spec.channels, fan_in)                     # output channels per gradient slice
         sliced = act * s * piece // spec.channels if piece < spec.channels else 0   # a dL/dz slice, copied
         forward = resident + good + shared
-        backward = resident + out + 2 * good + sliced
+        backward = resident + (shared or out) + 2 * good + sliced     # the energy waits, or the output
     else:
         piece = spec.channels
         forward = resident + act * FP32 + upcast

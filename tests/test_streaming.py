@@ -61,12 +61,14 @@ def test_planner_takes_the_fewest_steps_that_fit_in_even_micro_batches(fraction)
     assert plan.micro_batch == -(-48 // steps)                   # the smallest micro-batch with that many steps
 
 
-def test_largest_micro_batch_is_the_last_that_fits():
-    # Full-width VGG8: layer 2's forward, with its squares' chunk, binds at small
-    # micro-batches and its backward at large ones; every layer must invert its peak exactly.
-    layers = plan_memory(layer_specs(ModelConfig(), (3, 32, 32), 10), (3, 32, 32), 128, None).layers
-    assert layers[1].peak(1) > layers[1].fixed + layers[1].per_sample       # the chunk binds...
-    assert layers[1].peak(40) == layers[1].fixed + 40 * layers[1].per_sample   # ...until it does not
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_largest_micro_batch_is_the_last_that_fits(precision):
+    # Full-width VGG8: layer 4's forward, with its squares' chunk (or, under bf16, its exit
+    # with the exit's chunk), binds at small micro-batches and its backward at large ones;
+    # every layer must invert its peak exactly.
+    layers = plan_memory(layer_specs(ModelConfig(), (3, 32, 32), 10), (3, 32, 32), 128, None, precision).layers
+    assert layers[3].peak(1) > layers[3].fixed + layers[3].per_sample       # a chunk binds...
+    assert layers[3].peak(40) == layers[3].fixed + 40 * layers[3].per_sample   # ...until it does not
     for lm in layers:
         for m in range(1, 41):
             assert lm.largest_micro_batch(lm.peak(m)) == m
@@ -199,7 +201,7 @@ def test_mixed_precision_steps_keep_goodness_fp32(precision):
     assert bool(method.scalers) == (precision == "fp16")   # one GradScaler per layer under fp16
     x, y = torch.rand(32, 1, 16, 16), torch.randint(4, (32,))
     with method.autocast("cpu"):
-        h_next, feat, logits = net.layers[1](torch.randn(32, net.specs[1].in_channels, 16, 16))
+        h_next, feat, logits = net.layers[1].run(torch.randn(32, net.specs[1].in_channels, 16, 16))
         assert net.layers[1].activate(torch.randn(2, net.specs[1].in_channels, 16, 16)).dtype == AMP_DTYPES[precision]
     assert logits.dtype == feat.dtype == h_next.dtype == torch.float32
     before = net.layers[3].conv.weight.detach().clone()
