@@ -84,6 +84,10 @@ def export_run(run_dir: Path, opts: ExportOptions) -> dict[str, Any]:
         raise UserError(f"unknown --format {opts.fmt!r}: use onnx, tensorrt or c")
     cfg, net, summary = load_asge_run(Path(run_dir))
     if opts.exits is not None:
+        if opts.fmt != "onnx":
+            raise UserError(f"a cascade (--exits) exports as ONNX stages only; drop --format {opts.fmt}")
+        if opts.early_exit or opts.exit_layer is not None:
+            raise UserError("--exits exports a cascade of exits, --early-exit [--exit-layer K] one exit; give one of them")
         return _export_cascade(Path(run_dir), cfg, net, summary, opts)
     n = len(net.layers)
     if opts.exit_layer is not None and not opts.early_exit:

@@ -21,6 +21,7 @@ from asge_edge.checkpoint import atomic_write
 from asge_edge.errors import UserError
 
 DEFAULT_OPSET = 18
+MIN_OPSET = 17      # LayerNormalization's first opset
 EXAMPLE_BATCH = 2   # the traced example; torch.export would specialise a batch of 1
 
 
@@ -33,9 +34,18 @@ def export_onnx(module: torch.nn.Module, example_shape: tuple[int, ...], path: P
         example_shape: the input's shape without the batch.
         path: the .onnx file to write.
         input_name, output_names: graph I/O names.
-        opset: the ONNX opset (18 by default: LayerNormalization and ReduceMean with axes inputs).
+        opset: the ONNX opset (18 by default: LayerNormalization and ReduceMean with axes inputs),
+            from MIN_OPSET to the newest the installed onnx knows.
         metadata: written to metadata_props; non-string values as JSON.
+
+    Raises:
+        UserError: an opset out of that range, or one the exporter could not convert to
+            (it would keep its own and only log the failure).
     """
+    newest = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= opset <= newest:
+        raise UserError(f"--opset {opset} is out of range: use {MIN_OPSET}..{newest} (LayerNormalization needs "
+                        f"{MIN_OPSET}; this onnx knows opsets up to {newest})")
     module = module.eval().cpu()
     example = torch.rand(EXAMPLE_BATCH, *example_shape)
     batch = torch.export.Dim("batch", min=1, max=65536)
@@ -44,6 +54,10 @@ def export_onnx(module: torch.nn.Module, example_shape: tuple[int, ...], path: P
                                     output_names=output_names, opset_version=opset,
                                     dynamic_shapes=({0: batch},), external_data=False, verbose=False)
     model = program.model_proto
+    made = next(i.version for i in model.opset_import if i.domain in ("", "ai.onnx"))
+    if made != opset:
+        raise UserError(f"--opset {opset}: the exporter could not convert the graph to it and made opset {made}; "
+                        f"use --opset {made}")
     onnx.helper.set_model_props(model, {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
     onnx.checker.check_model(model, full_check=True)
     atomic_write(path, model.SerializeToString())

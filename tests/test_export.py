@@ -110,6 +110,9 @@ def test_half_fusion_export_keeps_squares_fp32_and_meets_its_tolerance(tiny_run,
     (["--exit-layer", "2"], "add --early-exit"),
     (["--exits", "0,2"], "must lie in 1..7"),
     (["--exits", "2", "--threshold", "1.5"], "(0, 1]"),
+    (["--exits", "all", "--format", "c"], "ONNX stages only"),
+    (["--exits", "all", "--early-exit"], "give one of them"),
+    (["--early-exit", "--opset", "16"], "use 17.."),
 ])
 def test_bad_export_arguments_exit_2_with_one_line(tiny_run, capsys, args, needle):
     assert main(["export", str(tiny_run), *args]) == 2
