@@ -112,3 +112,22 @@ def test_default_final_lr_never_exceeds_a_small_initial_lr():
     assert TrainConfig(optimizer="sgd", lr=1e-4).resolved_lr_min == pytest.approx(1e-4)   # not SGD's 5e-4
     with pytest.raises(ValueError, match="--lr-min"):
         TrainConfig(lr=1e-3, lr_min=1e-2)
+
+
+def test_each_layer_hands_on_what_its_whole_path_computes(device):
+    # layer_backward makes a pooling layer's exit after backward, from the RMS pool's energy
+    # (a is dL/dz by then), and the others' before it: either way the next layer's input and
+    # its GAP are those of the whole forward path.
+    net = _net(device)
+    method = ASGEMethod(net, TrainConfig())
+    x, y = _batch(device)
+    h = net.normalize(x)
+    waits = []
+    for i, layer in enumerate(net.layers):
+        with torch.no_grad():
+            want, want_feat, _ = layer.run(h)
+            waits.append(layer(h)[1] is not None)
+        got, feat, _, _ = method.layer_backward(i, h, y)
+        assert torch.equal(got, want) and torch.equal(feat, want_feat)
+        h = got
+    assert waits == [spec.energy_window > 1 for spec in net.specs] and any(waits) and not all(waits)
