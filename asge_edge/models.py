@@ -11,7 +11,9 @@ Contract:
   pool (where the preset pools) -> LayerNorm over (C, H, W) without affine
   parameters (output ``h``, which the next layer reads). LayerNorm has no
   parameters because its output is detached before the next layer: no local loss
-  could ever train them.
+  could ever train them. ``ASGELayer.forward`` is the local half (a, the RMS pool's
+  energy, logits), ``exit`` makes ``h`` and its GAP, and ``run`` does both; the trainer
+  calls the halves apart, so that an exit that reads only the energy can wait for backward.
 - The projection (W_l, b_l) of every layer is a buffer: saved, never trained.
 - Predictors: ``last_head`` on GAP(h_L) and ``fusion_head`` on concat GAP(h_2..h_L)
   (GAP of the normalised outputs; with one layer, Fusion reads layer 1), each a

@@ -27,7 +27,7 @@ methods.Method.conv_input): ``in`` is C_in*H*W*s, ``act`` is C*H*W elements at w
 ``g`` is the goodness, C*P*P fp32. Goodness squares and pooling energies are always fp32
 (4 bytes); see asge.py. ``up`` is an fp32 copy of a (0 in fp32), and ``pooled`` the 2x2
 energy (act/4 fp32) where the layer pools. The phases of ``ASGELayer.forward``
-(asge.conv_relu_goodness) and ``ASGEMethod.layer_backward`` are:
+(asge.conv_relu_goodness), ``ASGELayer.exit`` and ``ASGEMethod.layer_backward`` are:
 - forward: in + a + g, twice (before and after flattening), plus the 2x2 energy
   where the RMS pool shares the squares (LayerSpec.energy_window). The ReLU runs in place
   on the conv output. The squares never exist whole: asge.goodness_and_energy makes them
