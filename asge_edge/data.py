@@ -171,7 +171,7 @@ def _imagefolder(cfg: DataConfig, root: Path) -> tuple[Split, Split, tuple[str, 
             raise UserError(f"imagefolder needs {root}/{sub}/<class>/<images>; pass --data-root")
     tf = T.Compose([T.PILToTensor(), T.Resize(cfg.image_size, antialias=True), T.CenterCrop(cfg.image_size)])
     try:
-        train_ds, test_ds = (tvd.ImageFolder(str(root / s), transform=tf, loader=read_rgb) for s in ("train", "val"))
+        train_ds, test_ds = (tvd.ImageFolder(str(root / s), transform=tf, loader=read_image) for s in ("train", "val"))
     except FileNotFoundError as e:   # a class folder without images
         raise UserError(f"imagefolder under {root}: {e}; every class folder needs images") from None
     if train_ds.classes != test_ds.classes:
@@ -180,13 +180,14 @@ def _imagefolder(cfg: DataConfig, root: Path) -> tuple[Split, Split, tuple[str, 
     return train, test, tuple(train_ds.classes)
 
 
-def read_rgb(path: str):
-    """The image at ``path`` as an RGB PIL image; a file PIL cannot read is a UserError naming it."""
+def read_image(path, mode: str = "RGB"):
+    """The image at ``path`` as a PIL image in ``mode`` ("RGB", "L"); a file PIL cannot read
+    is a UserError naming it. ImageFolder's loader, and ``asge-edge infer``'s PNG reader."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            return im.convert(mode)
     except (OSError, Image.DecompressionBombError) as e:   # UnidentifiedImageError is an OSError
         raise UserError(f"{path} is not a readable image ({e.__class__.__name__}); remove or replace it") from None
 
@@ -296,7 +297,7 @@ def batches(split: Split, batch_size: int, gen: torch.Generator | None = None,
     order = torch.randperm(n, generator=gen) if gen is not None else torch.arange(n)
     if split.folder is not None:
         sampler = [order[i:i + batch_size].tolist() for i in range(0, n, batch_size)]
-        source = iter(torch.utils.data.DataLoader(split.folder, batch_sampler=sampler, num_workers=workers))
+        source = torch.utils.data.DataLoader(split.folder, batch_sampler=sampler, num_workers=workers)
     else:
         source = ((split.images[idx], split.labels[idx]) for idx in order.split(batch_size))
     try:
@@ -304,5 +305,5 @@ def batches(split: Split, batch_size: int, gen: torch.Generator | None = None,
             if augment_batches and gen is not None:
                 x = augment(x, gen)
             yield x.float().div_(255), y
-    except UserError as e:   # an unreadable image (read_rgb)
+    except UserError as e:   # an unreadable image (read_image)
         raise (_worker_error(e) if workers else e) from None

@@ -96,8 +96,7 @@ class Method(ABC):
 
     def autocast(self, device_type: str):
         """Autocast in the run's precision (a no-op in fp32)."""
-        dtype = AMP_DTYPES.get(self.precision)
-        return torch.autocast(device_type, dtype=dtype, enabled=dtype is not None)
+        return torch.autocast(device_type, dtype=self.conv_dtype, enabled=self.conv_dtype is not None)
 
     @property
     def conv_dtype(self) -> torch.dtype | None:
@@ -216,15 +215,13 @@ class ASGEMethod(Method):
         layer = self.net.layers[i]
         with self.autocast(h.device.type):
             a, energy, logits = layer(h)         # b, C, H, W ; b, C, H/2, W/2 fp32 or None ; b, N (graph: this conv)
-            if energy is None:                   # the exit reads a, which backward turns into dL/dz
-                with torch.no_grad():
-                    h_next, feat = layer.exit(a, None, self.conv_dtype)   # b, C, H', W' ; b, C fp32
+        if energy is None:                       # the exit reads a, which backward turns into dL/dz
+            h_next, feat = layer.exit(a, None, self.conv_dtype)   # b, C, H', W' ; b, C fp32
         del a   # backward's to use; after it, a's memory is free
         loss = F.cross_entropy(logits, y)
         self.backward(f"layer{i + 1}", loss * weight)
         if energy is not None:                   # the RMS pool's energy waited in its own memory
-            with self.autocast(h.device.type), torch.no_grad():
-                h_next, feat = layer.exit(None, energy, self.conv_dtype)
+            h_next, feat = layer.exit(None, energy, self.conv_dtype)
         return h_next, feat, loss.detach() * len(y), (logits.argmax(1) == y).sum()
 
     def step_layers(self) -> None:

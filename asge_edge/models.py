@@ -40,8 +40,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .asge import (conv_relu_goodness, energy_rows, energy_window, layer_norm_chw, make_projection, memory_layout,
-                   partition_factor, pool2d, project, rms_from_energy)
+from .asge import (conv_relu_goodness, energy_rows, energy_window, layer_norm_chw, make_projection, partition_factor,
+                   pool2d, project, rms_from_energy)
 from .config import ModelConfig
 
 # (out_channels, pool_after) per conv layer, at width 1.
@@ -164,9 +164,9 @@ class ASGELayer(nn.Module):
         then ``exit``. The logits carry the graph back to this layer's conv; the output none.
         """
         a, energy, logits = self(h)
-        with torch.no_grad():
-            return (*self.exit(a, energy, dtype), logits)            # B, C, H', W' ; B, C ; B, N
+        return (*self.exit(a, energy, dtype), logits)                # B, C, H', W' ; B, C ; B, N
 
+    @torch.no_grad()
     def exit(self, a: torch.Tensor | None, energy: torch.Tensor | None = None, dtype: torch.dtype | None = None
              ) -> tuple[torch.Tensor, torch.Tensor]:
         """The next layer's input, in ``dtype`` (None: fp32), and its GAP (B, C) in fp32, from
@@ -178,20 +178,19 @@ class ASGELayer(nn.Module):
         a nor the fp32 output ever exists whole. Pooling and LayerNorm are per sample, so
         every value is the whole batch's, cast.
         """
-        b = len(a if energy is None else energy)
-        sample = self.spec.channels * self.spec.height * self.spec.width                # elements of a sample of a
-        rows = b if dtype in (None, torch.float32) else energy_rows(sample, b)
+        src = a if energy is None else energy
+        b, sp = len(src), self.spec
+        rows = b if dtype in (None, torch.float32) else energy_rows(sp.channels * sp.height * sp.width, b)
         if rows >= b:
             out = self.transition(a, energy)                                          # B, C, H', W' fp32
             return (out if dtype is None else out.to(dtype)), gap(out)
-        h_next = feat = None
+        # layer_norm_chw's output is channels_last; so is this, in the convs' dtype
+        h_next = torch.empty((b, sp.channels, sp.out_height, sp.out_width), dtype=dtype, device=src.device,
+                             memory_format=torch.channels_last)                       # B, C, H', W'
+        feat = torch.empty((b, sp.channels), device=src.device)                       # B, C
         for i in range(0, b, rows):
             part = slice(i, i + rows)
             out = self.transition(None if a is None else a[part], None if energy is None else energy[part])   # n, C, H', W' fp32
-            if h_next is None:   # the first chunk gives the output's shape and layout
-                h_next = torch.empty((b, *out.shape[1:]), dtype=dtype, device=out.device,
-                                     memory_format=memory_layout(out))                 # B, C, H', W'
-                feat = out.new_empty((b, out.shape[1]))                               # B, C
             h_next[part] = out
             feat[part] = gap(out)
             del out   # freed before the next chunk is made

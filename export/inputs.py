@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from asge_edge.data import read_idx
+from asge_edge.data import read_idx, read_image
 from asge_edge.errors import UserError
 
 
@@ -78,19 +78,11 @@ def _load_numpy(path: Path) -> np.ndarray:
 
 
 def _pngs(folder: Path, channels: int) -> np.ndarray:
-    from PIL import Image   # matplotlib's dependency
-
     files = sorted(folder.glob("*.png"))
     if not files:
         raise UserError(f"{folder} holds no .png files")
     mode = "L" if channels == 1 else "RGB"
-    arrays = []
-    for f in files:
-        try:
-            with Image.open(f) as im:
-                arrays.append(np.asarray(im.convert(mode)))                  # H, W (L) or H, W, 3
-        except (OSError, Image.DecompressionBombError) as e:   # UnidentifiedImageError is an OSError
-            raise UserError(f"{f} is not a readable PNG ({e.__class__.__name__}); remove or replace it") from None
+    arrays = [np.asarray(read_image(f, mode)) for f in files]   # H, W (L) or H, W, 3 each
     if len({a.shape for a in arrays}) != 1:
         raise UserError(f"{folder}: the PNGs differ in size; resize them to one size first")
     return np.stack(arrays)                                      # B, H, W (L) or B, H, W, 3

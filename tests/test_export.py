@@ -224,7 +224,7 @@ def test_infer_refuses_the_wrong_image_shape(exit_model, tmp_path, capsys):
     ("nan.npy", np.full((2, 1, 16, 16), np.nan, np.float32), "512 pixels are NaN"),
     ("int.npy", np.zeros((2, 1, 16, 16), np.int64), "dtype int64"),
     ("junk.npz", b"not a zip", "not a readable array"),
-    ("pngs", b"not a png", "not a readable PNG"),
+    ("pngs", b"not a png", "a.png is not a readable image"),
 ])
 def test_bad_image_files_are_one_line_errors(tmp_path, name, content, needle):
     from asge_edge.errors import UserError

@@ -11,7 +11,7 @@ from asge_edge.cli import main
 from asge_edge.config import ModelConfig, TrainConfig
 from asge_edge.memory import measure_step
 from asge_edge.methods import AMP_DTYPES, ASGEMethod
-from asge_edge.models import ASGENet, layer_specs
+from asge_edge.models import ASGELayer, ASGENet, layer_specs
 from asge_edge.planner import BudgetTooSmall, even_micro_batch, plan_memory
 from conftest import TINY_RUN
 
@@ -218,10 +218,11 @@ def test_exits_in_the_compute_dtype_change_no_value(precision, monkeypatch):
     same values, so the weights come out bit-identical either way."""
     monkeypatch.setattr(asge, "ENERGY_CHUNK_BYTES", 2 ** 14)   # chunks of 4 samples here, not the whole batch
     x, y = torch.rand(32, 1, 16, 16), torch.randint(4, (32,))
-    weights = {}
+    exit_, weights = ASGELayer.exit, {}
     for held in ("compute dtype, chunked", "fp32, whole"):
-        if held == "fp32, whole":
-            monkeypatch.setattr(ASGEMethod, "conv_dtype", property(lambda self: None))
+        if held == "fp32, whole":   # exits whole, in fp32, and inputs held as they come
+            monkeypatch.setattr(ASGELayer, "exit", lambda self, a, energy=None, dtype=None: exit_(self, a, energy))
+            monkeypatch.setattr(ASGEMethod, "conv_input", lambda self, h: h)
         net = ASGENet(ModelConfig(width=0.125), (1, 16, 16), 4, (0.5,), (0.25,), seed=0).to(
             memory_format=torch.channels_last)
         method = ASGEMethod(net, TrainConfig(), precision)
