@@ -39,7 +39,7 @@ from .checkpoint import (CONFIG_FILE, MODEL_FILE, STATE_FILE, build_net, load_ru
 from .config import RunConfig
 from .data import load_splits, batches
 from .distributed import World
-from .device import resolve_device, resolve_precision, to_device
+from .device import native_precision, resolve_device, resolve_precision, to_device
 from .errors import Interrupted, UserError
 from .budget import format_size
 from .evaluate import Accuracy, best_layer, evaluate
@@ -207,7 +207,7 @@ def _run_epoch(method: Method, cfg: RunConfig, splits, device, epoch: int, step:
         after_step(ep, step)
         if pbar is not None:
             pbar.update(1)
-            if step % PROGRESS_EVERY == 0:
+            if ep.batches == 1 or step % PROGRESS_EVERY == 0:   # from each epoch's first step on
                 pbar.set_postfix_str(_progress_postfix(ep.loss_sum, ep.head_sum, ep.seen), refresh=False)
     return step, lr, measured
 
@@ -287,6 +287,9 @@ def train(cfg: RunConfig, opts: RunOptions) -> dict[str, Any]:
         print(f"asge-edge {__version__}: {tc.method} {cfg.model.arch} x{cfg.model.width} on {cfg.data.dataset} "
               f"({len(splits.train)}/{len(splits.val)}/{len(splits.test)} train/val/test), {device} {precision}, "
               f"lr {tc.resolved_lr:.3g} -> {tc.resolved_lr_min:.3g}, batch {tc.batch_size}, {tc.epochs} epochs")
+        if not native_precision(precision, device):
+            print(f"note: this CPU has no native {precision} kernels, so torch emulates them and --amp {precision} "
+                  f"trains several times slower than fp32 here; it saves activation memory only (--amp off: fp32)")
         if opts.resume:
             print(f"resuming {out} after epoch {progress['epoch']}, step {progress['step']}, "
                   f"with the settings in its {CONFIG_FILE}")

@@ -70,6 +70,25 @@ def test_bp_baseline_runs_and_reports_last_only(tmp_path, capsys):
     assert "<- best" not in printed and "(layer" not in printed
 
 
+@pytest.mark.parametrize("amp", ["bf16", "off"])
+def test_run_says_when_the_cpu_emulates_its_precision(tmp_path, capsys, amp):
+    # Without native kernels (AVX512-BF16/AMX), CPU autocast emulates bf16 several times
+    # slower than fp32 (bench/amp_cpu.py); a user who asked for it hears so once.
+    loud = [a for a in TINY_RUN if a != "--quiet"]
+    args = [*loud, "--amp", amp, "--epochs", "1", "--train-size", "256", "--device", "cpu"]
+    assert main(["train", *args, "--out", str(tmp_path / "run")]) == 0
+    emulated = amp == "bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert ("note: this CPU has no native bf16 kernels" in capsys.readouterr().out) == emulated
+
+
+def test_progress_bar_shows_the_layer_losses_from_the_first_step(tmp_path, capsys):
+    loud = [a for a in TINY_RUN if a != "--quiet"]
+    args = [*loud, "--epochs", "1", "--train-size", "256"]   # 4 steps, fewer than PROGRESS_EVERY
+    assert main(["train", *args, "--out", str(tmp_path / "run")]) == 0
+    bar = capsys.readouterr().err.replace("\r", "\n")
+    assert "loss " in bar and "| fusion" in bar
+
+
 def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypatch):
     args = [*TINY_RUN, "--epochs", "2"]
     assert main(["train", *args, "--out", str(tmp_path / "a")]) == 0
