@@ -220,13 +220,14 @@ def _cmd_train(a: argparse.Namespace) -> int:
 
 def _cmd_eval(a: argparse.Namespace) -> int:
     from .evaluate import evaluate_run
+    from .report import layer_table
 
-    result = evaluate_run(a.run_dir, a.device, a.strategy)
+    result, specs = evaluate_run(a.run_dir, a.device, a.strategy)
     if a.json:
         print(json.dumps(result, indent=2))
     else:
-        for name, acc in result["test_accuracy"].items():
-            print(f"{name:<8} {'n/a' if acc is None else f'{100 * acc:.2f}%'}")
+        print(layer_table(specs, result["layer_val_accuracy"], result["layer_test_accuracy"],
+                          result["test_accuracy"], result["best_layer"]))
     return 0
 
 

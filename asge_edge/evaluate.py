@@ -18,7 +18,7 @@ from .data import Split, batches, load_splits
 from .device import resolve_device, to_device
 from .errors import UserError
 from .methods import METHODS
-from .models import ASGENet
+from .models import ASGENet, LayerSpec
 from .offload import Offloader, make_offloader
 
 EVAL_BATCH = 512   # inference holds no gradients, so a larger batch fits the same memory
@@ -63,7 +63,7 @@ def best_layer(layer_val_accuracy: list[float]) -> int:
     return layer_val_accuracy.index(best) + 1
 
 
-def evaluate_run(run_dir, device_name: str = "auto", strategy: str | None = None) -> dict:
+def evaluate_run(run_dir, device_name: str = "auto", strategy: str | None = None) -> tuple[dict, tuple[LayerSpec, ...]]:
     """Re-evaluate a finished run: the best layer is re-derived on validation, then test.
 
     Args:
@@ -72,8 +72,9 @@ def evaluate_run(run_dir, device_name: str = "auto", strategy: str | None = None
         strategy: one of fusion, last, best; None for every strategy the method trained.
 
     Returns:
-        {"test_accuracy": {strategy: fraction or None}, "best_layer": k or None,
-         "layer_test_accuracy": [...], "layer_val_accuracy": [...]}.
+        ({"test_accuracy": {strategy: fraction or None}, "best_layer": k or None,
+          "layer_test_accuracy": [...], "layer_val_accuracy": [...]}, the net's layer specs,
+        which the per-layer table shows beside the accuracies).
 
     Raises:
         UserError: ``strategy`` is one the run's method did not train (Best or Fusion of a BP run).
@@ -95,4 +96,4 @@ def evaluate_run(run_dir, device_name: str = "auto", strategy: str | None = None
         "best_layer": best if "best" in trained else None,
         "layer_val_accuracy": val.layers,
         "layer_test_accuracy": test.layers,
-    }
+    }, net.specs

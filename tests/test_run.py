@@ -57,6 +57,18 @@ def test_eval_reproduces_the_summary(tiny_run, capsys):
         assert result["test_accuracy"][k] == pytest.approx(v, abs=1e-6)
 
 
+def test_eval_prints_the_per_layer_table_of_the_run(tiny_run, capsys):
+    assert main(["eval", str(tiny_run), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    rows = [line.split() for line in printed[1:] if line.strip() and line.split()[0].isdigit()]
+    assert [int(r[0]) for r in rows] == list(range(1, len(summary["layer_test_accuracy"]) + 1))
+    for r, val, test in zip(rows, summary["layer_val_accuracy"], summary["layer_test_accuracy"]):
+        assert (float(r[5].rstrip("%")), float(r[6].rstrip("%"))) == (round(100 * val, 2), round(100 * test, 2))
+    best = summary["best_layer"]
+    assert rows[best - 1][-1] == "best" and f"test accuracy best (layer {best})" in "\n".join(printed)
+
+
 def test_bp_baseline_runs_and_reports_last_only(tmp_path, capsys):
     out = tmp_path / "bp"
     loud = [a for a in TINY_RUN if a != "--quiet"]
