@@ -286,7 +286,7 @@ def train(cfg: RunConfig, opts: RunOptions) -> dict[str, Any]:
     if not opts.quiet:
         print(f"asge-edge {__version__}: {tc.method} {cfg.model.arch} x{cfg.model.width} on {cfg.data.dataset} "
               f"({len(splits.train)}/{len(splits.val)}/{len(splits.test)} train/val/test), {device} {precision}, "
-              f"lr {tc.resolved_lr:.3g} -> {tc.resolved_lr_min:.3g}, batch {tc.batch_size}, {tc.epochs} epochs")
+              f"lr {tc.resolved_lr:.3g} -> {tc.resolved_lr_min:.3g}, batch {tc.batch_size}, {tc.epochs} epoch{'s' if tc.epochs > 1 else ''}")
         if not native_precision(precision, device):
             print(f"note: this CPU has no native {precision} kernels, so torch emulates them and --amp {precision} "
                   f"trains several times slower than fp32 here; it saves activation memory only (--amp off: fp32)")
