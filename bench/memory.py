@@ -14,11 +14,14 @@ only approach a budget as small as its state, and going below that would need we
 offloading on top. That variant lives here, as a baseline only, not in the product.
 
 Every row is measured in this one run, side by side, with memory.measure_step (live tensor
-bytes on the CPU; see its docstring for what is and is not counted), after one warm-up step.
-Then ``--steps`` rounds time one step of every row, in reversed order every other round,
-so that the machine's drift in speed hits all rows alike; images/s is each row's median.
+bytes on the CPU, CUDA peak statistics on a GPU; see its docstring for what is and is not
+counted), after one warm-up step. Then ``--steps`` rounds time one step of every row, in
+reversed order every other round, so that the machine's drift in speed hits all rows
+alike; images/s is each row's median. ``--device cuda --amp bf16`` is the issue's GPU run
+(channels_last, convs in bf16); it has not been run (no GPU in the sessions that wrote it).
 
     python bench/memory.py [--width 1.0] [--input-shape 3x32x32] [--batch-size 128] [--steps 3]
+                           [--device auto|cpu|cuda] [--amp off|bf16|fp16]
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from torch.utils.checkpoint import checkpoint
 from asge_edge.budget import format_size, parse_size
 from asge_edge.cli import parse_shape
 from asge_edge.config import ModelConfig, TrainConfig
+from asge_edge.device import resolve_device, to_device
 from asge_edge.memory import measure_step
 from asge_edge.methods import ASGEMethod, BPMethod
 from asge_edge.models import ASGENet, gap, layer_specs
@@ -47,17 +51,18 @@ BUDGETS = ("64MB", "16MB", "4MB")
 class CheckpointedBP(BPMethod):
     """BP that recomputes each layer in backward (checkpointing) and accumulates micro-batches."""
 
-    def __init__(self, net: ASGENet, cfg: TrainConfig, micro_batch: int):
-        super().__init__(net, cfg)
+    def __init__(self, net: ASGENet, cfg: TrainConfig, micro_batch: int, precision: str):
+        super().__init__(net, cfg, precision)
         self.micro_batch = micro_batch
 
     def train_step(self, x, y):
         for xm, ym in zip(x.split(self.micro_batch), y.split(self.micro_batch)):
-            h = self.net.normalize(xm)                                          # b, C0, H, W
-            for layer in self.net.layers:
-                h = checkpoint(lambda t, lyr=layer: lyr.transition(lyr.activate(t)), h, use_reentrant=False)
-            loss = F.cross_entropy(self.net.last_head(gap(h)), ym) * (len(ym) / len(y))
-            self.backward("net", loss)
+            with self.autocast(x.device.type):
+                h = self.net.normalize(xm)                                      # b, C0, H, W
+                for layer in self.net.layers:
+                    h = checkpoint(lambda t, lyr=layer: lyr.transition(lyr.activate(t)), h, use_reentrant=False)
+                logits = self.net.last_head(gap(h))                             # b, N
+            self.backward("net", F.cross_entropy(logits.float(), ym) * (len(ym) / len(y)))
         self.step("net")
 
 
@@ -73,6 +78,8 @@ def time_rows(rows: list[dict], x, y, rounds: int) -> None:
     def step(method) -> float:
         t0 = time.perf_counter()
         method.train_step(x, y)
+        if x.device.type == "cuda":   # kernels run asynchronously: wait for the step's
+            torch.cuda.synchronize(x.device)
         return time.perf_counter() - t0
 
     times = alternate({row["label"]: (lambda m=row["method"]: step(m)) for row in rows}, rounds)
@@ -84,37 +91,41 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_args(p, width=1.0, shape="3x32x32")
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"))
     a = p.parse_args()
-    shape = parse_shape(a.input_shape)
-    cfg = ModelConfig(width=a.width)
-    x, y = make_batch(a.batch_size, shape)
+    shape, device = parse_shape(a.input_shape), resolve_device(a.device)
+    cfg, precision = ModelConfig(width=a.width), {"off": "fp32"}.get(a.amp, a.amp)
+    x, y = to_device(*make_batch(a.batch_size, shape), device)
+    net = lambda: make_net(cfg, shape).place(device)   # noqa: E731
 
     rows, notes = [], []
-    rows.append(measure("BP", BPMethod(make_net(cfg, shape), TrainConfig(method="bp")), x, y))
+    rows.append(measure("BP", BPMethod(net(), TrainConfig(method="bp"), precision), x, y))
     rows.append(measure("BP + checkpoint + accumulation (micro-batch 1)",
-                        CheckpointedBP(make_net(cfg, shape), TrainConfig(method="bp"), 1), x, y))
-    rows.append(measure("ASGE, no budget", ASGEMethod(make_net(cfg, shape), TrainConfig()), x, y))
+                        CheckpointedBP(net(), TrainConfig(method="bp"), 1, precision), x, y))
+    rows.append(measure("ASGE, no budget", ASGEMethod(net(), TrainConfig(), precision), x, y))
     specs = layer_specs(cfg, shape, NUM_CLASSES)
-    floor = plan_memory(specs, shape, a.batch_size, None).min_budget
+    floor = plan_memory(specs, shape, a.batch_size, None, precision).min_budget
     twentieth = rows[0]["peak"] // 20   # the budget that holds ASGE 20x below BP, at the speed it costs
     budgets = ([(text, parse_size(text)) for text in BUDGETS] + [(f"BP / 20 = {format_size(twentieth)}", twentieth)]
                + [(f"smallest budget {format_size(floor)}", floor)])
     for text, budget in budgets:
         try:
-            plan = plan_memory(specs, shape, a.batch_size, budget)
+            plan = plan_memory(specs, shape, a.batch_size, budget, precision)
         except BudgetTooSmall as e:
             notes.append(f"ASGE at {text}: does not fit; the smallest budget is {format_size(e.min_budget)} "
                          f"({e.min_budget} B), set by one layer's weights, gradient and AdamW state")
             continue
-        method = ASGEMethod(make_net(cfg, shape), TrainConfig())
+        method = ASGEMethod(net(), TrainConfig(), precision)
         method.micro_batch = plan.micro_batch
         row = measure(f"ASGE, {text} (micro-batch {plan.micro_batch} x {plan.accumulation_steps})", method, x, y)
         row["budget"] = budget
         rows.append(row)
     time_rows(rows, x, y, a.steps)
 
-    print(f"vgg8 width {a.width}, input {a.input_shape}, logical batch {a.batch_size}, CPU threads "
-          f"{torch.get_num_threads()}, torch {torch.__version__}, peak by {rows[0]['how']}")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU threads {torch.get_num_threads()}"
+    print(f"vgg8 width {a.width}, input {a.input_shape}, logical batch {a.batch_size}, {precision}, {where}, "
+          f"torch {torch.__version__}, peak by {rows[0]['how']}")
     print(f"{'run':<52} {'peak':>10} {'bytes':>13} {'images/s':>9}")
     for r in rows:
         print(f"{r['label']:<52} {format_size(r['peak']):>10} {r['peak']:>13,} {r['ips']:>9.1f}")
