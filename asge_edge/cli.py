@@ -155,6 +155,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     pl.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS)
     pl.add_argument("--memory-budget", type=_size, default=None, metavar="SIZE")
     pl.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"), help="compute precision of the convs")
+    pl.add_argument("--sweep", action="store_true", help="also list the budget that each number of accumulation "
+                    "steps needs (--json always has it)")
     pl.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     e = sub.add_parser("eval", help="re-evaluate a finished run on its test set")
@@ -234,7 +236,7 @@ def _cmd_eval(a: argparse.Namespace) -> int:
 def _cmd_plan(a: argparse.Namespace) -> int:
     from .models import layer_specs
     from .planner import BudgetTooSmall, plan_memory
-    from .report import plan_table
+    from .report import plan_table, sweep_table
 
     try:
         specs = layer_specs(ModelConfig(arch=a.model, width=a.width, alpha=a.alpha), a.input_shape, a.num_classes)
@@ -244,7 +246,10 @@ def _cmd_plan(a: argparse.Namespace) -> int:
         raise UserError(e.advice(a.model, a.width, a.input_shape)) from None
     except ValueError as e:
         raise UserError(str(e)) from None
-    print(json.dumps(plan.to_dict(), indent=2) if a.json else plan_table(plan))
+    if a.json:
+        print(json.dumps(plan.to_dict(), indent=2))
+    else:
+        print(plan_table(plan) + (f"\n\n{sweep_table(plan)}" if a.sweep else ""))
     return 0
 
 

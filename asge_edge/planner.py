@@ -64,7 +64,7 @@ exists in s bytes beside its fp32 cast, which is a third candidate for the large
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 from .asge import energy_rows, grad_slice
@@ -131,9 +131,26 @@ class Plan:
     budget: int | None
     batch_bytes: int         # whole-logical-batch state: input batch, labels, GAP features, heads
     parked_bytes: int        # state of the layers that are not training (host RAM, or device without --offload)
-    planned_peak: int
-    min_budget: int          # the smallest budget that admits a micro-batch of 1
-    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def peak_at(self, micro_batch: int) -> int:
+        """Planned peak bytes of this network and logical batch at a micro-batch of ``micro_batch``."""
+        return _peak(self.layers, self.batch_bytes, micro_batch)
+
+    @property
+    def planned_peak(self) -> int:
+        return self.peak_at(self.micro_batch)
+
+    @property
+    def min_budget(self) -> int:
+        """The smallest budget that admits a micro-batch of 1."""
+        return self.peak_at(1)
+
+    def sweep(self) -> list[tuple[int, int, int]]:
+        """(accumulation steps, micro-batch, planned peak) of every plan the planner can make for
+        this logical batch, fewest steps first: the peak is the smallest budget that gets that
+        plan, so this is the budget each number of steps needs."""
+        micros = sorted({even_micro_batch(self.batch, m) for m in range(1, self.batch + 1)}, reverse=True)
+        return [(math.ceil(self.batch / m), m, self.peak_at(m)) for m in micros]
 
     def peak_layer(self) -> int:
         """1-based index of the layer whose phase sets the peak."""
@@ -147,6 +164,7 @@ class Plan:
             "parked_bytes": self.parked_bytes, "planned_peak_bytes": self.planned_peak,
             "min_budget_bytes": self.min_budget, "peak_layer": self.peak_layer(),
             "layers": [lm.__dict__ for lm in self.layers],
+            "sweep": [{"accumulation_steps": k, "micro_batch": m, "planned_peak_bytes": peak} for k, m, peak in self.sweep()],
         }
 
 
@@ -247,16 +265,18 @@ def plan_memory(specs: Sequence[LayerSpec], input_shape: tuple[int, int, int], b
         BudgetTooSmall: not even a micro-batch of 1 fits; it carries the minimum budget.
     """
     layers = tuple(layer_memory(s, precision, optimizer) for s in specs)
-    fixed_total = sum(lm.fixed for lm in layers)
     batch_bytes = _batch_bytes(specs, input_shape, batch, optimizer)
-    min_budget = max(lm.peak(1) for lm in layers) + batch_bytes
     if budget is None:
         micro = batch
     else:
         largest = min(batch, *(lm.largest_micro_batch(budget - batch_bytes) for lm in layers))
         if largest < 1:
-            raise BudgetTooSmall(budget, min_budget)
+            raise BudgetTooSmall(budget, _peak(layers, batch_bytes, 1))
         micro = even_micro_batch(batch, largest)
-    peak = max(lm.peak(micro) for lm in layers) + batch_bytes
-    parked = fixed_total - max(lm.fixed for lm in layers)
-    return Plan(layers, batch, micro, math.ceil(batch / micro), precision, budget, batch_bytes, parked, peak, min_budget)
+    parked = sum(lm.fixed for lm in layers) - max(lm.fixed for lm in layers)
+    return Plan(layers, batch, micro, math.ceil(batch / micro), precision, budget, batch_bytes, parked)
+
+
+def _peak(layers: Sequence[LayerMemory], batch_bytes: int, micro_batch: int) -> int:
+    """The planned peak at ``micro_batch``: the largest layer phase, plus the batch's own state."""
+    return max(lm.peak(micro_batch) for lm in layers) + batch_bytes

@@ -53,6 +53,15 @@ def plan_table(plan: Plan) -> str:
     return "\n".join(lines)
 
 
+def sweep_table(plan: Plan) -> str:
+    """The budget each number of accumulation steps needs (Plan.sweep), the plan's row marked."""
+    lines = [f"{'steps':>5} {'micro-batch':>11} {'smallest budget':>31}"]
+    for steps, micro, peak in plan.sweep():
+        mark = "  <- this plan" if micro == plan.micro_batch else ""
+        lines.append(f"{steps:>5} {micro:>11} {peak:>17,} B {f'({format_size(peak)})':>11}{mark}")
+    return "\n".join(lines)
+
+
 def write_metrics(path: Path, history: Sequence[dict[str, Any]]) -> None:
     """Write metrics.jsonl, one JSON line per epoch, atomically (whole, never appended:
     a run that dies between epochs and resumes cannot leave a line twice)."""

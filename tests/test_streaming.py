@@ -164,6 +164,27 @@ def test_measured_peak_stays_within_budget(budget_scale, slice_bytes, precision,
     assert peak >= 0.8 * plan.planned_peak   # it measures real tensors, not nothing
 
 
+def test_sweep_gives_the_smallest_budget_of_every_plan():
+    specs = _specs()
+    rows = plan_memory(specs, (1, 16, 16), 48, None).sweep()
+    assert rows[0][:2] == (1, 48) and rows[-1][:2] == (48, 1)
+    assert [r[0] for r in rows] == sorted({r[0] for r in rows})   # steps rise, each once
+    for steps, micro, peak in rows:
+        plan = plan_memory(specs, (1, 16, 16), 48, peak)           # that budget gets that plan...
+        assert (plan.accumulation_steps, plan.micro_batch, plan.planned_peak) == (steps, micro, peak)
+        if micro > 1:                                              # ...and a byte less does not
+            assert plan_memory(specs, (1, 16, 16), 48, peak - 1).micro_batch < micro
+        else:
+            with pytest.raises(BudgetTooSmall):
+                plan_memory(specs, (1, 16, 16), 48, peak - 1)
+
+
+def test_plan_command_sweep_marks_the_plan(capsys):
+    assert main(["plan", "--input-shape", "3x32x32", "--memory-budget", "64MB", "--sweep"]) == 0
+    marked = [line.split() for line in capsys.readouterr().out.splitlines() if "<- this plan" in line]
+    assert len(marked) == 1 and marked[0][:2] == ["5", "26"]   # docs/BENCHMARKS.md: 26 x 5 at 64MB
+
+
 def test_plan_command_json(capsys):
     assert main(["plan", "--model", "vgg8", "--input-shape", "3x32x32", "--batch-size", "128",
                  "--memory-budget", "64MB", "--json"]) == 0
