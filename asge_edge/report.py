@@ -53,6 +53,14 @@ def plan_table(plan: Plan) -> str:
     return "\n".join(lines)
 
 
+def memory_line(memory: dict[str, Any]) -> str:
+    """summary.json's ``memory`` record in one line: the measured peak beside the plan and budget."""
+    budget = "no budget" if memory["budget_bytes"] is None else f"budget {format_size(memory['budget_bytes'])}"
+    return (f"training working set: measured peak {format_size(memory['measured_peak_bytes'])} "
+            f"({memory['measured_by']}), planned {format_size(memory['planned_peak_bytes'])}, {budget}, "
+            f"micro-batch {memory['micro_batch']} x {memory['accumulation_steps']}")
+
+
 def sweep_table(plan: Plan) -> str:
     """The budget each number of accumulation steps needs (Plan.sweep), the plan's row marked."""
     lines = [f"{'steps':>5} {'micro-batch':>11} {'smallest budget':>31}"]

@@ -47,7 +47,7 @@ from .memory import measure_step
 from .methods import HEADS, ASGEMethod, Method, make_method
 from .offload import Offloader, make_offloader
 from .planner import BudgetTooSmall, Plan, plan_memory
-from .report import layer_table, plot_layer_accuracy, read_metrics, write_metrics
+from .report import layer_table, memory_line, plot_layer_accuracy, read_metrics, write_metrics
 from .schedule import cosine_lr
 
 OUTPUTS = (CONFIG_FILE, MODEL_FILE, STATE_FILE, "metrics.jsonl", "summary.json", "layer_accuracy.png")
@@ -403,4 +403,6 @@ def finish(out: Path, strategies: tuple[str, ...], history: list[dict[str, Any]]
         print(layer_table(net.specs, layer_val, test.layers, summary["test_accuracy"], summary["best_layer"]))
         print(f"{images} training images in {progress['train_seconds']:.0f}s ({summary['images_per_second']:.0f} img/s); "
               f"outputs in {out}")
+        if summary["memory"] is not None:
+            print(memory_line(summary["memory"]))
     return summary

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from asge_edge import asge
-from asge_edge.budget import parse_size
+from asge_edge.budget import format_size, parse_size
 from asge_edge.cli import main
 from asge_edge.config import ModelConfig, TrainConfig
 from asge_edge.memory import measure_step
@@ -199,14 +199,18 @@ def test_plan_command_too_small_gives_the_minimum(capsys):
     assert "\n" not in err and "smallest that works is" in err
 
 
-def test_train_with_budget_records_plan_and_measurement(tmp_path):
+def test_train_with_budget_records_plan_and_measurement(tmp_path, capsys):
     out = tmp_path / "run"
     plan = plan_memory(layer_specs(ModelConfig(width=0.125), (1, 16, 16), 4), (1, 16, 16), 64, None)
     budget = int(plan.min_budget * 1.3)
-    assert main(["train", *TINY_RUN, "--epochs", "1", "--memory-budget", str(budget), "--out", str(out)]) == 0
+    loud = [a for a in TINY_RUN if a != "--quiet"]
+    assert main(["train", *loud, "--epochs", "1", "--memory-budget", str(budget), "--out", str(out)]) == 0
     memory = json.loads((out / "summary.json").read_text())["memory"]
     assert memory["budget_bytes"] == budget and memory["micro_batch"] < 64
     assert memory["measured_peak_bytes"] <= budget and memory["measured_by"] == "cpu-live-tensors"
+    last = capsys.readouterr().out.splitlines()[-1]   # the run ends by saying what it measured
+    assert last.startswith("training working set: measured peak ")
+    assert format_size(memory["measured_peak_bytes"]) in last and format_size(budget) in last
 
 
 def test_bp_refuses_a_budget(capsys, tmp_path):
