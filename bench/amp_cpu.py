@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
+from typing import Callable
 
 import torch
 
@@ -24,25 +24,15 @@ from asge_edge.cli import parse_shape
 from asge_edge.config import ModelConfig, TrainConfig
 from asge_edge.device import native_precision
 from asge_edge.methods import make_method
-from rounds import alternate
+from rounds import alternate, step_timer
 from workload import add_args, make_batch, make_net
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
-def make_round(precision: str, cfg: ModelConfig, shape, batch: int, steps: int):
+def make_round(precision: str, cfg: ModelConfig, shape, batch: int, steps: int) -> Callable[[], float]:
     """A warmed-up closure that times ``steps`` ASGE steps in ``precision``; seconds per step."""
-    method = make_method(make_net(cfg, shape), TrainConfig(), precision)
-    x, y = make_batch(batch, shape)
-    method.train_step(x, y)
-
-    def one_round() -> float:
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            method.train_step(x, y)
-        return (time.perf_counter() - t0) / steps
-
-    return one_round
+    return step_timer(make_method(make_net(cfg, shape), TrainConfig(), precision), *make_batch(batch, shape), steps)
 
 
 def main() -> None:

@@ -37,7 +37,7 @@ from asge_edge.cli import parse_shape
 from asge_edge.config import ModelConfig, TrainConfig
 from asge_edge.device import channels_last
 from asge_edge.methods import make_method
-from rounds import alternate
+from rounds import alternate, step_timer
 from workload import add_args, make_batch, make_net
 
 TARGET = 0.7
@@ -48,17 +48,7 @@ def make_round(method_name: str, cfg: ModelConfig, shape, batch: int, steps: int
                memory_format: torch.memory_format) -> Callable[[], float]:
     """A warmed-up closure that times ``steps`` training steps and returns seconds per step."""
     method = make_method(make_net(cfg, shape, memory_format), TrainConfig(method=method_name))
-    x, y = make_batch(batch, shape, memory_format)
-    for _ in range(2):
-        method.train_step(x, y)
-
-    def one_round() -> float:
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            method.train_step(x, y)
-        return (time.perf_counter() - t0) / steps
-
-    return one_round
+    return step_timer(method, *make_batch(batch, shape, memory_format), steps)
 
 
 def make_conv_round(cfg: ModelConfig, shape, batch: int, steps: int, input_grad: bool) -> Callable[[], float]:
