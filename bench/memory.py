@@ -37,13 +37,13 @@ from torch.utils.checkpoint import checkpoint
 from asge_edge.budget import format_size, parse_size
 from asge_edge.cli import parse_shape
 from asge_edge.config import ModelConfig, TrainConfig
-from asge_edge.device import resolve_device, to_device
+from asge_edge.device import to_device
 from asge_edge.memory import measure_step
 from asge_edge.methods import ASGEMethod, BPMethod
 from asge_edge.models import ASGENet, gap, layer_specs
 from asge_edge.planner import BudgetTooSmall, plan_memory
 from rounds import alternate
-from workload import NUM_CLASSES, add_args, make_batch, make_net
+from workload import NUM_CLASSES, add_args, add_device_args, device_and_precision, make_batch, make_net
 
 BUDGETS = ("64MB", "16MB", "4MB")
 
@@ -91,11 +91,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_args(p, width=1.0, shape="3x32x32")
     p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"))
+    add_device_args(p)
     a = p.parse_args()
-    shape, device = parse_shape(a.input_shape), resolve_device(a.device)
-    cfg, precision = ModelConfig(width=a.width), {"off": "fp32"}.get(a.amp, a.amp)
+    (device, precision), shape, cfg = device_and_precision(a), parse_shape(a.input_shape), ModelConfig(width=a.width)
     x, y = to_device(*make_batch(a.batch_size, shape), device)
     net = lambda: make_net(cfg, shape).place(device)   # noqa: E731
 

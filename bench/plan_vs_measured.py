@@ -1,12 +1,16 @@
-"""Planned vs measured training working set, one streaming ASGE step per budget (CPU).
+"""Planned vs measured training working set, one streaming ASGE step per budget.
 
 Claim (issue 3): the planner's peak bounds the measured peak, so a run planned within a
 budget stays within it. Prints planned and measured bytes (memory.measure_step) for a
 range of budgets, down to the smallest the planner admits (where the layers' fixed bytes
 dominate, so an error in them shows), on the CPU-sized VGG8 and Fashion-MNIST's input
-shape by default.
+shape by default. On the CPU it measures live tensor bytes; with ``--device cuda``, CUDA
+peak statistics, which also count what the planner does not model (cuDNN workspaces,
+the caching allocator's rounding): that run would say whether the plan holds on a GPU.
+It has not been run on one (no GPU in the sessions that wrote it).
 
-    python bench/plan_vs_measured.py [--width 0.25] [--input-shape 1x28x28] [--batch-size 128] [--amp off]
+    python bench/plan_vs_measured.py [--width 0.25] [--input-shape 1x28x28] [--batch-size 128]
+                                     [--device auto|cpu|cuda] [--amp off|bf16|fp16]
 """
 
 from __future__ import annotations
@@ -16,10 +20,11 @@ import argparse
 from asge_edge.budget import format_size, parse_size
 from asge_edge.cli import parse_shape
 from asge_edge.config import ModelConfig, TrainConfig
+from asge_edge.device import to_device
 from asge_edge.memory import measure_step
 from asge_edge.methods import ASGEMethod
 from asge_edge.planner import BudgetTooSmall, plan_memory
-from workload import add_args, make_batch, make_net
+from workload import add_args, add_device_args, device_and_precision, make_batch, make_net
 
 BUDGETS = ("none", "64MB", "16MB", "6MB", "4.2MB", "2MB")
 
@@ -27,15 +32,14 @@ BUDGETS = ("none", "64MB", "16MB", "6MB", "4.2MB", "2MB")
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_args(p)
-    p.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"))
+    add_device_args(p)
     a = p.parse_args()
-    shape = parse_shape(a.input_shape)
-    precision = "fp32" if a.amp == "off" else a.amp
-    net = make_net(ModelConfig(width=a.width), shape)
+    (device, precision), shape = device_and_precision(a), parse_shape(a.input_shape)
+    net = make_net(ModelConfig(width=a.width), shape).place(device)
     method = ASGEMethod(net, TrainConfig(), precision)
-    x, y = make_batch(a.batch_size, shape)
+    x, y = to_device(*make_batch(a.batch_size, shape), device)
     method.train_step(x, y)   # optimiser state now exists, as in every later step
-    print(f"vgg8 width {a.width}, input {a.input_shape}, batch {a.batch_size}, {precision}")
+    print(f"vgg8 width {a.width}, input {a.input_shape}, batch {a.batch_size}, {precision}, {device}")
     print(f"{'budget':>8} {'micro-batch':>12} {'planned':>10} {'measured':>10} {'measured/planned':>17}")
     floor = plan_memory(net.specs, shape, a.batch_size, None, precision).min_budget
     budgets = [(text, None if text == "none" else parse_size(text)) for text in BUDGETS] + [("smallest", floor)]

@@ -5,6 +5,8 @@ given defaults (parse --input-shape with asge_edge.cli.parse_shape); ``make_net(
 builds an ASGENet for 10 classes with fixed normalisation, in ``memory_format``;
 ``make_batch(n, shape)`` gives seeded [0, 1] pixels (n, C, H, W), laid out as the trainer lays them out
 (device.channels_last) or contiguous, and labels (n,). Same arguments, same tensors.
+``add_device_args(parser)`` adds --device and --amp, which ``device_and_precision(args)``
+turns into the torch.device and the precision name (fp32, bf16, fp16) that Method takes.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import argparse
 import torch
 
 from asge_edge.config import ModelConfig
-from asge_edge.device import channels_last
+from asge_edge.device import channels_last, resolve_device
 from asge_edge.models import ASGENet
 
 NUM_CLASSES = 10
@@ -24,6 +26,15 @@ def add_args(p: argparse.ArgumentParser, width: float = 0.25, shape: str = "1x28
     p.add_argument("--width", type=float, default=width)
     p.add_argument("--input-shape", default=shape)
     p.add_argument("--batch-size", type=int, default=128)
+
+
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"))
+
+
+def device_and_precision(a: argparse.Namespace) -> tuple[torch.device, str]:
+    return resolve_device(a.device), "fp32" if a.amp == "off" else a.amp
 
 
 def make_net(cfg: ModelConfig, shape: tuple[int, int, int],
