@@ -249,9 +249,18 @@ def train(cfg: RunConfig, opts: RunOptions) -> dict[str, Any]:
     Returns:
         The summary dict also written to ``summary.json``.
     """
-    out = Path(opts.out)
     device = resolve_device(cfg.train.device)
     world = World.from_env(device)
+    try:
+        return _train(cfg, opts, device, world)
+    finally:
+        if world is not None:
+            world.close()
+
+
+def _train(cfg: RunConfig, opts: RunOptions, device: torch.device, world: World | None) -> dict[str, Any]:
+    """train() once the process group (if any) is joined; every rank but 0 returns {}."""
+    out = Path(opts.out)
     writer = world is None or world.is_main
     if writer:
         prepare_out_dir(out, opts.force, opts.resume)
