@@ -126,7 +126,6 @@ class Plan:
     layers: tuple[LayerMemory, ...]
     batch: int
     micro_batch: int
-    accumulation_steps: int
     precision: str
     budget: int | None
     batch_bytes: int         # whole-logical-batch state: input batch, labels, GAP features, heads
@@ -135,6 +134,10 @@ class Plan:
     def peak_at(self, micro_batch: int) -> int:
         """Planned peak bytes of this network and logical batch at a micro-batch of ``micro_batch``."""
         return _peak(self.layers, self.batch_bytes, micro_batch)
+
+    @property
+    def accumulation_steps(self) -> int:
+        return math.ceil(self.batch / self.micro_batch)
 
     @property
     def planned_peak(self) -> int:
@@ -274,7 +277,7 @@ def plan_memory(specs: Sequence[LayerSpec], input_shape: tuple[int, int, int], b
             raise BudgetTooSmall(budget, _peak(layers, batch_bytes, 1))
         micro = even_micro_batch(batch, largest)
     parked = sum(lm.fixed for lm in layers) - max(lm.fixed for lm in layers)
-    return Plan(layers, batch, micro, math.ceil(batch / micro), precision, budget, batch_bytes, parked)
+    return Plan(layers, batch, micro, precision, budget, batch_bytes, parked)
 
 
 def _peak(layers: Sequence[LayerMemory], batch_bytes: int, micro_batch: int) -> int:

@@ -16,7 +16,7 @@ import argparse
 import torch
 
 from asge_edge.config import ModelConfig
-from asge_edge.device import channels_last, resolve_device
+from asge_edge.device import AMP_MODES, DEVICES, channels_last, resolve_device, resolve_precision
 from asge_edge.models import ASGENet
 
 NUM_CLASSES = 10
@@ -29,12 +29,14 @@ def add_args(p: argparse.ArgumentParser, width: float = 0.25, shape: str = "1x28
 
 
 def add_device_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"))
+    p.add_argument("--device", default="cpu", choices=DEVICES)
+    p.add_argument("--amp", default="off", choices=AMP_MODES)
 
 
 def device_and_precision(a: argparse.Namespace) -> tuple[torch.device, str]:
-    return resolve_device(a.device), "fp32" if a.amp == "off" else a.amp
+    """The trainer's own resolution of --device and --amp (device.py)."""
+    device = resolve_device(a.device)
+    return device, resolve_precision(a.amp, device)
 
 
 def make_net(cfg: ModelConfig, shape: tuple[int, int, int],
