@@ -111,18 +111,23 @@ def spatial_goodness(y: torch.Tensor, p: int) -> torch.Tensor:
         Float32 tensor of shape (B, C*p*p), channel-major (the flattening of
         (B, C, p, p)).
     """
-    energy = square(y)                             # B, C, H, W
-    even = y.shape[2] % p == 0 and y.shape[3] % p == 0
-    g = patch_mean(energy, p) if even else F.adaptive_avg_pool2d(energy, p)   # B, C, p, p
-    return g.flatten(1)                            # B, C*p*p
+    return patch_mean(square(y), p).flatten(1)     # B, C*p*p
+
+
+def divides(p: int, h: int, w: int) -> bool:
+    """Whether p x p patches split an h x w map evenly (else they take adaptive-pool boundaries)."""
+    return h % p == 0 and w % p == 0
 
 
 def patch_mean(e: torch.Tensor, p: int) -> torch.Tensor:
-    """Mean of ``e`` (B, C, H, W) over each of p x p equal patches; p divides H and W.
+    """Mean of ``e`` (B, C, H, W) over each of its p x p patches: equal ones where p divides
+    H and W, else adaptive average pooling's (see spatial_goodness).
 
     Returns (B, C, p, p).
     """
-    return F.avg_pool2d(e, (e.shape[2] // p, e.shape[3] // p))
+    if divides(p, e.shape[2], e.shape[3]):
+        return F.avg_pool2d(e, (e.shape[2] // p, e.shape[3] // p))
+    return F.adaptive_avg_pool2d(e, p)
 
 
 def rms_from_energy(energy: torch.Tensor, in_place: bool = False) -> torch.Tensor:
@@ -146,8 +151,8 @@ def goodness_and_energy(a: torch.Tensor, p: int, k: int) -> tuple[torch.Tensor, 
     squaring the whole batch at once.
 
     Args:
-        a: activations (B, C, H, W), any float dtype; p divides H and W.
-        p: patches per side.
+        a: activations (B, C, H, W), any float dtype.
+        p: patches per side (patch_mean's boundaries where p does not divide H and W).
         k: energy window (1: none).
 
     Returns:
@@ -193,10 +198,11 @@ def rms_pool(x: torch.Tensor, k: int) -> torch.Tensor:
 class _ConvReluGoodness(torch.autograd.Function):
     """a = relu(conv(h)), its patch goodness g and, when asked, its k x k mean energy.
 
-    For p dividing H and W (and H/k, W/k when k > 1). Forward and backward run in the
-    autocast dtype, if any, with the squares in fp32. The backward computes the conv's
-    weight and bias gradients only (never h's), from dL/dz = 2 * a * expand(dL/dg) / area,
-    which it writes into a's memory: ``a`` must not be read after backward.
+    k > 1 needs k, then p, to divide H and W (``energy_window``). Forward and backward run
+    in the autocast dtype, if any, with the squares in fp32. The backward computes the
+    conv's weight and bias gradients only (never h's), from dL/dz = 2 * a * dL/dg spread
+    over each patch / its area, which it writes into a's memory: ``a`` must not be read
+    after backward. (ReLU's mask needs no pass of its own: where z <= 0, a is 0.)
     """
 
     @staticmethod
@@ -218,16 +224,8 @@ class _ConvReluGoodness(torch.autograd.Function):
     @staticmethod
     def backward(ctx, _grad_a, grad_g, _grad_pooled):
         h, weight, a = ctx.saved_tensors
-        b, c, hh, ww = a.shape
-        p = ctx.p
-        # The scale takes a's layout, so that the multiply's innermost loop runs along unit
-        # strides in both: broadcast from NCHW onto channels_last, it ran 3-5x slower. It is
-        # written straight into that layout: one goodness-sized tensor beside dL/dg, as planned.
-        scale = torch.empty((b, c, p, p), dtype=grad_g.dtype, device=grad_g.device,
-                            memory_format=memory_layout(a))                               # B, C, p, p
-        torch.mul(grad_g.view(b, c, p, p), 2.0 / ((hh // p) * (ww // p)), out=scale)
-        patches = a.view(b, c, p, hh // p, p, ww // p)                                   # B, C, p, H/p, p, W/p
-        grad_z = patches.mul_(scale.view(b, c, p, 1, p, 1)).view(b, c, hh, ww)         # B, C, H, W (in a)
+        c = a.shape[1]
+        grad_z = _grad_z_into(a, grad_g, ctx.p)                           # B, C, H, W (in a)
         accumulated, step = ctx.weight_param.grad, grad_slice(c, weight[0].numel())
         if accumulated is None or step >= c:   # nothing to add to yet, or the whole gradient is one slice
             _, grad_w, grad_b = _conv_grads(grad_z, h, weight, ctx.padding, True)
@@ -238,6 +236,33 @@ class _ConvReluGoodness(torch.autograd.Function):
             del grad_w   # freed before the next slice is computed, not after: one slice at a time
         grad_b = grad_z.sum((0, 2, 3), dtype=torch.promote_types(grad_z.dtype, torch.float32))   # C
         return None, None, grad_b.to(ctx.param_dtypes[1]), None, None, None
+
+
+def _grad_z_into(a: torch.Tensor, grad_g: torch.Tensor, p: int) -> torch.Tensor:
+    """dL/dz = 2 * a * (dL/dg spread over each patch / its area), written into a (B, C, H, W).
+
+    Even patches: dL/dg times 2/area, in a's layout so that the multiply's innermost loop
+    runs along unit strides in both (broadcast from NCHW onto channels_last, it ran 3-5x
+    slower), one goodness-sized tensor beside dL/dg. Uneven ones (adaptive-pool boundaries,
+    which may overlap): the adaptive pool's own backward of 2 dL/dg, ``energy_rows`` samples
+    at a time, so that its fp32 spread is one chunk, never one activation. Doubling is
+    exact, so in fp32 these are autograd's values (grad * (2 * a)) to the bit.
+    """
+    b, c, hh, ww = a.shape
+    if divides(p, hh, ww):
+        scale = torch.empty((b, c, p, p), dtype=grad_g.dtype, device=grad_g.device,
+                            memory_format=memory_layout(a))                               # B, C, p, p
+        torch.mul(grad_g.view(b, c, p, p), 2.0 / ((hh // p) * (ww // p)), out=scale)
+        patches = a.view(b, c, p, hh // p, p, ww // p)                                   # B, C, p, H/p, p, W/p
+        return patches.mul_(scale.view(b, c, p, 1, p, 1)).view(b, c, hh, ww)          # B, C, H, W
+    twice = grad_g.view(b, c, p, p) * 2.0                                               # B, C, p, p
+    rows = energy_rows(c * hh * ww, b)
+    for i in range(0, b, rows):
+        x = a[i:i + rows]                                                               # n, C, H, W
+        like = x if x.dtype == twice.dtype else x.to(twice.dtype)   # the kernel takes shape, layout, dtype from it
+        x.mul_(torch.ops.aten._adaptive_avg_pool2d_backward(twice[i:i + rows], like))   # n, C, H, W
+        del like
+    return a
 
 
 def _conv_grads(grad_z: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, padding, bias: bool):
@@ -261,7 +286,7 @@ def conv_relu_goodness(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
     The activation is computed in place, and its memory becomes dL/dz in the backward,
     which computes no gradient for ``h`` (ASGE detaches every layer's input). Where p does
-    not divide the activation, this falls back to plain autograd, with the same values.
+    not divide the activation, the patches take adaptive-pool boundaries, as in spatial_goodness.
 
     Args:
         h: the layer's input (B, C_in, H, W), without a graph.
@@ -279,9 +304,6 @@ def conv_relu_goodness(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     """
     hh = h.shape[2] + 2 * padding[0] - weight.shape[2] + 1
     ww = h.shape[3] + 2 * padding[1] - weight.shape[3] + 1
-    if hh % p or ww % p:
-        a = torch.relu(F.conv2d(h, weight, bias, padding=padding))   # B, C, H, W
-        return a.detach(), spatial_goodness(a, p), None
     return _ConvReluGoodness.apply(h, weight, bias, padding, p, energy_window(hh, ww, p, k))
 
 

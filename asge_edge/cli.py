@@ -149,6 +149,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     pl.add_argument("--model", default="vgg8", choices=tuple(PRESETS))
     pl.add_argument("--width", type=_positive_float, default=1.0)
     pl.add_argument("--alpha", type=_non_negative_float, default=1.0)
+    pl.add_argument("--pool", default="rms", choices=POOLS)
     pl.add_argument("--input-shape", type=parse_shape, default=(1, 28, 28), help="CxHxW (default 1x28x28, Fashion-MNIST)")
     pl.add_argument("--num-classes", type=_positive_int, default=10)
     pl.add_argument("--batch-size", type=_positive_int, default=TrainConfig.batch_size)
@@ -239,7 +240,7 @@ def _cmd_plan(a: argparse.Namespace) -> int:
     from .report import plan_table, sweep_table
 
     try:
-        specs = layer_specs(ModelConfig(arch=a.model, width=a.width, alpha=a.alpha), a.input_shape, a.num_classes)
+        specs = layer_specs(ModelConfig(arch=a.model, width=a.width, alpha=a.alpha, pool=a.pool), a.input_shape, a.num_classes)
         plan = plan_memory(specs, a.input_shape, a.batch_size, a.memory_budget,
                            "fp32" if a.amp == "off" else a.amp, a.optimizer)
     except BudgetTooSmall as e:

@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .asge import (conv_relu_goodness, energy_rows, energy_window, layer_norm_chw, make_projection, partition_factor,
+from .asge import (conv_relu_goodness, divides, energy_rows, energy_window, layer_norm_chw, make_projection, partition_factor,
                    pool2d, project, rms_from_energy)
 from .config import ModelConfig
 
@@ -81,7 +81,7 @@ class LayerSpec:
     @property
     def even_patches(self) -> bool:
         """Whether P divides H and W (else the patches take adaptive-pool boundaries)."""
-        return self.height % self.partition == 0 and self.width % self.partition == 0
+        return divides(self.partition, self.height, self.width)
 
     @property
     def energy_window(self) -> int:

@@ -9,12 +9,14 @@ trains one layer at a time on one micro-batch at a time, so the planned peak is 
 maximum over layers, never their sum:
 
     peak = max_l (fixed_l + max(m * per_sample_l, m * forward_l + squares_l(m),
-                                m * exit_l + rows_l(m) * exit_chunk_l)) + batch_bytes
+                                m * exit_l + rows_l(m) * exit_chunk_l,
+                                m * backward_l + rows_l(m) * spread_l)) + batch_bytes
 
 with m the micro-batch, rows_l(m) = asge.energy_rows(C*H*W, m) the samples per chunk,
 squares_l(m) = rows_l(m) * squares_per_sample_l the buffer in which the forward makes the
-layer's squares a chunk of samples at a time (asge.goodness_and_energy), and exit_chunk_l
-what the exit holds per sample of its chunk under mixed precision (ASGELayer.exit).
+layer's squares a chunk of samples at a time (asge.goodness_and_energy), exit_chunk_l
+what the exit holds per sample of its chunk under mixed precision (ASGELayer.exit), and
+spread_l what the backward holds per sample of its chunk where the patches are uneven.
 
 ``batch_bytes`` is what must stay for the whole logical batch: the raw input batch, its
 labels, and the per-layer GAP features that the Last and Fusion heads read (sum C_l per
@@ -25,8 +27,7 @@ s (4 bytes in fp32, 2 under bf16/fp16), in which the convs read them (ASGELayer.
 methods.Method.conv_input): ``in`` is C_in*H*W*s, ``act`` is C*H*W elements at width s,
 ``out`` is C*H'*W'*s (``out32`` the same in fp32, as LayerNorm makes it), and
 ``g`` is the goodness, C*P*P fp32. Goodness squares and pooling energies are always fp32
-(4 bytes); see asge.py. ``up`` is an fp32 copy of a (0 in fp32), and ``pooled`` the 2x2
-energy (act/4 fp32) where the layer pools. The phases of ``ASGELayer.forward``
+(4 bytes); see asge.py. ``up`` is an fp32 copy of a (0 in fp32). The phases of ``ASGELayer.forward``
 (asge.conv_relu_goodness), ``ASGELayer.exit`` and ``ASGEMethod.layer_backward`` are:
 - forward: in + a + g, twice (before and after flattening), plus the 2x2 energy
   where the RMS pool shares the squares (LayerSpec.energy_window). The ReLU runs in place
@@ -36,8 +37,9 @@ energy (act/4 fp32) where the layer pools. The phases of ``ASGELayer.forward``
   the micro-batch where that is more.
 - exit (no autograd): where the energy is shared, after backward, in + g + the energy
   (each chunk of it becomes the RMS pool in place); otherwise before backward, in + a +
-  g; plus the exit's temporaries: out32, and, where the energy is not shared, up, plus a^2
-  and pooled where the layer pools. In fp32 the exit is the whole batch's (per_sample_l
+  g; plus the exit's temporaries: out32 where the energy is shared; otherwise up and what
+  the pool makes (pool_temps), then the pool's output beside out32, or up + out32 where
+  the layer does not pool. In fp32 the exit is the whole batch's (per_sample_l
   holds it). Under mixed precision it is made rows_l(m) samples at a time: exit_l is the
   above before the temporaries, + out (the s-byte output being filled), and exit_chunk_l
   the temporaries, per sample of the chunk.
@@ -45,11 +47,11 @@ energy (act/4 fp32) where the layer pools. The phases of ``ASGELayer.forward``
   waits, or else out (the next layer's input, made before) + dL/dg and its scale; plus,
   where a later micro-batch adds its weight gradient in slices of channels
   (asge.grad_slice), the contiguous copy of one slice of dL/dz that the conv's weight
-  gradient reads.
-Where P does not divide H and W the layer falls back to autograd, which squares a whole
-(up and a^2 in the forward) and adds a full-size dL/da (fp32) and dL/dz (s) to the
-backward, and accumulates a whole fresh gradient.
-per_sample_l is the largest of the three (the exit's chunk aside), forward_l the first.
+  gradient reads. Where P does not divide H and W (adaptive-pool patches), dL/dg is spread
+  over the patches a chunk of samples at a time (asge._grad_z_into): spread_l is that
+  chunk's fp32 spread, and under mixed precision the fp32 cast of a's chunk beside it.
+per_sample_l is the largest of the three (the chunks aside), forward_l the first,
+backward_l the last.
 fixed_l is the weights, gradient and optimiser state; under mixed precision, the s-byte
 copy of the weights that the conv reads and backward keeps; and the larger of two
 temporaries that never coexist:
@@ -90,8 +92,9 @@ class LayerMemory:
     per_sample: int     # per sample: the largest phase, the chunks aside
     fixed: int          # weights + gradients + optimiser state + their temporaries + fixed projection
     forward: int        # per sample: the forward phase, which also holds...
-    squares: int        # ...the squares' chunk buffer, this many bytes per sample (fp32)...
-    chunked: bool       # ...for asge.energy_rows samples (False: the layer squares a whole, in per_sample)
+    squares: int        # ...the squares' chunk buffer, this many bytes per sample (fp32), for asge.energy_rows samples
+    backward: int       # per sample: the backward phase, which also holds...
+    spread: int         # ...this many bytes per sample of its chunk (0: even patches, which need none)
     exit: int = 0       # per sample: the exit phase under mixed precision, which also holds...
     exit_chunk: int = 0   # ...this many bytes per sample of its chunk (0: the exit is whole, in per_sample)
 
@@ -101,13 +104,13 @@ class LayerMemory:
 
     def chunk(self, micro_batch: int) -> int:
         """Bytes of the squares' chunk buffer at a micro-batch of ``micro_batch``."""
-        return self.rows(micro_batch) * self.squares if self.chunked else 0
+        return self.rows(micro_batch) * self.squares
 
     def peak(self, micro_batch: int) -> int:
         """Bytes of this layer's training phase at a micro-batch of ``micro_batch``."""
-        m = micro_batch
+        m, rows = micro_batch, self.rows(micro_batch)
         return self.fixed + max(m * self.per_sample, m * self.forward + self.chunk(m),
-                                m * self.exit + self.rows(m) * self.exit_chunk)
+                                m * self.exit + rows * self.exit_chunk, m * self.backward + rows * self.spread)
 
     def largest_micro_batch(self, room: int) -> int:
         """The largest micro-batch whose phase fits in ``room`` bytes (0: none does). The peak
@@ -186,6 +189,13 @@ class BudgetTooSmall(ValueError):
                 f"the smallest that works is {self.min_budget} B ({format_size(self.min_budget)})")
 
 
+def pool_temps(kind: str, act_bytes: int, out_bytes: int) -> int:
+    """Bytes that pooling (models.ASGELayer.transition) holds at once, in fp32, from an activation
+    of ``act_bytes`` to an output of ``out_bytes``: the RMS pool squares the whole activation
+    (the clamp and sqrt that follow are smaller), and max pooling makes int64 indices too."""
+    return {"rms": act_bytes + out_bytes, "max": 3 * out_bytes, "avg": out_bytes}[kind]
+
+
 def layer_memory(spec: LayerSpec, precision: str, optimizer: str) -> LayerMemory:
     """Per-sample and fixed bytes of one layer's training phase (see module docstring)."""
     s = PRECISION_BYTES[precision]
@@ -194,29 +204,29 @@ def layer_memory(spec: LayerSpec, precision: str, optimizer: str) -> LayerMemory
     out_elements = spec.channels * spec.out_height * spec.out_width
     out, out32 = out_elements * s, out_elements * FP32               # the output as held, and as LayerNorm makes it
     good = spec.goodness_dim * FP32
-    pooled = act // 4 * FP32 if spec.pool else 0
     upcast = act * FP32 if s != FP32 else 0                           # a.float() under mixed precision
-    pooling = act * FP32 + pooled if spec.pool else 0                 # a^2 and its pool, where the energy is not shared
     resident = inp + act * s + good                                   # input, the activation a, its goodness
     fan_in = spec.in_channels * 9
-    shared = pooled if spec.even_patches and spec.energy_window > 1 else 0
+    shared = out32 if spec.energy_window > 1 else 0                   # the RMS pool's 2x2 energy, from the goodness
     # The exit reads the shared energy (the RMS pool made in place) after backward, when a is
-    # gone; or, before backward, a, upcast and pooled.
-    exit_temps = out32 + (0 if shared else upcast + pooling)
+    # gone; or, before backward, a (its fp32 upcast) and what pooling makes of it, then the
+    # pool's output beside LayerNorm's.
+    if shared:
+        exit_temps = out32
+    elif spec.pool:
+        exit_temps = max(upcast + pool_temps(spec.pool, act * FP32, out32), 2 * out32)
+    else:
+        exit_temps = upcast + out32
     exit_base = (inp + good if shared else resident) + shared
     if s == FP32:
         transition, exit_, exit_chunk = exit_base + exit_temps, 0, 0
     else:   # a chunk of samples at a time, cast into the s-byte output (ASGELayer.exit)
         transition, exit_, exit_chunk = 0, exit_base + out, exit_temps
-    if spec.even_patches:
-        piece = grad_slice(spec.channels, fan_in)                     # output channels per gradient slice
-        sliced = act * s * piece // spec.channels if piece < spec.channels else 0   # a dL/dz slice, copied
-        forward = resident + good + shared
-        backward = resident + (shared or out) + 2 * good + sliced     # the energy waits, or the output
-    else:
-        piece = spec.channels
-        forward = resident + act * FP32 + upcast
-        backward = resident + out + act * (FP32 + s)
+    piece = grad_slice(spec.channels, fan_in)                         # output channels per gradient slice
+    sliced = act * s * piece // spec.channels if piece < spec.channels else 0   # a dL/dz slice, copied
+    forward = resident + good + shared
+    backward = resident + (shared or out) + 2 * good + sliced         # the energy waits, or the output
+    spread = 0 if spec.even_patches else act * FP32 + upcast          # adaptive-pool backward's chunk (+ a's cast)
     params = spec.channels * (fan_in + 1)
     half = params * s if s != FP32 else 0                             # the s-byte copy of the weights, saved for backward
     # The first micro-batch's gradient is whole: in s bytes beside its fp32 cast (the
@@ -227,7 +237,7 @@ def layer_memory(spec: LayerSpec, precision: str, optimizer: str) -> LayerMemory
     fixed = (params * FP32 * (2 + OPTIMIZER_STATE[optimizer]) + half + temps
              + (spec.goodness_dim + 1) * spec.num_classes * FP32)
     return LayerMemory(spec.index, inp, out, act * s, max(forward, transition, exit_, backward), fixed,
-                       forward, act * FP32, spec.even_patches, exit_, exit_chunk)
+                       forward, act * FP32, backward, spread, exit_, exit_chunk)
 
 
 def _batch_bytes(specs: Sequence[LayerSpec], input_shape: tuple[int, int, int], batch: int, optimizer: str) -> int:

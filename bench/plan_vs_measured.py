@@ -7,10 +7,12 @@ dominate, so an error in them shows), on the CPU-sized VGG8 and Fashion-MNIST's 
 shape by default. On the CPU it measures live tensor bytes; with ``--device cuda``, CUDA
 peak statistics, which also count what the planner does not model (cuDNN workspaces,
 the caching allocator's rounding): that run would say whether the plan holds on a GPU.
-It has not been run on one (no GPU in the sessions that wrote it).
+It has not been run on one (no GPU in the sessions that wrote it). ``--alpha`` sets the
+partitions (at 1.5 the first layers' patches do not divide their maps: uneven patches),
+and ``--pool`` the pooling, as in ``asge-edge train``.
 
     python bench/plan_vs_measured.py [--width 0.25] [--input-shape 1x28x28] [--batch-size 128]
-                                     [--device auto|cpu|cuda] [--amp off|bf16|fp16]
+                                     [--alpha 1.0] [--pool rms|avg|max] [--device auto|cpu|cuda] [--amp off|bf16|fp16]
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import argparse
 
 from asge_edge.budget import format_size, parse_size
 from asge_edge.cli import parse_shape
-from asge_edge.config import ModelConfig, TrainConfig
+from asge_edge.config import POOLS, ModelConfig, TrainConfig
 from asge_edge.device import to_device
 from asge_edge.memory import measure_step
 from asge_edge.methods import ASGEMethod
@@ -33,13 +35,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_args(p)
     add_device_args(p)
+    p.add_argument("--alpha", type=float, default=1.0)
+    p.add_argument("--pool", default="rms", choices=POOLS)
     a = p.parse_args()
     (device, precision), shape = device_and_precision(a), parse_shape(a.input_shape)
-    net = make_net(ModelConfig(width=a.width), shape).place(device)
+    net = make_net(ModelConfig(width=a.width, alpha=a.alpha, pool=a.pool), shape).place(device)
     method = ASGEMethod(net, TrainConfig(), precision)
     x, y = to_device(*make_batch(a.batch_size, shape), device)
     method.train_step(x, y)   # optimiser state now exists, as in every later step
-    print(f"vgg8 width {a.width}, input {a.input_shape}, batch {a.batch_size}, {precision}, {device}")
+    print(f"vgg8 width {a.width}, alpha {a.alpha}, {a.pool} pool, input {a.input_shape}, batch {a.batch_size}, {precision}, {device}")
     print(f"{'budget':>8} {'micro-batch':>12} {'planned':>10} {'measured':>10} {'measured/planned':>17}")
     floor = plan_memory(net.specs, shape, a.batch_size, None, precision).min_budget
     budgets = [(text, None if text == "none" else parse_size(text)) for text in BUDGETS] + [("smallest", floor)]

@@ -85,10 +85,10 @@ def _reference(h, w, b, p, k):
     return a, spatial_goodness(a, p), F.avg_pool2d(a.square(), k)
 
 
-# (input shape, out channels, p, k): even patches, uneven patches (autograd fallback),
-# energy shared with the goodness, and energy not shareable (7 // 2 rows drop one).
-CASES = [((3, 5, 8, 8), 4, 4, 1), ((2, 3, 6, 6), 4, 4, 1), ((2, 3, 8, 8), 6, 2, 2), ((2, 3, 7, 7), 4, 1, 2),
-         ((2, 3, 3, 3), 4, 1, 1)]
+# (input shape, out channels, p, k): even patches, uneven patches (adaptive boundaries; 7x9
+# in 3x3 overlap), energy shared with the goodness, and energy not shareable (7 // 2 rows drop one).
+CASES = [((3, 5, 8, 8), 4, 4, 1), ((2, 3, 6, 6), 4, 4, 1), ((3, 2, 7, 9), 4, 3, 2), ((2, 3, 8, 8), 6, 2, 2),
+         ((2, 3, 7, 7), 4, 1, 2), ((2, 3, 3, 3), 4, 1, 1)]
 
 
 @pytest.mark.parametrize("shape,c,p,k", CASES)
@@ -165,6 +165,33 @@ def test_later_micro_batches_add_their_gradient_in_slices(monkeypatch):
         (spatial_goodness(torch.relu(F.conv2d(h, w2, b2, padding=1)), 2) * u).sum().backward()
     torch.testing.assert_close(w1.grad, w2.grad)
     torch.testing.assert_close(b1.grad, b2.grad)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_uneven_patches_spread_their_gradient_in_chunks(monkeypatch, precision, channels_last):
+    # 5 samples of 4x28x28 in 6x6 adaptive patches (28 / 6 is not whole: they overlap),
+    # spread 2 samples at a time: two whole chunks and a short one.
+    monkeypatch.setattr(asge, "ENERGY_CHUNK_BYTES", 2 * 4 * 28 * 28 * 4)
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(5, 3, 28, 28, generator=g)
+    if channels_last:
+        h = h.contiguous(memory_format=torch.channels_last)
+    w1 = (torch.randn(4, 3, 3, 3, generator=g) * 0.3).requires_grad_()
+    b1 = torch.randn(4, generator=g).requires_grad_()
+    w2, b2 = w1.detach().clone().requires_grad_(), b1.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        _, gd, _ = conv_relu_goodness(h, w1, b1, (1, 1), 6)
+        g_ref = spatial_goodness(torch.relu(F.conv2d(h, w2, b2, padding=1)), 6)
+    u = torch.randn(gd.shape, generator=g)
+    (gd * u).sum().backward()
+    (g_ref * u).sum().backward()
+    if precision == "fp32":   # doubling is exact: autograd's grad * (2 * a), to the bit
+        assert torch.equal(gd, g_ref) and torch.equal(w1.grad, w2.grad) and torch.equal(b1.grad, b2.grad)
+    else:
+        torch.testing.assert_close(gd, g_ref, rtol=1e-6, atol=1e-6)   # same bf16 conv, fp32 squares
+        torch.testing.assert_close(w1.grad, w2.grad, rtol=2e-2, atol=2e-2)   # bf16 gradients
+        torch.testing.assert_close(b1.grad, b2.grad, rtol=2e-2, atol=2e-2)
 
 
 def test_conv_relu_goodness_computes_no_input_gradient():

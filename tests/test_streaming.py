@@ -142,14 +142,20 @@ def test_sliced_accumulation_lowers_the_floor_of_full_width_vgg8():
 # bf16, the smallest budget holds the weights' bf16 copy and a whole gradient in bf16 and in
 # fp32; with slices, the first micro-batch's whole gradient in bf16 beside its cast, which
 # only the wide net on 8x8 images shows: its weights, not its images, set the peak.
-@pytest.mark.parametrize("budget_scale,slice_bytes,precision,width,side", [
-    (1.0, None, "fp32", 0.25, 28), (1.5, None, "fp32", 0.25, 28), (1.0, 2 ** 19, "fp32", 0.25, 28), (1.0, None, "bf16", 0.25, 28), (1.5, None, "bf16", 0.25, 28),
-    (1.0, 2 ** 18, "bf16", 0.5, 8)])
-def test_measured_peak_stays_within_budget(budget_scale, slice_bytes, precision, width, side, monkeypatch):
+# At alpha 1.5 the first three layers' patches (6, 3, 3 per side on 28, 28, 14) are uneven.
+# Max and average pools make their outputs from a before backward, as uneven patches do.
+@pytest.mark.parametrize("budget_scale,slice_bytes,precision,width,side,alpha,pool", [
+    (1.0, None, "fp32", 0.25, 28, 1.0, "rms"), (1.5, None, "fp32", 0.25, 28, 1.0, "rms"),
+    (1.0, 2 ** 19, "fp32", 0.25, 28, 1.0, "rms"), (1.0, None, "bf16", 0.25, 28, 1.0, "rms"),
+    (1.5, None, "bf16", 0.25, 28, 1.0, "rms"), (1.0, 2 ** 18, "bf16", 0.5, 8, 1.0, "rms"),
+    (1.5, None, "fp32", 0.25, 28, 1.5, "rms"), (1.5, None, "bf16", 0.25, 28, 1.5, "rms"),
+    (1.5, None, "fp32", 0.25, 28, 1.0, "max"), (1.5, None, "bf16", 0.25, 28, 1.0, "avg")])
+def test_measured_peak_stays_within_budget(budget_scale, slice_bytes, precision, width, side, alpha, pool, monkeypatch):
     if slice_bytes is not None:
         monkeypatch.setattr(asge, "GRAD_SLICE_BYTES", slice_bytes)
     shape = (1, side, side)
-    net = ASGENet(ModelConfig(width=width), shape, 10, (0.5,), (0.25,), seed=0).to(memory_format=torch.channels_last)
+    net = ASGENet(ModelConfig(width=width, alpha=alpha, pool=pool), shape, 10, (0.5,), (0.25,), seed=0
+                  ).to(memory_format=torch.channels_last)
     method = ASGEMethod(net, TrainConfig(), precision)
     g = torch.Generator().manual_seed(0)
     x = torch.rand(64, *shape, generator=g).contiguous(memory_format=torch.channels_last)
@@ -161,7 +167,9 @@ def test_measured_peak_stays_within_budget(budget_scale, slice_bytes, precision,
     _, (peak, how) = measure_step(method, x, y)
     assert how == "cpu-live-tensors"
     assert peak <= budget
-    assert peak >= 0.8 * plan.planned_peak   # it measures real tensors, not nothing
+    # The plan is tight as well as safe: these measure 0.91-0.97 of it. Before the exit's
+    # pooling was counted per kind, max and average pools planned a third too much.
+    assert peak >= 0.85 * plan.planned_peak
 
 
 def test_sweep_gives_the_smallest_budget_of_every_plan():
@@ -183,6 +191,16 @@ def test_plan_command_sweep_marks_the_plan(capsys):
     assert main(["plan", "--input-shape", "3x32x32", "--memory-budget", "64MB", "--sweep"]) == 0
     marked = [line.split() for line in capsys.readouterr().out.splitlines() if "<- this plan" in line]
     assert len(marked) == 1 and marked[0][:2] == ["5", "26"]   # docs/BENCHMARKS.md: 26 x 5 at 64MB
+
+
+def test_plan_command_plans_the_pool_that_train_runs(capsys):
+    peaks = {}
+    for pool in ("rms", "max"):
+        assert main(["plan", "--width", "0.25", "--pool", pool, "--json"]) == 0
+        peaks[pool] = json.loads(capsys.readouterr().out)["planned_peak_bytes"]
+        specs = layer_specs(ModelConfig(width=0.25, pool=pool), (1, 28, 28), 10)
+        assert peaks[pool] == plan_memory(specs, (1, 28, 28), 128, None).planned_peak
+    assert peaks["rms"] != peaks["max"]
 
 
 def test_plan_command_json(capsys):
