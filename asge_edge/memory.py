@@ -4,7 +4,8 @@ Contract: ``measure_step(method, x, y)`` runs one training step and returns the 
 bytes of its working set, the quantity the planner (planner.py) bounds:
     the active layer's state (weights, gradients, optimiser state, fixed projection)
   + the activations and temporaries in flight
-  + the logical batch's own state (input batch, labels, GAP features, heads).
+  + the logical batch's own state (input batch, labels, GAP features, and the heads'
+    weights, running statistics and optimiser state).
 Inactive layers' weights, gradients and optimiser state are parked, and are not counted.
 
 How it is measured (``measured_by`` in summary.json):
@@ -35,6 +36,8 @@ from typing import Callable
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+
+from .methods import HEADS
 
 
 def _nbytes(tensors) -> int:
@@ -87,43 +90,44 @@ class LiveTensorBytes(TorchDispatchMode):
             self.current -= entry[0]
 
 
-def _layer_state(method, i: int) -> list[torch.Tensor]:
-    """Tensors of layer i that exist before a step: weights, projection, optimiser state."""
-    layer = method.net.layers[i]
-    opt = method.optimizers[f"layer{i + 1}"]
-    state = [v for p in layer.parameters() for v in opt.state.get(p, {}).values() if isinstance(v, torch.Tensor)]
-    return [*layer.parameters(), *layer.buffers(), *state]
+def _state(module: torch.nn.Module, opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Tensors of ``module`` that exist before a step: weights, buffers (a layer's projection,
+    a head's running statistics), and ``opt``'s state for its parameters."""
+    state = [v for p in module.parameters() for v in opt.state.get(p, {}).values() if isinstance(v, torch.Tensor)]
+    return [*module.parameters(), *module.buffers(), *state]
 
 
 def measure_step(method, x: torch.Tensor, y: torch.Tensor):
     """Run ``method.train_step(x, y)``; return (its StepStats, (peak working-set bytes, how measured)).
 
     For a streaming method (one optimiser per layer) the active layer is tracked with
-    hooks: a layer becomes active when it runs forward or its optimiser steps; the
-    heads are active while theirs step. For an end-to-end method (BP) nothing is parked:
+    hooks: a layer becomes active when it runs forward or its optimiser steps, and no layer
+    is once its step is done (the heads' phase). The heads' state counts throughout, with
+    the batch's.
+    For an end-to-end method (BP) nothing is parked:
     every weight and all optimiser state count. Call this after at least one step, so
     that optimiser state already exists, with gradients cleared (every Method leaves them so).
     """
     net = method.net
     n = len(net.layers)
-    heads = [*net.last_head.parameters(), *net.fusion_head.parameters()]
-    batch_state = _nbytes([x, y]) + _nbytes(heads)
     streams = all(f"layer{i + 1}" in method.optimizers for i in range(n))
     if not streams:   # end-to-end methods: every weight and all optimiser state stay resident
         state = [v for opt in method.optimizers.values() for st in opt.state.values() for v in st.values()
                  if isinstance(v, torch.Tensor)]
-        resident_all = _nbytes([*net.parameters(), *net.buffers(), *state]) - _nbytes(heads)   # heads: in batch_state
-        return _measure_cpu_or_cuda(method, x, y, lambda: resident_all, [], batch_state, resident_all)
-    resident = [_nbytes(_layer_state(method, i)) for i in range(n)]
+        resident_all = _nbytes([*net.parameters(), *net.buffers(), *state])
+        return _measure_cpu_or_cuda(method, x, y, lambda: resident_all, [], _nbytes([x, y]), resident_all)
+    heads = [net.last_head, net.fusion_head]
+    batch_state = _nbytes([x, y]) + sum(_nbytes(_state(h, method.optimizers[name])) for h, name in zip(heads, HEADS))
+    resident = [_nbytes(_state(net.layers[i], method.optimizers[f"layer{i + 1}"])) for i in range(n)]
     on_device = [r if net.layers[i].conv.weight.device == x.device else 0 for i, r in enumerate(resident)]
 
-    active = [None]   # index of the training layer; None while the heads train
+    active = [None]   # index of the training layer; None between a layer's step and the next one's work
     hooks = []
     for i, layer in enumerate(net.layers):
+        opt = method.optimizers[f"layer{i + 1}"]
         hooks.append(layer.register_forward_pre_hook(lambda *_, i=i: active.__setitem__(0, i)))
-        hooks.append(method.optimizers[f"layer{i + 1}"].register_step_pre_hook(lambda *_, i=i: active.__setitem__(0, i)))
-    for name in ("last", "fusion"):
-        hooks.append(method.optimizers[name].register_step_pre_hook(lambda *_: active.__setitem__(0, None)))
+        hooks.append(opt.register_step_pre_hook(lambda *_, i=i: active.__setitem__(0, i)))
+        hooks.append(opt.register_step_post_hook(lambda *_: active.__setitem__(0, None)))
     params = [list(layer.parameters()) for layer in net.layers]
 
     def working_set_adjustment() -> int:

@@ -231,6 +231,11 @@ class ASGEMethod(Method):
             self._reduce(layer.parameters())
             self.step(f"layer{i + 1}")
 
+    def feature_buffers(self, n: int, device: torch.device) -> list[torch.Tensor]:
+        """Each layer's GAP features of the ``n`` samples of a logical batch, L x (n, C_l) fp32,
+        to be filled a micro-batch at a time: one copy, never pieces and their concatenation."""
+        return [torch.empty(n, spec.channels, device=device) for spec in self.net.specs]
+
     def heads_step(self, feats: list[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
         """Train the Last and Fusion heads on detached GAP features; return their loss sums (2,).
 
@@ -260,18 +265,20 @@ class ASGEMethod(Method):
         n, total = len(self.net.layers), self._total(len(y))
         losses = torch.zeros(n, device=x.device)
         correct = torch.zeros(n, device=x.device)
-        feats: list[list[torch.Tensor]] = [[] for _ in range(n)]
-        for xm, ym in zip(x.split(self.micro_batch or total), y.split(self.micro_batch or total)):
+        feats = self.feature_buffers(len(y), x.device)         # L x (B, C_l)
+        size, start = self.micro_batch or total, 0
+        for xm, ym in zip(x.split(size), y.split(size)):
             with torch.no_grad():
                 h = self.conv_input(self.net.normalize(xm))    # b, C0, H, W
             for i in range(n):
                 h, feat, loss_sum, hits = self.layer_backward(i, h, ym, len(ym) / total)
                 losses[i] += loss_sum
                 correct[i] += hits
-                feats[i].append(feat)                          # b, C
-            del h
+                feats[i][start:start + len(ym)] = feat         # b, C
+            del h, feat   # the last micro-batch's too, before the heads' phase
+            start += len(ym)
         self.step_layers()
-        return self._stats(losses, correct, self.heads_step([torch.cat(f) for f in feats], y))
+        return self._stats(losses, correct, self.heads_step(feats, y))
 
     def _stats(self, losses: torch.Tensor, correct: torch.Tensor, heads: torch.Tensor) -> StepStats:
         """The step's statistics, summed over the processes under torchrun."""
@@ -290,21 +297,20 @@ class ASGEMethod(Method):
         ys = y.split(size)
         with torch.no_grad():
             hs = [self.conv_input(self.net.normalize(xm)).to(off.park_device) for xm in x.split(size)]   # M x (b, C0, H, W)
-        feats = []
+        feats = self.feature_buffers(len(y), x.device)         # L x (B, C_l)
         for i, layer in enumerate(self.net.layers):
             name = f"layer{i + 1}"
             off.load(layer, self.optimizers[name])
-            outs, f = [], []
-            for h, ym in zip(hs, ys):
+            outs = []
+            for j, (h, ym) in enumerate(zip(hs, ys)):
                 h_next, feat, loss_sum, hits = self.layer_backward(i, h.to(x.device), ym, len(ym) / total)
                 losses[i] += loss_sum
                 correct[i] += hits
-                f.append(feat)                                 # b, C
+                feats[i][j * size:j * size + len(ym)] = feat   # b, C
                 outs.append(h_next.to(off.park_device))        # b, C, H', W'
             self._reduce(layer.parameters())
             self.step(name)
             off.park(layer, self.optimizers[name])
-            feats.append(torch.cat(f))                         # B, C
             hs = outs
         return self._stats(losses, correct, self.heads_step(feats, y))
 

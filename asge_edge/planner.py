@@ -20,7 +20,19 @@ spread_l what the backward holds per sample of its chunk where the patches are u
 
 ``batch_bytes`` is what must stay for the whole logical batch: the raw input batch, its
 labels, and the per-layer GAP features that the Last and Fusion heads read (sum C_l per
-sample), with the heads' own weights, gradients and optimiser state.
+sample, fp32), with the heads' own weights, running statistics and optimiser state.
+
+Once every layer has stepped, the heads train on the whole logical batch's features
+(methods.ASGEMethod.heads_step), whatever the micro-batch: their phase, ``heads_bytes``,
+is batch_bytes plus the larger of their forward (Fusion's concatenated input, both heads'
+normalised inputs, both logits) and their backward (the normalised inputs that the
+Linear layers saved, five logit-sized tensors of the cross-entropy, the larger head's
+gradient and its optimiser temporaries), all per sample of the logical batch:
+
+    planned peak = max(max_l layer phase_l + batch_bytes, heads_bytes)
+
+so a large logical batch has a floor that no micro-batch lowers. (Under torchrun the
+heads read every process's features; that gathered batch is not planned.)
 
 Per-sample bytes of layer l. Every layer's input and output are held at the compute width
 s (4 bytes in fp32, 2 under bf16/fp16), in which the convs read them (ASGELayer.exit,
@@ -79,6 +91,9 @@ OPTIMIZER_STATE = {"adamw": 2, "sgd": 1}   # fp32 state tensors per parameter (A
 # Parameter-sized temporaries of the optimiser step, measured with memory.measure_step: the
 # fused AdamW (methods.make_optimizer) needs none, SGD one.
 OPTIMIZER_TEMPS = {"adamw": 0, "sgd": 1}
+# Scalar tensors that every phase holds (losses, counts, the optimisers' step counters): a
+# few dozen bytes, measured; counted once, in the batch's state.
+SCALAR_BYTES = 256
 
 
 @dataclass(frozen=True)
@@ -132,11 +147,12 @@ class Plan:
     precision: str
     budget: int | None
     batch_bytes: int         # whole-logical-batch state: input batch, labels, GAP features, heads
+    heads_bytes: int         # the heads' phase over the whole logical batch, batch_bytes included
     parked_bytes: int        # state of the layers that are not training (host RAM, or device without --offload)
 
     def peak_at(self, micro_batch: int) -> int:
         """Planned peak bytes of this network and logical batch at a micro-batch of ``micro_batch``."""
-        return _peak(self.layers, self.batch_bytes, micro_batch)
+        return _peak(self.layers, self.batch_bytes, self.heads_bytes, micro_batch)
 
     @property
     def accumulation_steps(self) -> int:
@@ -158,16 +174,18 @@ class Plan:
         micros = sorted({even_micro_batch(self.batch, m) for m in range(1, self.batch + 1)}, reverse=True)
         return [(math.ceil(self.batch / m), m, self.peak_at(m)) for m in micros]
 
-    def peak_layer(self) -> int:
-        """1-based index of the layer whose phase sets the peak."""
+    def peak_layer(self) -> int | None:
+        """1-based index of the layer whose phase sets the peak; None where the heads' does."""
         costs = [lm.peak(self.micro_batch) for lm in self.layers]
+        if self.heads_bytes > max(costs) + self.batch_bytes:
+            return None
         return costs.index(max(costs)) + 1
 
     def to_dict(self) -> dict:
         return {
             "batch": self.batch, "micro_batch": self.micro_batch, "accumulation_steps": self.accumulation_steps,
             "precision": self.precision, "budget_bytes": self.budget, "batch_bytes": self.batch_bytes,
-            "parked_bytes": self.parked_bytes, "planned_peak_bytes": self.planned_peak,
+            "heads_bytes": self.heads_bytes, "parked_bytes": self.parked_bytes, "planned_peak_bytes": self.planned_peak,
             "min_budget_bytes": self.min_budget, "peak_layer": self.peak_layer(),
             "layers": [lm.__dict__ for lm in self.layers],
             "sweep": [{"accumulation_steps": k, "micro_batch": m, "planned_peak_bytes": peak} for k, m, peak in self.sweep()],
@@ -240,13 +258,19 @@ def layer_memory(spec: LayerSpec, precision: str, optimizer: str) -> LayerMemory
                        forward, act * FP32, backward, spread, exit_, exit_chunk)
 
 
-def _batch_bytes(specs: Sequence[LayerSpec], input_shape: tuple[int, int, int], batch: int, optimizer: str) -> int:
-    n = specs[0].num_classes
+def _batch_bytes(specs: Sequence[LayerSpec], input_shape: tuple[int, int, int], batch: int,
+                 optimizer: str) -> tuple[int, int]:
+    """(batch_bytes, heads_bytes) of a logical batch of ``batch`` (see the module docstring)."""
+    n, last = specs[0].num_classes, specs[-1].channels
     feats = sum(s.channels for s in specs)
-    fusion_in = sum(s.channels for s in specs[1:]) or specs[0].channels
-    head_params = (specs[-1].channels + 1) * n + (fusion_in + 1) * n
-    return (batch * (math.prod(input_shape) * FP32 + 8 + feats * FP32)
-            + head_params * FP32 * (2 + OPTIMIZER_STATE[optimizer]))
+    fusion_in = sum(s.channels for s in specs[1:]) or specs[0].channels   # models.ASGENet.fusion_specs
+    head_params = (last + 1) * n + (fusion_in + 1) * n
+    head_state = head_params * FP32 * (1 + OPTIMIZER_STATE[optimizer]) + 2 * (last + fusion_in) * FP32
+    batch_bytes = batch * (math.prod(input_shape) * FP32 + 8 + feats * FP32) + head_state + SCALAR_BYTES
+    forward = batch * FP32 * (2 * fusion_in + last + 2 * n)
+    backward = (batch * FP32 * (fusion_in + last + 5 * n)
+                + (fusion_in + 1) * n * FP32 * (1 + OPTIMIZER_TEMPS[optimizer]))
+    return batch_bytes, batch_bytes + max(forward, backward)
 
 
 def even_micro_batch(batch: int, largest: int) -> int:
@@ -278,18 +302,19 @@ def plan_memory(specs: Sequence[LayerSpec], input_shape: tuple[int, int, int], b
         BudgetTooSmall: not even a micro-batch of 1 fits; it carries the minimum budget.
     """
     layers = tuple(layer_memory(s, precision, optimizer) for s in specs)
-    batch_bytes = _batch_bytes(specs, input_shape, batch, optimizer)
+    batch_bytes, heads_bytes = _batch_bytes(specs, input_shape, batch, optimizer)
     if budget is None:
         micro = batch
     else:
         largest = min(batch, *(lm.largest_micro_batch(budget - batch_bytes) for lm in layers))
-        if largest < 1:
-            raise BudgetTooSmall(budget, _peak(layers, batch_bytes, 1))
+        if largest < 1 or heads_bytes > budget:
+            raise BudgetTooSmall(budget, _peak(layers, batch_bytes, heads_bytes, 1))
         micro = even_micro_batch(batch, largest)
     parked = sum(lm.fixed for lm in layers) - max(lm.fixed for lm in layers)
-    return Plan(layers, batch, micro, precision, budget, batch_bytes, parked)
+    return Plan(layers, batch, micro, precision, budget, batch_bytes, heads_bytes, parked)
 
 
-def _peak(layers: Sequence[LayerMemory], batch_bytes: int, micro_batch: int) -> int:
-    """The planned peak at ``micro_batch``: the largest layer phase, plus the batch's own state."""
-    return max(lm.peak(micro_batch) for lm in layers) + batch_bytes
+def _peak(layers: Sequence[LayerMemory], batch_bytes: int, heads_bytes: int, micro_batch: int) -> int:
+    """The planned peak at ``micro_batch``: the largest layer phase plus the batch's own state,
+    or the heads' phase where that is larger."""
+    return max(max(lm.peak(micro_batch) for lm in layers) + batch_bytes, heads_bytes)

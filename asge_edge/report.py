@@ -46,11 +46,17 @@ def plan_table(plan: Plan) -> str:
         f"budget             {budget}",
         f"logical batch      {plan.batch} = micro-batch {plan.micro_batch} x {plan.accumulation_steps} accumulation steps",
         f"batch state        {plan.batch_bytes:,} B (input batch, labels, GAP features, heads)",
-        f"planned peak       {plan.planned_peak:,} B ({format_size(plan.planned_peak)}), set by layer {plan.peak_layer()}",
+        f"heads phase        {plan.heads_bytes:,} B (the heads' pass over the logical batch, batch state included)",
+        f"planned peak       {plan.planned_peak:,} B ({format_size(plan.planned_peak)}), set by {_peak_phase(plan)}",
         f"parked             {plan.parked_bytes:,} B (the other layers' weights, gradients, optimiser state)",
         f"smallest budget    {plan.min_budget:,} B ({format_size(plan.min_budget)}) for a micro-batch of 1",
     ]
     return "\n".join(lines)
+
+
+def _peak_phase(plan: Plan) -> str:
+    layer = plan.peak_layer()
+    return "the heads" if layer is None else f"layer {layer}"
 
 
 def memory_line(memory: dict[str, Any]) -> str:

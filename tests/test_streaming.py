@@ -172,6 +172,27 @@ def test_measured_peak_stays_within_budget(budget_scale, slice_bytes, precision,
     assert peak >= 0.85 * plan.planned_peak
 
 
+def test_a_large_logical_batch_is_bounded_by_the_heads_phase():
+    # The heads train on the whole logical batch's features after the layers: at 512 small
+    # images their phase outweighs any layer's, whatever the micro-batch.
+    shape, batch = (1, 8, 8), 512
+    net = ASGENet(ModelConfig(width=0.125), shape, 10, (0.5,), (0.25,), seed=0).to(memory_format=torch.channels_last)
+    method = ASGEMethod(net, TrainConfig())
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(batch, *shape, generator=g).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(10, (batch,), generator=g)
+    method.train_step(x, y)
+    floor = plan_memory(net.specs, shape, batch, None).min_budget
+    plan = plan_memory(net.specs, shape, batch, floor)
+    assert plan.peak_layer() is None and plan.planned_peak == plan.heads_bytes == floor
+    with pytest.raises(BudgetTooSmall) as e:
+        plan_memory(net.specs, shape, batch, floor - 1)
+    assert e.value.min_budget == floor
+    method.micro_batch = plan.micro_batch
+    _, (peak, _) = measure_step(method, x, y)
+    assert 0.85 * floor <= peak <= floor
+
+
 def test_sweep_gives_the_smallest_budget_of_every_plan():
     specs = _specs()
     rows = plan_memory(specs, (1, 16, 16), 48, None).sweep()
