@@ -67,6 +67,16 @@ def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def _keep_features(feats: list[torch.Tensor | None], i: int, start: int, feat: torch.Tensor, total: int) -> None:
+    """Write a micro-batch's GAP features ``feat`` (b, C_l) of layer ``i`` at row ``start`` of
+    that layer's (total, C_l) buffer in ``feats``, made when its first micro-batch arrives: one
+    copy of each layer's features, never pieces beside their concatenation, and none before
+    the layer has run."""
+    if feats[i] is None:
+        feats[i] = feat.new_empty(total, feat.shape[1])   # total, C_l
+    feats[i][start:start + len(feat)] = feat
+
+
 class Method(ABC):
     """A training method for an ASGENet.
 
@@ -231,11 +241,6 @@ class ASGEMethod(Method):
             self._reduce(layer.parameters())
             self.step(f"layer{i + 1}")
 
-    def feature_buffers(self, n: int, device: torch.device) -> list[torch.Tensor]:
-        """Each layer's GAP features of the ``n`` samples of a logical batch, L x (n, C_l) fp32,
-        to be filled a micro-batch at a time: one copy, never pieces and their concatenation."""
-        return [torch.empty(n, spec.channels, device=device) for spec in self.net.specs]
-
     def heads_step(self, feats: list[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
         """Train the Last and Fusion heads on detached GAP features; return their loss sums (2,).
 
@@ -265,7 +270,7 @@ class ASGEMethod(Method):
         n, total = len(self.net.layers), self._total(len(y))
         losses = torch.zeros(n, device=x.device)
         correct = torch.zeros(n, device=x.device)
-        feats = self.feature_buffers(len(y), x.device)         # L x (B, C_l)
+        feats: list[torch.Tensor | None] = [None] * n          # L x (B, C_l), made as layers run
         size, start = self.micro_batch or total, 0
         for xm, ym in zip(x.split(size), y.split(size)):
             with torch.no_grad():
@@ -274,7 +279,7 @@ class ASGEMethod(Method):
                 h, feat, loss_sum, hits = self.layer_backward(i, h, ym, len(ym) / total)
                 losses[i] += loss_sum
                 correct[i] += hits
-                feats[i][start:start + len(ym)] = feat         # b, C
+                _keep_features(feats, i, start, feat, len(y))
             del h, feat   # the last micro-batch's too, before the heads' phase
             start += len(ym)
         self.step_layers()
@@ -297,7 +302,7 @@ class ASGEMethod(Method):
         ys = y.split(size)
         with torch.no_grad():
             hs = [self.conv_input(self.net.normalize(xm)).to(off.park_device) for xm in x.split(size)]   # M x (b, C0, H, W)
-        feats = self.feature_buffers(len(y), x.device)         # L x (B, C_l)
+        feats: list[torch.Tensor | None] = [None] * n          # L x (B, C_l), made as layers run
         for i, layer in enumerate(self.net.layers):
             name = f"layer{i + 1}"
             off.load(layer, self.optimizers[name])
@@ -306,7 +311,7 @@ class ASGEMethod(Method):
                 h_next, feat, loss_sum, hits = self.layer_backward(i, h.to(x.device), ym, len(ym) / total)
                 losses[i] += loss_sum
                 correct[i] += hits
-                feats[i][j * size:j * size + len(ym)] = feat   # b, C
+                _keep_features(feats, i, j * size, feat, len(y))
                 outs.append(h_next.to(off.park_device))        # b, C, H', W'
             self._reduce(layer.parameters())
             self.step(name)
