@@ -258,7 +258,7 @@ def layer_memory(spec: LayerSpec, precision: str, optimizer: str) -> LayerMemory
                        forward, act * FP32, backward, spread, exit_, exit_chunk)
 
 
-def _batch_bytes(specs: Sequence[LayerSpec], input_shape: tuple[int, int, int], batch: int,
+def _batch_and_heads_bytes(specs: Sequence[LayerSpec], input_shape: tuple[int, int, int], batch: int,
                  optimizer: str) -> tuple[int, int]:
     """(batch_bytes, heads_bytes) of a logical batch of ``batch`` (see the module docstring)."""
     n, last = specs[0].num_classes, specs[-1].channels
@@ -302,7 +302,7 @@ def plan_memory(specs: Sequence[LayerSpec], input_shape: tuple[int, int, int], b
         BudgetTooSmall: not even a micro-batch of 1 fits; it carries the minimum budget.
     """
     layers = tuple(layer_memory(s, precision, optimizer) for s in specs)
-    batch_bytes, heads_bytes = _batch_bytes(specs, input_shape, batch, optimizer)
+    batch_bytes, heads_bytes = _batch_and_heads_bytes(specs, input_shape, batch, optimizer)
     if budget is None:
         micro = batch
     else:
