@@ -15,7 +15,8 @@ Contract:
   arena's alignment.
 - ``write_c_model`` writes model.bin and model.h (model.bin as a const uint32_t array,
   with FSIM_ARENA_BYTES and FSIM_MODEL_BYTES) atomically; returns their sizes.
-Only presets whose exit patches divide the activation evenly are supported.
+The exit's patches need not divide its map: fsim takes adaptive average pooling's
+boundaries, as asge.spatial_goodness does.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import numpy as np
 import torch
 
 from asge_edge.checkpoint import atomic_write
-from asge_edge.errors import UserError
 from asge_edge.models import LN_EPS, ASGENet, LayerSpec
 
 MAGIC, VERSION = 0x4D495346, 1
@@ -77,9 +77,6 @@ def model_bin(net: ASGENet, k: int) -> bytes:
     """model.bin for the early exit at layer k; see the module docstring."""
     specs = net.specs[:k]
     last = specs[-1]
-    if not last.even_patches:
-        raise UserError(f"layer {k}'s {last.partition}x{last.partition} patches do not divide its "
-                        f"{last.height}x{last.width} output; firmware_sim supports even patches only (pick another --exit-layer)")
     c, h, w = specs[0].in_channels, specs[0].height, specs[0].width
     words = [MAGIC, VERSION, k, c, h, w, last.num_classes, last.partition, struct.unpack("<I", struct.pack("<f", LN_EPS))[0]]
     for s in specs:

@@ -12,8 +12,9 @@
  *   a conv-output strip, or the exit layer's goodness and logits).
  * - Layers: 3x3 conv (stride 1, pad 1) + ReLU, then 2x2 RMS/avg/max pooling (stride 2) and
  *   LayerNorm over (C, H, W) for the next layer; the exit layer instead reads its spatial
- *   goodness (mean square over P x P patches) through the fixed projection. float32, with
- *   float32 accumulation.
+ *   goodness (mean square over P x P patches; where P does not divide the map, the patches
+ *   take adaptive average pooling's boundaries and may share a row) through the fixed
+ *   projection. float32, with float32 accumulation.
  * - Little-endian hosts and targets (model.bin is little-endian).
  */
 #ifndef FSIM_H

@@ -8,7 +8,8 @@
  * sums kept in the output, bias and ReLU with the last block. Blocking K keeps the im2col
  * scratch small, so the same RAM holds longer strips and the weights are read fewer times. A pooling layer computes R = 2 conv rows at a time and
  * pools them straight into its output row, so the full-size conv output never exists;
- * the exit layer accumulates its patch energies row by row the same way.
+ * the exit layer accumulates its patch energies row by row the same way (patches on adaptive
+ * average pooling's boundaries, so P need not divide the map).
  */
 #include "fsim.h"
 
@@ -130,7 +131,7 @@ fsim_status fsim_model_load(fsim_model *m, const void *data, size_t size)
         }
         {
             const fsim_layer *last = &m->layers[m->n_layers - 1u];
-            if (last->h % m->partition != 0u || last->w % m->partition != 0u) return FSIM_ERR_SHAPE;
+            if (m->partition > last->h || m->partition > last->w) return FSIM_ERR_SHAPE;
             floats += (size_t)last->out_c * m->partition * m->partition * m->num_classes + m->num_classes;
         }
         if (size != 4u * (HEADER_WORDS + LAYER_WORDS * m->n_layers + floats)) return FSIM_ERR_TRUNCATED;
@@ -423,16 +424,26 @@ static void layer_norm(float *x, size_t n, float eps)
     for (i = 0; i < n; ++i) x[i] = x[i] * scale + shift;
 }
 
+/* Patch i of p along a side of n: rows [patch_lo, patch_hi), adaptive average pooling's
+ * boundaries (floor(i*n/p) to ceil((i+1)*n/p)). Where p does not divide n, neighbouring
+ * patches share a row; where it does, these are the even patches of n/p. */
+static uint32_t patch_lo(uint32_t i, uint32_t n, uint32_t p) { return (uint32_t)((uint64_t)i * n / p); }
+static uint32_t patch_hi(uint32_t i, uint32_t n, uint32_t p) { return (uint32_t)(((uint64_t)(i + 1u) * n + p - 1u) / p); }
+
 /* Add the squares of conv rows y0.. (strip: c x rows x w) into the patch sums g (c x p x p). */
 static void accumulate_goodness(const float *strip, uint32_t c, uint32_t rows, uint32_t h, uint32_t w, uint32_t y0,
                                 uint32_t p, float *g)
 {
-    uint32_t ph = h / p, pw = w / p, ch, r, x;
+    uint32_t ch, r, i, j, x;
     for (ch = 0; ch < c; ++ch) {
         for (r = 0; r < rows; ++r) {
             const float *s = strip + ((size_t)ch * rows + r) * w;
-            float *gr = g + ((size_t)ch * p + (y0 + r) / ph) * p;
-            for (x = 0; x < w; ++x) gr[x / pw] += s[x] * s[x];
+            for (i = 0; i < p; ++i) {
+                float *gr = g + ((size_t)ch * p + i) * p;
+                if (y0 + r < patch_lo(i, h, p) || y0 + r >= patch_hi(i, h, p)) continue;
+                for (j = 0; j < p; ++j)
+                    for (x = patch_lo(j, w, p); x < patch_hi(j, w, p); ++x) gr[j] += s[x] * s[x];
+            }
         }
     }
 }
@@ -495,9 +506,11 @@ fsim_status fsim_run(const fsim_model *m, fsim_arena *arena, const float *image,
                 pool_rows(strip, L->out_c, rows, L->w, L->pool, out, L->h / 2u, y / 2u);
         }
         if (exit_layer) {
-            uint32_t gn = L->out_c * m->partition * m->partition, j;
-            float area = (float)((L->h / m->partition) * (L->w / m->partition));
-            for (j = 0; j < gn; ++j) g[j] /= area;
+            uint32_t p = m->partition, gn = L->out_c * p * p, j;
+            for (j = 0; j < gn; ++j) { /* each patch's mean: its own area, as patches may differ by a row */
+                uint32_t py = j / p % p, px = j % p;
+                g[j] /= (float)((patch_hi(py, L->h, p) - patch_lo(py, L->h, p)) * (patch_hi(px, L->w, p) - patch_lo(px, L->w, p)));
+            }
             for (c = 0; c < m->num_classes; ++c) {
                 float acc = m->proj_b[c];
                 for (j = 0; j < gn; ++j) acc += g[j] * m->proj_w[(size_t)j * m->num_classes + c];

@@ -1,7 +1,7 @@
 /*
  * fsim against a naive reference, on small random models built in memory:
  * every pooling kind, an odd spatial size, one- and two-column maps, K in up to three
- * blocks, GEMM tile edges, the exit goodness and
+ * blocks, GEMM tile edges, the exit goodness (even and uneven patches) and
  * projection, the arena (too small: refused; enough: exactly fsim_arena_bytes), and the
  * loader's checks (foreign, truncated, wrong version). Exits non-zero on any mismatch.
  */
@@ -124,11 +124,13 @@ static void reference(const fsim_model *m, const float *img, float *logits, floa
             uint32_t p = m->partition, g, n;
             float gd[4096];
             for (g = 0; g < c * p * p; ++g) {
-                uint32_t ch = g / (p * p), py = (g / p) % p, px = g % p, ph = h / p, pw = w / p;
+                /* adaptive average pooling's patches: floor(i*n/p) to ceil((i+1)*n/p) */
+                uint32_t ch = g / (p * p), py = (g / p) % p, px = g % p;
+                uint32_t y0 = py * h / p, y1 = ((py + 1) * h + p - 1) / p, x0 = px * w / p, x1 = ((px + 1) * w + p - 1) / p;
                 double e = 0;
-                for (y = py * ph; y < (py + 1) * ph; ++y)
-                    for (x = px * pw; x < (px + 1) * pw; ++x) e += (double)b[(ch * h + y) * w + x] * b[(ch * h + y) * w + x];
-                gd[g] = (float)(e / (ph * pw));
+                for (y = y0; y < y1; ++y)
+                    for (x = x0; x < x1; ++x) e += (double)b[(ch * h + y) * w + x] * b[(ch * h + y) * w + x];
+                gd[g] = (float)(e / ((y1 - y0) * (x1 - x0)));
             }
             for (n = 0; n < m->num_classes; ++n) {
                 double acc = m->proj_b[n];
@@ -238,6 +240,9 @@ static void loader_checks(void)
     bytes = build(&sp, 1u);
     model_words[9 + 5 + 2] = 5u; /* layer 2's height no longer follows layer 1's pool */
     check(fsim_model_load(&m, model_words, bytes) == FSIM_ERR_SHAPE, "inconsistent shapes are refused");
+    bytes = build(&sp, 1u);
+    model_words[7] = 5u; /* P = 5 on the exit's 4x4 map */
+    check(fsim_model_load(&m, model_words, bytes) == FSIM_ERR_SHAPE, "patches finer than the map are refused");
 }
 
 int main(void)
@@ -249,6 +254,8 @@ int main(void)
     spec_t deep = {3, 1, 8, 8, 5, 1, {40, 33, 30}, {FSIM_POOL_RMS, 0, 0}}; /* K = 360, 297: two K-blocks */
     spec_t narrow = {3, 1, 6, 2, 3, 1, {60, 9, 5}, {0, 0, 0}}; /* 2 columns, K = 540: three K-blocks */
     spec_t column = {2, 2, 5, 1, 3, 1, {4, 3}, {0, 0}};        /* 1 column: every kx != 1 tap is padding */
+    spec_t uneven = {2, 1, 10, 7, 4, 3, {5, 6}, {0, 0}};      /* P=3 on 10x7: patches share a row and a column */
+    spec_t whole = {1, 2, 5, 3, 3, 3, {4}, {0}};               /* P = W: one-column patches, 2 rows each, sharing */
     run_case("rms pool, P=2", &rms);
     run_case("avg and max pools", &kinds);
     run_case("odd sizes", &odd);
@@ -256,6 +263,8 @@ int main(void)
     run_case("K in two blocks", &deep);
     run_case("narrow map, K in three blocks", &narrow);
     run_case("one-column map", &column);
+    run_case("uneven patches, P=3", &uneven);
+    run_case("P equal to the width", &whole);
     loader_checks();
     if (failures) {
         printf("%d check(s) failed\n", failures);
