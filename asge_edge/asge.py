@@ -130,6 +130,21 @@ def patch_mean(e: torch.Tensor, p: int) -> torch.Tensor:
     return F.adaptive_avg_pool2d(e, p)
 
 
+def patch_matrix(n: int, p: int) -> torch.Tensor:
+    """(p, n) float32 averaging matrix of p patches along a side of n: row i is 1/len over
+    patch i's positions, on adaptive average pooling's boundaries (see spatial_goodness).
+
+    ``patch_matrix(H, p) @ e @ patch_matrix(W, p).T`` is ``patch_mean(e, p)`` as two matrix
+    products (equal up to float rounding): the form that exported graphs take for uneven
+    patches, since adaptive pooling exports to ONNX as gathers that TensorRT does not take.
+    """
+    m = torch.zeros(p, n)
+    for i in range(p):
+        lo, hi = i * n // p, -(-(i + 1) * n // p)
+        m[i, lo:hi] = 1.0 / (hi - lo)
+    return m
+
+
 def rms_from_energy(energy: torch.Tensor, in_place: bool = False) -> torch.Tensor:
     """sqrt of a pooled mean energy, clamped at ``RMS_EPS`` first (see RMS_EPS); with
     ``in_place``, written over ``energy`` (no autograd)."""

@@ -15,7 +15,9 @@ exporting never changes the network.
 With ``half=True`` convolutions and ReLU run in float16; squares, goodness, pooling
 energy, LayerNorm and the projection stay float32 (asge.py says why). LayerNorm is taken
 over (C, H, W) of the NCHW tensor directly: the same values as training's NHWC form,
-one LayerNormalization node and no transposes.
+one LayerNormalization node and no transposes. Where a layer's P does not divide its map,
+its goodness is two MatMuls with constant averaging matrices (asge.patch_matrix), not the
+gathers that adaptive pooling exports to.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from asge_edge.asge import pool2d, spatial_goodness
+from asge_edge.asge import patch_matrix, pool2d, spatial_goodness, square
 from asge_edge.models import HEAD_NORM_EPS, LN_EPS, ASGELayer, ASGENet, LayerSpec, LinearHead
 
 
@@ -40,6 +42,10 @@ class ExportLayer(nn.Module):
         self.register_buffer("bias", layer.conv.bias.detach().to(dtype).clone())
         self.register_buffer("proj_w", layer.proj_w.detach().float().clone())   # G, N
         self.register_buffer("proj_b", layer.proj_b.detach().float().clone())   # N
+        if not self.spec.even_patches:   # uneven patches: goodness by averaging matrices (asge.patch_matrix)
+            p = self.spec.partition
+            self.register_buffer("patch_rows", patch_matrix(self.spec.height, p))    # P, H
+            self.register_buffer("patch_cols", patch_matrix(self.spec.width, p).T.contiguous())   # W, P
 
     def activate(self, h: torch.Tensor) -> torch.Tensor:
         """(B, C_in, H, W) fp32 -> post-ReLU activation (B, C, H, W) fp32."""
@@ -54,7 +60,11 @@ class ExportLayer(nn.Module):
 
     def exit_logits(self, a: torch.Tensor) -> torch.Tensor:
         """Goodness of a through the fixed projection: (B, N)."""
-        return spatial_goodness(a, self.spec.partition) @ self.proj_w + self.proj_b
+        if self.spec.even_patches:
+            g = spatial_goodness(a, self.spec.partition)                     # B, C*P*P
+        else:
+            g = (self.patch_rows @ square(a) @ self.patch_cols).flatten(1)   # B, C*P*P
+        return g @ self.proj_w + self.proj_b
 
 
 class Stage(nn.Module):

@@ -30,3 +30,13 @@ def tiny_run(tmp_path_factory, device):
     out = tmp_path_factory.mktemp("tiny") / "run"
     assert main(["train", *TINY_RUN, "--device", device, "--out", str(out)]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def uneven_run(tmp_path_factory, device):
+    """A 1-epoch ASGE run at alpha 1.5, where layers 1-3's patches (P = 6, 3, 3 on 16, 16 and
+    8 pixels) do not divide their maps."""
+    out = tmp_path_factory.mktemp("uneven") / "run"
+    assert main(["train", *TINY_RUN, "--train-size", "256", "--epochs", "1", "--alpha", "1.5",
+                 "--device", device, "--out", str(out)]) == 0
+    return out

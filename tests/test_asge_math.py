@@ -49,6 +49,14 @@ def test_goodness_matches_hand_computation():
     torch.testing.assert_close(g, expected.flatten(1), rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("h, w, p", [(8, 8, 2), (16, 16, 6), (10, 7, 3), (5, 3, 3)])
+def test_patch_matrices_give_the_patch_means(h, w, p):
+    e = torch.rand(2, 3, h, w, generator=torch.Generator().manual_seed(0))    # B, C, H, W
+    rows, cols = asge.patch_matrix(h, p), asge.patch_matrix(w, p)             # P, H and P, W
+    assert torch.allclose(rows.sum(1), torch.ones(p)) and rows.shape == (p, h)
+    torch.testing.assert_close(rows @ e @ cols.T, asge.patch_mean(e, p), rtol=1e-6, atol=1e-7)
+
+
 def test_goodness_uneven_patches_use_adaptive_boundaries():
     y = torch.randn(1, 1, 7, 5)
     g = spatial_goodness(y, 2).view(2, 2)

@@ -58,6 +58,16 @@ def test_early_exit_onnx_is_checked_self_contained_and_dynamic_in_batch(tiny_run
     assert compatibility_problems(model) == []
 
 
+@pytest.mark.parametrize("half", [False, True])
+def test_uneven_patches_export_as_matrix_products_that_tensorrt_takes(uneven_run, tmp_path, capsys, half):
+    """Where P does not divide the map, adaptive pooling would export as Gather/GatherND/Where."""
+    for k in (1, 2, 3):
+        args = [str(uneven_run), "--early-exit", "--exit-layer", str(k), "--out", str(tmp_path / f"e{k}.onnx")]
+        r = _export(args + ["--half"] * half, capsys)
+        assert r["ok"], r
+        assert compatibility_problems(onnx.load(str(tmp_path / f"e{k}.onnx"))) == []
+
+
 def test_early_exit_matches_pytorch_at_any_batch(exit_model, test_images):
     import onnxruntime as ort
 

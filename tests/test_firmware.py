@@ -12,7 +12,6 @@ from asge_edge.cli import main
 from asge_edge.config import ModelConfig
 from asge_edge.data import load_splits
 from asge_edge.models import layer_specs
-from conftest import TINY_RUN
 from export.firmware import ROOT, build_fsim, compare, run_fsim
 from export.graph import LayerTrace
 from export.to_c import C_MAX_ABS_TOL, C_NMSE_TOL, arena_bytes
@@ -139,16 +138,13 @@ def test_simulate_refuses_too_little_ram(tiny_run, capsys):
     assert "\n" not in err and "more than --ram 1000 B" in err
 
 
-def test_uneven_patches_match_onnx_runtime(tmp_path, capsys):
-    """At alpha 1.5 layers 1-3 of this net cut their maps into patches that do not divide them
-    (P = 6, 3, 3 on 16, 16 and 8 pixels): fsim takes adaptive pooling's boundaries, as training does."""
-    run = tmp_path / "run"
-    assert main(["train", *TINY_RUN, "--train-size", "256", "--epochs", "1", "--alpha", "1.5", "--out", str(run)]) == 0
-    _, _, net = _images(run, 1)
+def test_uneven_patches_match_onnx_runtime(uneven_run, capsys):
+    """fsim takes adaptive pooling's boundaries where P does not divide the map, as training does."""
+    _, _, net = _images(uneven_run, 1)
     assert [(s.partition, s.height) for s in net.specs[:3]] == [(6, 16), (3, 16), (3, 8)]
     build_fsim()
     for k in (1, 2, 3):
-        assert main(["simulate", str(run), "--ram", "256KB", "--samples", "32", "--exit-layer", str(k), "--json"]) == 0
+        assert main(["simulate", str(uneven_run), "--ram", "256KB", "--samples", "32", "--exit-layer", str(k), "--json"]) == 0
         r = json.loads(capsys.readouterr().out)
         assert r["max_abs_diff_vs_ort"] <= C_MAX_ABS_TOL and r["accuracy"] == r["ort_accuracy"], (k, r)
 
