@@ -259,7 +259,7 @@ def layer_memory(spec: LayerSpec, precision: str, optimizer: str) -> LayerMemory
 
 
 def _batch_and_heads_bytes(specs: Sequence[LayerSpec], input_shape: tuple[int, int, int], batch: int,
-                 optimizer: str) -> tuple[int, int]:
+                           optimizer: str) -> tuple[int, int]:
     """(batch_bytes, heads_bytes) of a logical batch of ``batch`` (see the module docstring)."""
     n, last = specs[0].num_classes, specs[-1].channels
     feats = sum(s.channels for s in specs)

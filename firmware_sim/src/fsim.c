@@ -430,19 +430,22 @@ static void layer_norm(float *x, size_t n, float eps)
 static uint32_t patch_lo(uint32_t i, uint32_t n, uint32_t p) { return (uint32_t)((uint64_t)i * n / p); }
 static uint32_t patch_hi(uint32_t i, uint32_t n, uint32_t p) { return (uint32_t)(((uint64_t)(i + 1u) * n + p - 1u) / p); }
 
-/* Add the squares of conv rows y0.. (strip: c x rows x w) into the patch sums g (c x p x p). */
+/* Add the squares of conv rows y0.. (strip: c x rows x w) into the patch sums g (c x p x p).
+ * The patch bounds are worked out once per row and patch, outside the channel loop. */
 static void accumulate_goodness(const float *strip, uint32_t c, uint32_t rows, uint32_t h, uint32_t w, uint32_t y0,
                                 uint32_t p, float *g)
 {
     uint32_t ch, r, i, j, x;
-    for (ch = 0; ch < c; ++ch) {
-        for (r = 0; r < rows; ++r) {
-            const float *s = strip + ((size_t)ch * rows + r) * w;
-            for (i = 0; i < p; ++i) {
-                float *gr = g + ((size_t)ch * p + i) * p;
-                if (y0 + r < patch_lo(i, h, p) || y0 + r >= patch_hi(i, h, p)) continue;
-                for (j = 0; j < p; ++j)
-                    for (x = patch_lo(j, w, p); x < patch_hi(j, w, p); ++x) gr[j] += s[x] * s[x];
+    for (r = 0; r < rows; ++r) {
+        for (i = 0; i < p; ++i) {
+            if (y0 + r < patch_lo(i, h, p) || y0 + r >= patch_hi(i, h, p)) continue;
+            for (j = 0; j < p; ++j) {
+                uint32_t x0 = patch_lo(j, w, p), x1 = patch_hi(j, w, p);
+                for (ch = 0; ch < c; ++ch) {
+                    const float *s = strip + ((size_t)ch * rows + r) * w;
+                    float *gp = g + ((size_t)ch * p + i) * p + j;
+                    for (x = x0; x < x1; ++x) *gp += s[x] * s[x];
+                }
             }
         }
     }
