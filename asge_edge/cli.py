@@ -16,7 +16,7 @@ from pathlib import Path
 from . import __version__
 from .config import METHODS, OPTIMIZERS, POOLS, STRATEGIES, DataConfig, ModelConfig, RunConfig, TrainConfig
 from .budget import parse_size
-from .data import DATASETS
+from .data import DATASETS, default_workers
 from .device import AMP_MODES, DEVICES
 from .errors import Interrupted, UserError
 from .models import PRESETS
@@ -108,7 +108,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     d.add_argument("--num-classes", type=_positive_int, default=DataConfig.num_classes, help="synthetic: classes")
     d.add_argument("--train-size", type=_positive_int, default=DataConfig.train_size, help="synthetic: training images")
     d.add_argument("--image-size", type=_positive_int, default=DataConfig.image_size, help="imagefolder: side in pixels")
-    d.add_argument("--workers", type=_non_negative_int, default=4, help="imagefolder: DataLoader workers")
+    d.add_argument("--workers", type=_non_negative_int, default=default_workers(),
+                   help="imagefolder: DataLoader workers (default: one per CPU core, at most 4)")
     m = t.add_argument_group("model")
     m.add_argument("--model", default="vgg8", choices=tuple(PRESETS))
     m.add_argument("--width", type=_positive_float, default=1.0, help="channel multiplier (0.25: CPU-sized)")
@@ -164,6 +165,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir", type=Path)
     e.add_argument("--strategy", choices=STRATEGIES, default=None, help="one strategy (default: all)")
     e.add_argument("--device", default="auto", choices=DEVICES)
+    e.add_argument("--workers", type=_non_negative_int, default=default_workers(),
+                   help="imagefolder: DataLoader workers (default: one per CPU core, at most 4)")
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     x = sub.add_parser("export", help="export a run: Best-Pred early exit or Fusion net to ONNX/TensorRT, or a cascade")
@@ -225,7 +228,7 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     from .evaluate import evaluate_run
     from .report import layer_table
 
-    result, specs = evaluate_run(a.run_dir, a.device, a.strategy)
+    result, specs = evaluate_run(a.run_dir, a.device, a.strategy, a.workers)
     if a.json:
         print(json.dumps(result, indent=2))
     else:

@@ -26,6 +26,7 @@ Sources:
 from __future__ import annotations
 
 import gzip
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,7 @@ FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 DEFAULT_VAL = {"fashion-mnist": 10_000, "mnist": 10_000, "cifar10": 5_000, "cifar100": 5_000}   # the paper's splits
 AUGMENT_PAD = 4   # CIFAR's standard random-crop padding
+MAX_DEFAULT_WORKERS = 4
 
 
 @dataclass
@@ -280,6 +282,14 @@ def augment(x: torch.Tensor, gen: torch.Generator, pad: int = AUGMENT_PAD) -> to
     out = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(b)])   # B, C, H, W
     out[flip] = out[flip].flip(-1)
     return out
+
+
+def default_workers() -> int:
+    """DataLoader workers for folder datasets when the user names none: one per CPU core this
+    process may run on, at most MAX_DEFAULT_WORKERS (more than the cores only contend, and
+    torch warns about it)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(MAX_DEFAULT_WORKERS, cores)
 
 
 def batches(split: Split, batch_size: int, gen: torch.Generator | None = None,

@@ -40,14 +40,15 @@ class Accuracy:
 
 @torch.inference_mode()
 def evaluate(net: ASGENet, split: Split, device: torch.device, batch_size: int = EVAL_BATCH,
-             offloader: Offloader | None = None) -> Accuracy:
+             offloader: Offloader | None = None, workers: int = 0) -> Accuracy:
     """Accuracy of every layer and of the Last and Fusion heads on ``split``; with an
-    ``offloader``, each layer visits the device only while it runs."""
+    ``offloader``, each layer visits the device only while it runs. ``workers``: DataLoader
+    workers for folder datasets (data.batches)."""
     was_training = net.training
     net.eval()
     correct = torch.zeros(len(net.layers) + 2, device=device)
     with offloader.streaming(net.layers) if offloader is not None else nullcontext():
-        for x, y in batches(split, batch_size):
+        for x, y in batches(split, batch_size, workers=workers):
             x, y = to_device(x, y, device)
             out = net(x)
             preds = torch.stack([lg.argmax(1) for lg in (*out.layer_logits, out.last, out.fusion)])   # L+2, B
@@ -63,13 +64,15 @@ def best_layer(layer_val_accuracy: list[float]) -> int:
     return layer_val_accuracy.index(best) + 1
 
 
-def evaluate_run(run_dir, device_name: str = "auto", strategy: str | None = None) -> tuple[dict, tuple[LayerSpec, ...]]:
+def evaluate_run(run_dir, device_name: str = "auto", strategy: str | None = None, workers: int = 0
+                 ) -> tuple[dict, tuple[LayerSpec, ...]]:
     """Re-evaluate a finished run: the best layer is re-derived on validation, then test.
 
     Args:
         run_dir: a directory written by ``asge-edge train``.
         device_name: auto, cpu or cuda.
         strategy: one of fusion, last, best; None for every strategy the method trained.
+        workers: DataLoader workers for folder datasets.
 
     Returns:
         ({"test_accuracy": {strategy: fraction or None}, "best_layer": k or None,
@@ -88,7 +91,7 @@ def evaluate_run(run_dir, device_name: str = "auto", strategy: str | None = None
     off = make_offloader(cfg.train.offload and device.type != "cpu", device)
     net = net.place(device, off.park_device if off else None)
     splits = load_splits(cfg.data)
-    val, test = evaluate(net, splits.val, device, offloader=off), evaluate(net, splits.test, device, offloader=off)
+    val, test = (evaluate(net, s, device, offloader=off, workers=workers) for s in (splits.val, splits.test))
     best = best_layer(val.layers)
     names = (strategy,) if strategy else ("fusion", "last", "best")
     return {

@@ -353,7 +353,7 @@ def _train(cfg: RunConfig, opts: RunOptions, device: torch.device, world: World 
             if not writer:   # rank 0 evaluates, selects and writes; the weights are the same everywhere
                 progress = {**progress, "epoch": epoch, "step": step, "partial": None}
                 continue
-            val = evaluate(net, splits.val, device, offloader=off)
+            val = evaluate(net, splits.val, device, offloader=off, workers=opts.workers)
             record = _epoch_record(epoch, lr, seconds, ep.seen, ep.loss_sum, ep.correct, ep.head_sum, val)
             score = val.strategy(method.select, best_layer(val.layers))
             progress = {"epoch": epoch, "step": step, "train_seconds": progress["train_seconds"] + seconds,
@@ -374,19 +374,21 @@ def _train(cfg: RunConfig, opts: RunOptions, device: torch.device, world: World 
 
     if not writer:
         return {}
-    return finish(out, method.strategies, history, progress, device, splits, off, quiet=opts.quiet)
+    return finish(out, method.strategies, history, progress, device, splits, off, quiet=opts.quiet, workers=opts.workers)
 
 
 def finish(out: Path, strategies: tuple[str, ...], history: list[dict[str, Any]], progress: dict[str, Any],
-           device: torch.device, splits, offloader: Offloader | None = None, quiet: bool = False) -> dict[str, Any]:
-    """Evaluate the selected checkpoint on test, write summary.json, print the table."""
+           device: torch.device, splits, offloader: Offloader | None = None, quiet: bool = False,
+           workers: int = 0) -> dict[str, Any]:
+    """Evaluate the selected checkpoint on test (``workers``: DataLoader workers for folder
+    datasets), write summary.json, print the table."""
     cfg, net, _ = load_run(out)
     net = net.place(device, offloader.park_device if offloader else None)
     chosen = history[progress["best_epoch"] - 1]
     layer_val = chosen["val_layer_accuracy"]
     val = Accuracy(layer_val, chosen["val_last_accuracy"], chosen["val_fusion_accuracy"], len(splits.val))
     best = best_layer(layer_val)
-    test = evaluate(net, splits.test, device, offloader=offloader)
+    test = evaluate(net, splits.test, device, offloader=offloader, workers=workers)
     images = sum(r["images"] for r in history)
     summary = {
         "version": __version__,

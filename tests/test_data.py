@@ -87,3 +87,47 @@ def test_unknown_dataset_and_bad_val_size():
         load_splits(DataConfig(dataset="nope"))
     with pytest.raises(UserError, match="--val-size"):
         load_splits(DataConfig(dataset="synthetic", train_size=10, val_size=10))
+
+
+def _mixed_image_folder(root: Path, per_class: int = 6) -> None:
+    """Three classes of images in four PIL modes and assorted sizes, as users' folders hold."""
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    for sub in ("train", "val"):
+        for k, cls in enumerate(("cat", "dog", "owl")):
+            (root / sub / cls).mkdir(parents=True)
+            for i in range(per_class):
+                h, w = (int(v) for v in torch.randint(10, 40, (2,), generator=gen))
+                pixels = (torch.rand(h, w, 3, generator=gen) * 80 + 80 * k).to(torch.uint8)   # class k: its own brightness
+                img = Image.fromarray(pixels.numpy()).convert(("RGB", "L", "RGBA", "P")[i % 4])
+                img.save(root / sub / cls / f"{i}.{'jpg' if i % 4 < 2 else 'png'}")
+
+
+def test_imagefolder_of_mixed_images_trains_and_evaluates(tmp_path, capsys):
+    import json
+    import warnings
+
+    from asge_edge.cli import main
+
+    _mixed_image_folder(tmp_path / "data")
+    s = load_splits(DataConfig(dataset="imagefolder", root=str(tmp_path / "data"), image_size=16, val_size=3))
+    assert s.info.input_shape == (3, 16, 16) and s.info.class_names == ("cat", "dog", "owl")
+    assert (len(s.train), len(s.val), len(s.test)) == (15, 3, 18)
+    x, y = next(batches(s.test, 18))
+    assert x.shape == (18, 3, 16, 16) and sorted(y.tolist()) == [0] * 6 + [1] * 6 + [2] * 6
+
+    out = tmp_path / "run"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # default --workers: never more DataLoader workers than the cores (torch warns about that)
+        assert main(["train", "--dataset", "imagefolder", "--data-root", str(tmp_path / "data"), "--image-size", "16",
+                     "--val-size", "3", "--width", "0.0625", "--epochs", "1", "--batch-size", "8", "--quiet",
+                     "--out", str(out)]) == 0
+    assert not [w for w in caught if "worker" in str(w.message)]
+    summary = json.loads((out / "summary.json").read_text())
+    capsys.readouterr()
+    assert main(["eval", str(out), "--json"]) == 0   # through the DataLoader's workers too
+    again = json.loads(capsys.readouterr().out)
+    assert again["layer_test_accuracy"] == summary["layer_test_accuracy"]
+    assert all(abs(a * 18 - round(a * 18)) < 1e-6 for a in again["layer_test_accuracy"])   # k / 18 test images
