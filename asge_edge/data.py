@@ -155,8 +155,8 @@ def _cifar(cfg: DataConfig, root: Path) -> tuple[Split, Split, tuple[str, ...]]:
     try:
         parts = [cls(str(root), train=t, download=False) for t in (True, False)]
     except RuntimeError:
-        raise UserError(f"{cfg.dataset} not found under {root} (torchvision layout, e.g. "
-                        f"{root}/{cls.base_folder}); pass --data-root, or --download") from None
+        raise UserError(f"{cfg.dataset} not found under {root}, or its files fail torchvision's checksums "
+                        f"(torchvision layout, e.g. {root}/{cls.base_folder}); pass --data-root, or --download") from None
     train, test = (Split(torch.from_numpy(p.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(p.targets))
                    for p in parts)
     return train, test, tuple(parts[0].classes)

@@ -131,3 +131,47 @@ def test_imagefolder_of_mixed_images_trains_and_evaluates(tmp_path, capsys):
     again = json.loads(capsys.readouterr().out)
     assert again["layer_test_accuracy"] == summary["layer_test_accuracy"]
     assert all(abs(a * 18 - round(a * 18)) < 1e-6 for a in again["layer_test_accuracy"])   # k / 18 test images
+
+
+def _fake_cifar(root: Path, dataset: str, n_train: int, n_test: int) -> torch.Tensor:
+    """torchvision's CIFAR layout (pickled batches) with random pixels; returns the first
+    training image as (3, 32, 32), the layout its row of 3072 bytes stores."""
+    import pickle
+
+    gen = torch.Generator().manual_seed(0)
+    labels_key, names_key, folder, files, meta = {
+        "cifar10": ("labels", "label_names", "cifar-10-batches-py",
+                    [f"data_batch_{i}" for i in range(1, 6)], "batches.meta"),
+        "cifar100": ("fine_labels", "fine_label_names", "cifar-100-python", ["train"], "meta"),
+    }[dataset]
+    classes = 10 if dataset == "cifar10" else 100
+    (root / folder).mkdir(parents=True)
+    first = None
+    for name, n in [*((f, n_train // len(files)) for f in files), ("test" if dataset == "cifar100" else "test_batch", n_test)]:
+        data = torch.randint(0, 256, (n, 3072), dtype=torch.uint8, generator=gen)
+        first = data[0].reshape(3, 32, 32) if first is None else first
+        entry = {"data": data.numpy(), labels_key: torch.arange(n).remainder(classes).tolist()}
+        (root / folder / name).write_bytes(pickle.dumps(entry))
+    (root / folder / meta).write_bytes(pickle.dumps({names_key: [f"c{i}" for i in range(classes)]}))
+    return first
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])
+def test_cifar_layout_loads_channels_first(tmp_path, monkeypatch, dataset):
+    import os
+
+    import torchvision.datasets.cifar as tv_cifar
+
+    first = _fake_cifar(tmp_path, dataset, n_train=500, n_test=100)
+    # the fake files cannot match torchvision's checksums of the real ones
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda path, md5=None: os.path.isfile(path))
+    s = load_splits(DataConfig(dataset=dataset, root=str(tmp_path), val_size=50))
+    assert (len(s.train), len(s.val), len(s.test)) == (450, 50, 100)
+    assert s.info.input_shape == (3, 32, 32) and s.info.num_classes == (10 if dataset == "cifar10" else 100)
+    assert s.info.class_names[:2] == ("c0", "c1")
+    assert s.train.images.dtype == torch.uint8 and s.train.images.shape[1:] == (3, 32, 32)
+    # the first training image is in one of the two splits, pixel for pixel as stored (R, G, B planes)
+    assert any(torch.equal(img, first) for img in (*s.train.images, *s.val.images))
+    monkeypatch.undo()
+    with pytest.raises(UserError, match="checksums"):
+        load_splits(DataConfig(dataset=dataset, root=str(tmp_path)))
