@@ -15,6 +15,7 @@ Contract:
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -63,7 +64,8 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 def _unwritable(path: Path, e: OSError) -> UserError:
-    return UserError(f"cannot write {path} ({e.strerror}); free space there or choose another --out")
+    fix = "free space there or choose another --out" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "choose another --out"
+    return UserError(f"cannot write {path} ({e.strerror}); {fix}")
 
 
 def write_json(path: Path, obj: Any) -> None:

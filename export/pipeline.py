@@ -3,7 +3,8 @@
 Contract: ``export_run(run_dir, opts)`` reads a finished ASGE run (model.safetensors,
 config.json, summary.json) and writes, without being asked for more:
 - the Best-Pred early exit (``--early-exit``; layer ``--exit-layer`` or the run's best
-  layer, chosen on validation) or the whole net with its Fusion head, as one ONNX file;
+  layer, chosen on validation) or the whole net with its Fusion head, as one ONNX file
+  (``opts.out``, or its default name inside ``opts.out`` where that is a folder);
   then runs the full ONNX checker, compares ONNX Runtime with the PyTorch network at
   batch 1 and 17 against ``verify.ONNX_RTOL`` (``HALF_RTOL`` with ``--half``) of the logits'
   scale (``verify.logit_scale``) and measures
@@ -115,6 +116,8 @@ def export_run(run_dir: Path, opts: ExportOptions) -> dict[str, Any]:
         meta = _metadata(cfg, summary, "fusion", None, summary["val_accuracy"]["fusion"], opts.half)
         default = f"model_fusion{'_fp16' if opts.half else ''}.onnx"
     path = Path(opts.out) if opts.out else Path(run_dir) / default
+    if path.is_dir():   # --out names a folder to put the model in, as --format c's does
+        path = path / default
     _make_dir(path.parent)
     t0 = time.perf_counter()
     model = export_onnx(module, shape, path, "images", ["logits"], opts.opset, meta)

@@ -99,6 +99,13 @@ def test_parity_is_judged_against_the_logits_scale(tiny_run, tmp_path, capsys):
     assert max(report["parity_max_abs_diff"].values()) > 1e-3
 
 
+def test_out_may_be_a_folder_to_write_the_default_name_in(tiny_run, tmp_path, capsys):
+    report = _export([str(tiny_run), "--early-exit", "--out", str(tmp_path)], capsys)
+    k = report["exit_layer"]
+    assert report["ok"] and report["onnx"] == str(tmp_path / f"model_exit{k}.onnx")
+    assert onnx.load(report["onnx"]).graph.output[0].name == "logits"
+
+
 def test_half_fusion_export_keeps_squares_fp32_and_meets_its_tolerance(tiny_run, tmp_path, capsys):
     report = _export([str(tiny_run), "--half", "--out", str(tmp_path / "f16.onnx")], capsys)
     assert report["ok"] and report["strategy"] == "fusion" and report["tolerance"] == HALF_RTOL
