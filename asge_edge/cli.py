@@ -187,7 +187,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("simulate", help="run the early exit on firmware_sim (C, static arena) against ONNX Runtime")
     f.add_argument("run_dir", type=Path)
     f.add_argument("--ram", type=_size, required=True, metavar="SIZE", help="RAM for the arena, e.g. 256KB")
-    f.add_argument("--samples", type=_positive_int, default=1000, help="test images to run (default 1000)")
+    f.add_argument("--samples", type=_positive_int, default=1000, help="test images to run, evenly spaced over the test set (default 1000)")
     f.add_argument("--exit-layer", type=_positive_int, default=None, help="default: the run's best layer")
     f.add_argument("--json", action="store_true", help="print the report as JSON")
 

@@ -56,6 +56,7 @@ FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
 DEFAULT_VAL = {"fashion-mnist": 10_000, "mnist": 10_000, "cifar10": 5_000, "cifar100": 5_000}   # the paper's splits
 AUGMENT_PAD = 4   # CIFAR's standard random-crop padding
 MAX_DEFAULT_WORKERS = 4
+TENSOR_CHUNK = 256   # images per batch that split_tensors reads
 
 
 @dataclass
@@ -230,6 +231,15 @@ def _subset(split: Split, idx: torch.Tensor) -> Split:
     return Split(split.images[idx], split.labels[idx])
 
 
+def spread(split: Split, n: int) -> Split:
+    """``n`` samples of ``split``, evenly spaced over it and in its order (all of it where n >=
+    its length): a subset that covers every class even of a split sorted by class, as an
+    ImageFolder's is."""
+    if n >= len(split):
+        return split
+    return _subset(split, torch.linspace(0, len(split) - 1, n).round().long())
+
+
 def load_splits(cfg: DataConfig) -> Splits:
     """Load ``cfg.dataset`` and carve the fixed validation split off its training set.
 
@@ -317,3 +327,10 @@ def batches(split: Split, batch_size: int, gen: torch.Generator | None = None,
             yield x.float().div_(255), y
     except UserError as e:   # an unreadable image (read_image)
         raise (_worker_error(e) if workers else e) from None
+
+
+def split_tensors(split: Split, workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole split in memory, read from its folder where it has one: pixels float32 in
+    [0, 1] (N, C, H, W) and labels (N,), as ``batches`` yields them."""
+    xs, ys = zip(*batches(split, TENSOR_CHUNK, workers=workers))
+    return torch.cat(xs), torch.cat(ys)

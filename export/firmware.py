@@ -9,8 +9,8 @@ Contract:
 - ``compare(c, ref)`` gives the normalised MSE and max abs difference.
 - ``simulate(run_dir, ram, samples)`` is ``asge-edge simulate``: it exports the run's
   Best-Pred exit to C and to ONNX (under RUN_DIR/firmware), refuses a model whose arena
-  exceeds ``ram`` (exit 2), runs the first ``samples`` test images through fsim and ONNX
-  Runtime, and reports accuracy, the max abs difference, the arena and flash bytes and
+  exceeds ``ram`` (exit 2), runs ``samples`` test images, evenly spaced over the test split
+  (data.spread), through fsim and ONNX Runtime, and reports accuracy, the max abs difference, the arena and flash bytes and
   the microseconds per image.
 """
 
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from asge_edge.budget import format_size
-from asge_edge.data import load_splits
+from asge_edge.data import default_workers, load_splits, split_tensors, spread
 from asge_edge.errors import UserError
 
 from .pipeline import ExportOptions, export_run, load_asge_run
@@ -93,11 +93,8 @@ def simulate(run_dir: Path, ram: int, samples: int = 1000, exit_layer: int | Non
     out = run_dir / "firmware"
     sizes = write_c_model(net, k, out, str(run_dir))
     export_run(run_dir, ExportOptions(early_exit=True, exit_layer=k, out=out / "model.onnx"))
-    test = load_splits(cfg.data).test
-    if test.images is None:
-        raise UserError("simulate reads the test images into memory; ImageFolder runs are not supported")
-    n = min(samples, len(test))
-    x, y = (test.images[:n].float() / 255).numpy(), test.labels[:n].numpy()
+    x, y = (t.numpy() for t in split_tensors(spread(load_splits(cfg.data).test, samples), default_workers()))
+    n = len(y)
     logits, us, used = run_fsim(build_fsim(), out / "model.bin", x, arena=ram)
     ref = np.concatenate([session(out / "model.onnx").run(None, {"images": x[i:i + 256]})[0] for i in range(0, n, 256)])
     nmse, max_abs = compare(logits, ref)

@@ -5,6 +5,8 @@ same suite runs on a GPU machine with ASGE_TEST_DEVICE=cuda.
 """
 
 import os
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -40,3 +42,33 @@ def uneven_run(tmp_path_factory, device):
     assert main(["train", *TINY_RUN, "--train-size", "256", "--epochs", "1", "--alpha", "1.5",
                  "--device", device, "--out", str(out)]) == 0
     return out
+
+
+def _mixed_image_folder(root: Path, per_class: int = 6) -> None:
+    """train/ and val/ of three classes of images in four PIL modes and assorted sizes, as
+    users' folders hold; class k is brighter than class k-1, so it is learnable."""
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    for sub in ("train", "val"):
+        for k, cls in enumerate(("cat", "dog", "owl")):
+            (root / sub / cls).mkdir(parents=True)
+            for i in range(per_class):
+                h, w = (int(v) for v in torch.randint(10, 40, (2,), generator=gen))
+                pixels = (torch.rand(h, w, 3, generator=gen) * 80 + 80 * k).to(torch.uint8)
+                img = Image.fromarray(pixels.numpy()).convert(("RGB", "L", "RGBA", "P")[i % 4])
+                img.save(root / sub / cls / f"{i}.{'jpg' if i % 4 < 2 else 'png'}")
+
+
+@pytest.fixture(scope="session")
+def folder_run(tmp_path_factory, device):
+    """(run directory, its image folder, the warnings its training raised): a 1-epoch ASGE run
+    on a mixed ImageFolder (15 train, 3 val, 18 test images of 16x16), default --workers."""
+    root = tmp_path_factory.mktemp("folder")
+    _mixed_image_folder(root / "data")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["train", "--dataset", "imagefolder", "--data-root", str(root / "data"), "--image-size", "16",
+                     "--val-size", "3", "--width", "0.0625", "--epochs", "1", "--batch-size", "8", "--quiet",
+                     "--device", device, "--out", str(root / "run")]) == 0
+    return root / "run", root / "data", [str(w.message) for w in caught]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from asge_edge.config import DataConfig
-from asge_edge.data import FASHION_MNIST_ROOT, augment, batches, load_splits, read_idx
+from asge_edge.data import FASHION_MNIST_ROOT, Split, augment, batches, load_splits, read_idx, split_tensors, spread
 from asge_edge.errors import UserError
 
 
@@ -89,49 +89,34 @@ def test_unknown_dataset_and_bad_val_size():
         load_splits(DataConfig(dataset="synthetic", train_size=10, val_size=10))
 
 
-def _mixed_image_folder(root: Path, per_class: int = 6) -> None:
-    """Three classes of images in four PIL modes and assorted sizes, as users' folders hold."""
-    from PIL import Image
 
-    gen = torch.Generator().manual_seed(0)
-    for sub in ("train", "val"):
-        for k, cls in enumerate(("cat", "dog", "owl")):
-            (root / sub / cls).mkdir(parents=True)
-            for i in range(per_class):
-                h, w = (int(v) for v in torch.randint(10, 40, (2,), generator=gen))
-                pixels = (torch.rand(h, w, 3, generator=gen) * 80 + 80 * k).to(torch.uint8)   # class k: its own brightness
-                img = Image.fromarray(pixels.numpy()).convert(("RGB", "L", "RGBA", "P")[i % 4])
-                img.save(root / sub / cls / f"{i}.{'jpg' if i % 4 < 2 else 'png'}")
-
-
-def test_imagefolder_of_mixed_images_trains_and_evaluates(tmp_path, capsys):
+def test_imagefolder_of_mixed_images_trains_and_evaluates(folder_run, capsys):
     import json
-    import warnings
 
     from asge_edge.cli import main
 
-    _mixed_image_folder(tmp_path / "data")
-    s = load_splits(DataConfig(dataset="imagefolder", root=str(tmp_path / "data"), image_size=16, val_size=3))
+    out, data, warned = folder_run
+    s = load_splits(DataConfig(dataset="imagefolder", root=str(data), image_size=16, val_size=3))
     assert s.info.input_shape == (3, 16, 16) and s.info.class_names == ("cat", "dog", "owl")
     assert (len(s.train), len(s.val), len(s.test)) == (15, 3, 18)
-    x, y = next(batches(s.test, 18))
-    assert x.shape == (18, 3, 16, 16) and sorted(y.tolist()) == [0] * 6 + [1] * 6 + [2] * 6
-
-    out = tmp_path / "run"
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        # default --workers: never more DataLoader workers than the cores (torch warns about that)
-        assert main(["train", "--dataset", "imagefolder", "--data-root", str(tmp_path / "data"), "--image-size", "16",
-                     "--val-size", "3", "--width", "0.0625", "--epochs", "1", "--batch-size", "8", "--quiet",
-                     "--out", str(out)]) == 0
-    assert not [w for w in caught if "worker" in str(w.message)]
+    x, y = split_tensors(s.test, workers=1)
+    assert x.shape == (18, 3, 16, 16) and y.tolist() == [0] * 6 + [1] * 6 + [2] * 6   # ImageFolder: sorted by class
+    assert torch.equal(x, split_tensors(s.test)[0])   # workers or none, the same pixels
+    # default --workers: never more DataLoader workers than the cores (torch warns about that)
+    assert not [w for w in warned if "worker" in w]
     summary = json.loads((out / "summary.json").read_text())
-    capsys.readouterr()
     assert main(["eval", str(out), "--json"]) == 0   # through the DataLoader's workers too
     again = json.loads(capsys.readouterr().out)
     assert again["layer_test_accuracy"] == summary["layer_test_accuracy"]
     assert all(abs(a * 18 - round(a * 18)) < 1e-6 for a in again["layer_test_accuracy"])   # k / 18 test images
 
+
+def test_spread_covers_a_split_sorted_by_class():
+    split = Split(torch.arange(18, dtype=torch.uint8).view(18, 1, 1, 1), torch.arange(18) // 6)   # 3 classes, sorted
+    sub = spread(split, 4)
+    assert sub.images.flatten().tolist() == [0, 6, 11, 17] and sub.labels.tolist() == [0, 1, 1, 2]
+    assert spread(split, 3).labels.tolist() == [0, 1, 2]
+    assert spread(split, 18) is split and spread(split, 100) is split
 
 def _fake_cifar(root: Path, dataset: str, n_train: int, n_test: int) -> torch.Tensor:
     """torchvision's CIFAR layout (pickled batches) with random pixels; returns the first

@@ -156,3 +156,11 @@ def test_simulate_matches_onnx_runtime(tiny_run, capsys):
     assert r["samples"] == 64 and r["accuracy"] == r["ort_accuracy"] > 0.85
     assert r["max_abs_diff_vs_ort"] <= C_MAX_ABS_TOL and r["arena_bytes"] <= r["ram_bytes"]
     assert r["flash_bytes"] == Path(r["model_bin"]).stat().st_size and r["us_per_image"] > 0
+
+
+def test_simulate_reads_an_imagefolder_test_set(folder_run, capsys):
+    build_fsim()
+    run, _, _ = folder_run
+    assert main(["simulate", str(run), "--ram", "256KB", "--samples", "7", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["samples"] == 7 and r["accuracy"] == r["ort_accuracy"] and r["max_abs_diff_vs_ort"] <= C_MAX_ABS_TOL
