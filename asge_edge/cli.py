@@ -193,7 +193,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("infer", help="predict with an exported model.onnx or cascade directory (ONNX Runtime)")
     i.add_argument("model", type=Path, help="a .onnx file from 'asge-edge export' or a cascade directory")
-    i.add_argument("--images", type=Path, required=True, help="IDX file, .npy/.npz, or a folder of PNGs")
+    i.add_argument("--images", type=Path, required=True, help="IDX file, .npy/.npz, or a folder of images "
+                   "(any size where the input is square: resized and centre-cropped as ImageFolder training does)")
     i.add_argument("--threshold", type=_confidence, default=None,
                    help="cascade: override its threshold, a softmax confidence in (0, 1]")
     i.add_argument("--json", action="store_true", help="print JSON (predictions included)")
@@ -321,7 +322,7 @@ def _cmd_infer(a: argparse.Namespace) -> int:
         return 0
     for k, (p, name) in enumerate(zip(result["predictions"], result["classes"])):
         depth = f"\texit {result['exit_layer'][k]}" if "exit_layer" in result else ""
-        print(f"{k}\t{p}\t{name}{depth}")
+        print(f"{result['files'][k] if 'files' in result else k}\t{p}\t{name}{depth}")
     tail = f", mean exit depth {result['mean_exit_depth']:.2f}" if "mean_exit_depth" in result else ""
     print(f"{result['images']} images, {result['ms_per_image']:.3f} ms per image{tail}", file=sys.stderr)
     return 0

@@ -165,14 +165,21 @@ def _cifar(cfg: DataConfig, root: Path) -> tuple[Split, Split, tuple[str, ...]]:
 
 # ---------------------------------------------------------------- ImageFolder
 
+def folder_transform(size: int):
+    """ImageFolder's preprocessing, PIL image -> uint8 (C, size, size): the shorter side resized
+    to ``size`` (antialiased), then the centre cropped. ``asge-edge infer`` applies it too."""
+    import torchvision.transforms.v2 as T
+
+    return T.Compose([T.PILToTensor(), T.Resize(size, antialias=True), T.CenterCrop(size)])
+
+
 def _imagefolder(cfg: DataConfig, root: Path) -> tuple[Split, Split, tuple[str, ...]]:
     import torchvision.datasets as tvd
-    import torchvision.transforms.v2 as T
 
     for sub in ("train", "val"):
         if not (root / sub).is_dir():
             raise UserError(f"imagefolder needs {root}/{sub}/<class>/<images>; pass --data-root")
-    tf = T.Compose([T.PILToTensor(), T.Resize(cfg.image_size, antialias=True), T.CenterCrop(cfg.image_size)])
+    tf = folder_transform(cfg.image_size)
     try:
         train_ds, test_ds = (tvd.ImageFolder(str(root / s), transform=tf, loader=read_image) for s in ("train", "val"))
     except FileNotFoundError as e:   # a class folder without images

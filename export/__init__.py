@@ -9,6 +9,6 @@ onnxscript); TensorRT is optional and imported only where an engine is built.
 - ``tensorrt``: engines via the TensorRT 10 Python API, or the trtexec command;
 - ``trt_runner``: a standalone engine runner for the Jetson (TensorRT + numpy only);
 - ``cascade``: per-sample early exit over several exits;
-- ``inputs``: images from IDX, .npy/.npz or a folder of PNGs;
+- ``inputs``: images from IDX, .npy/.npz or a folder of images;
 - ``pipeline``: what ``asge-edge export`` and ``asge-edge infer`` do.
 """

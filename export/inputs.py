@@ -1,10 +1,14 @@
-"""Images for ``asge-edge infer``: IDX, .npy/.npz or a folder of PNGs -> float32 [0, 1] NCHW.
+"""Images for ``asge-edge infer``: IDX, .npy/.npz or a folder of images -> float32 [0, 1] NCHW.
 
-Contract: ``load_images(path, input_shape)`` returns an array (B, C, H, W) float32 in
-[0, 1] that matches ``input_shape`` (C, H, W), or raises UserError saying what was found
-and what the model expects. uint8 data is scaled by 1/255; float data must already be in
-[0, 1]. (B, H, W) gains the channel axis when C is 1; (B, H, W, C) is transposed. .npy
-and .npz load without pickles.
+Contract: ``load_images(path, input_shape)`` returns (an array (B, C, H, W) float32 in
+[0, 1] that matches ``input_shape`` (C, H, W), the file names of a folder's images in
+that order or None), or raises UserError saying what was found and what the model
+expects. uint8 data is scaled by 1/255; float data must already be in [0, 1]. (B, H, W)
+gains the channel axis when C is 1; (B, H, W, C) is transposed. .npy and .npz load
+without pickles. A folder's images (any suffix ImageFolder reads, in name order) are read
+in the model's colour mode; for a square input they get ImageFolder training's resize and
+centre crop (data.folder_transform), so they may be of any size; otherwise they must all
+be H x W already.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from asge_edge.data import read_idx, read_image
+from asge_edge.data import folder_transform, read_idx, read_image
 from asge_edge.errors import UserError
 
 
@@ -44,13 +48,14 @@ def _to_nchw(a: np.ndarray, shape: tuple[int, int, int], source: Path) -> np.nda
     return a
 
 
-def load_images(path: Path, input_shape: tuple[int, int, int]) -> np.ndarray:
+def load_images(path: Path, input_shape: tuple[int, int, int]) -> tuple[np.ndarray, list[str] | None]:
     """Read images from ``path``; see the module docstring."""
     path = Path(path)
     if path.is_dir():
-        return _to_nchw(_pngs(path, input_shape[0]), input_shape, path)
+        images, names = _folder(path, input_shape)
+        return _to_nchw(images, input_shape, path), names
     if not path.is_file():
-        raise UserError(f"{path} does not exist; pass an IDX file, a .npy/.npz file or a folder of PNGs")
+        raise UserError(f"{path} does not exist; pass an IDX file, a .npy/.npz file or a folder of images")
     if path.suffix in (".npy", ".npz"):
         a = _load_numpy(path)
     else:
@@ -58,8 +63,8 @@ def load_images(path: Path, input_shape: tuple[int, int, int]) -> np.ndarray:
             a = read_idx(path).numpy()
         except UserError:
             raise UserError(f"{path} is neither .npy/.npz nor an IDX file of unsigned bytes; pass images as "
-                            "IDX, .npy/.npz or a folder of PNGs") from None
-    return _to_nchw(a, input_shape, path)
+                            "IDX, .npy/.npz or a folder of images") from None
+    return _to_nchw(a, input_shape, path), None
 
 
 def _load_numpy(path: Path) -> np.ndarray:
@@ -77,12 +82,21 @@ def _load_numpy(path: Path) -> np.ndarray:
                         "or numpy.savez") from None
 
 
-def _pngs(folder: Path, channels: int) -> np.ndarray:
-    files = sorted(folder.glob("*.png"))
+def _folder(folder: Path, shape: tuple[int, int, int]) -> tuple[np.ndarray, list[str]]:
+    """A folder's images, as ImageFolder training reads them where the input is square."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMG_EXTENSIONS and f.is_file())
     if not files:
-        raise UserError(f"{folder} holds no .png files")
-    mode = "L" if channels == 1 else "RGB"
+        raise UserError(f"{folder} holds no images ({' '.join(IMG_EXTENSIONS)})")
+    c, h, w = shape
+    mode = "L" if c == 1 else "RGB"
+    if h == w:
+        tf = folder_transform(h)
+        return np.stack([tf(read_image(f, mode)).numpy() for f in files]), [f.name for f in files]   # B, C, H, W
     arrays = [np.asarray(read_image(f, mode)) for f in files]   # H, W (L) or H, W, 3 each
-    if len({a.shape for a in arrays}) != 1:
-        raise UserError(f"{folder}: the PNGs differ in size; resize them to one size first")
-    return np.stack(arrays)                                      # B, H, W (L) or B, H, W, 3
+    wrong = [f.name for f, a in zip(files, arrays) if a.shape[:2] != (h, w)]
+    if wrong:
+        raise UserError(f"{folder}: {len(wrong)} image(s), {wrong[0]} first, are not {w}x{h} (width x height), "
+                        "the model's non-square input; resize them first")
+    return np.stack(arrays), [f.name for f in files]             # B, H, W (L) or B, H, W, 3

@@ -16,7 +16,7 @@ config.json, summary.json) and writes, without being asked for more:
   reporting the arena (RAM) and model (flash) bytes.
 It returns a report dict; ``report["ok"]`` is False when a parity check failed.
 ``infer(model_or_cascade, images)`` runs a .onnx file or a cascade directory on images
-(inputs.py) with ONNX Runtime and returns predictions.
+(inputs.py) with ONNX Runtime and returns predictions (and, for a folder, its files' names).
 """
 
 from __future__ import annotations
@@ -189,7 +189,7 @@ def infer(target: Path, images_path: Path, threshold: float | None = None) -> di
             raise UserError(f"{target} is a directory without {cas.CASCADE_FILE}; pass a .onnx file or a cascade directory")
         runner = cas.Cascade(target)
         meta = runner.spec
-        images = load_images(images_path, tuple(meta["input_shape"]))
+        images, files = load_images(images_path, tuple(meta["input_shape"]))
         t = runner.spec["threshold"] if threshold is None else threshold
         t0 = time.perf_counter()
         parts = [runner.run(images[i:i + INFER_BATCH], t) for i in range(0, len(images), INFER_BATCH)]
@@ -204,7 +204,7 @@ def infer(target: Path, images_path: Path, threshold: float | None = None) -> di
         if "input_shape" not in meta:
             raise UserError(f"{target} carries no asge-edge metadata; export it with 'asge-edge export'")
         meta = {k: json.loads(v) if k in ("input_shape", "class_names") else v for k, v in meta.items()}
-        images = load_images(images_path, tuple(meta["input_shape"]))
+        images, files = load_images(images_path, tuple(meta["input_shape"]))
         sess = session(target)
         t0 = time.perf_counter()
         logits = np.concatenate([sess.run(None, {"images": images[i:i + INFER_BATCH]})[0]
@@ -214,4 +214,4 @@ def infer(target: Path, images_path: Path, threshold: float | None = None) -> di
     preds = logits.argmax(1)
     names = meta["class_names"]
     return {"predictions": preds.tolist(), "classes": [names[p] for p in preds], "images": len(preds),
-            "ms_per_image": 1e3 * seconds / max(1, len(preds)), **extra}
+            "ms_per_image": 1e3 * seconds / max(1, len(preds)), **({"files": files} if files else {}), **extra}

@@ -221,12 +221,34 @@ def test_infer_reads_every_input_format(exit_model, test_images, tmp_path, capsy
         src.mkdir()
         for i, p in enumerate(pixels):
             Image.fromarray(p).save(src / f"{i:02d}.png")
+        (src / "notes.txt").write_text("not an image")   # skipped: not an image suffix
     assert main(["infer", str(exit_model), "--images", str(src), "--json"]) == 0
-    preds = json.loads(capsys.readouterr().out)["predictions"]
+    result = json.loads(capsys.readouterr().out)
+    preds = result["predictions"]
+    assert result.get("files") == ([f"{i:02d}.png" for i in range(6)] if fmt == "png" else None)
     k = int({p.key: p.value for p in onnx.load(str(exit_model)).metadata_props}["exit_layer"])
     with torch.no_grad():
         ref = net.exit_logits(torch.from_numpy(pixels[:, None].astype(np.float32) / 255), k).argmax(1).tolist()
     assert preds == ref
+
+
+def test_infer_gives_a_folder_of_any_size_imagefolder_preprocessing(folder_run, tmp_path, capsys):
+    """JPEGs and PNGs of assorted sizes and modes: each is resized and centre-cropped as the
+    ImageFolder run was trained, so infer predicts as the network does on the test split."""
+    from asge_edge.data import load_splits, split_tensors
+    from export.inputs import load_images
+
+    run, data, _ = folder_run
+    assert main(["export", str(run), "--early-exit", "--out", str(tmp_path / "m.onnx"), "--json"]) == 0
+    k = json.loads(capsys.readouterr().out)["exit_layer"]
+    assert main(["infer", str(tmp_path / "m.onnx"), "--images", str(data / "val" / "owl"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["files"] == [f"{i}.{'jpg' if i % 4 < 2 else 'png'}" for i in range(6)]
+    cfg, net, _ = load_run(run)
+    owls = split_tensors(load_splits(cfg.data).test)[0][12:]            # 6, 3, 16, 16 (cat, dog, owl: 6 each)
+    assert np.array_equal(load_images(data / "val" / "owl", (3, 16, 16))[0], owls.numpy())   # the same pixels
+    with torch.no_grad():
+        assert result["predictions"] == net.eval().exit_logits(owls, k).argmax(1).tolist()
 
 
 def test_infer_refuses_the_wrong_image_shape(exit_model, tmp_path, capsys):
