@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .config import METHODS, OPTIMIZERS, POOLS, STRATEGIES, DataConfig, ModelConfig, RunConfig, TrainConfig
+from .config import (METHODS, OPTIMIZERS, POOLS, STRATEGIES, DataConfig, ModelConfig, RunConfig, TrainConfig,
+                     setting_changes)
 from .budget import parse_size
 from .data import DATASETS, default_workers
 from .device import AMP_MODES, DEVICES
@@ -141,7 +142,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", type=Path, default=Path("runs/latest"), help="output directory (default runs/latest)")
     r.add_argument("--force", action="store_true", help="overwrite the outputs of a previous run in --out")
     r.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint, "
-                   "with the settings saved in its config.json (other training flags are ignored)")
+                   "with the settings saved in its config.json (a flag that would change one is refused)")
     r.add_argument("--checkpoint-every", type=_positive_int, default=None, metavar="N",
                    help="also save the state every N steps (default: at each epoch's end; Ctrl-C always saves)")
     r.add_argument("--quiet", action="store_true", help="no progress bar or tables")
@@ -214,6 +215,26 @@ def _run_config(a: argparse.Namespace) -> RunConfig:
     )
 
 
+def _flag(setting: str) -> str:
+    """The train flag of a config field."""
+    return {"arch": "--model", "root": "--data-root"}.get(setting, "--" + setting.replace("_", "-"))
+
+
+def _refuse_changes_on_resume(a: argparse.Namespace, cfg: RunConfig) -> None:
+    """--resume runs on with the run's config.json: a flag typed with another value is refused,
+    not ignored (the same value, as when a command is repeated with --resume, is fine)."""
+    from .checkpoint import CONFIG_FILE, read_config
+
+    if not (a.out / CONFIG_FILE).is_file():
+        return   # nothing to resume: the trainer says so
+    changed = [f"{_flag(name)} {new} (the run has {'the default' if old is None else old})"
+               for name, old, new in setting_changes(read_config(a.out), cfg) if _flag(name) in a.typed]
+    if changed:
+        raise UserError(f"--resume continues {a.out} with the settings in its config.json, which {'; '.join(changed)} "
+                        f"would change; drop {'that flag' if len(changed) == 1 else 'those flags'}, or train anew in "
+                        "another --out")
+
+
 def _cmd_train(a: argparse.Namespace) -> int:
     from .train import RunOptions, train
 
@@ -221,6 +242,8 @@ def _cmd_train(a: argparse.Namespace) -> int:
         cfg = _run_config(a)
     except ValueError as e:
         raise UserError(str(e)) from None
+    if a.resume:
+        _refuse_changes_on_resume(a, cfg)
     train(cfg, RunOptions(out=a.out, quiet=a.quiet, force=a.force, resume=a.resume, workers=a.workers,
                                      checkpoint_every=a.checkpoint_every or 0))
     return 0
@@ -330,7 +353,9 @@ def _cmd_infer(a: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     try:
+        argv = sys.argv[1:] if argv is None else argv
         args = get_args_parser().parse_args(argv)
+        args.typed = {token.split("=", 1)[0] for token in argv if token.startswith("--")}   # the flags as typed
         commands = {"train": _cmd_train, "eval": _cmd_eval, "plan": _cmd_plan, "export": _cmd_export,
                     "simulate": _cmd_simulate, "infer": _cmd_infer}
         return commands[args.command](args)

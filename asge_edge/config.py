@@ -167,3 +167,11 @@ class RunConfig:
             info=info,
             version=d.get("version", ""),
         )
+
+
+def setting_changes(old: RunConfig, new: RunConfig) -> list[tuple[str, Any, Any]]:
+    """The settings (model, data and train fields) in which ``new`` differs from ``old``, as
+    (field name, old value, new value), in field order."""
+    return [(f.name, getattr(a, f.name), getattr(b, f.name))
+            for a, b in ((old.model, new.model), (old.data, new.data), (old.train, new.train))
+            for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name)]

@@ -100,6 +100,14 @@ def test_non_empty_out_is_not_overwritten(capsys, tmp_path):
     assert (tmp_path / "keep.txt").read_text() == "precious"
 
 
+def test_resume_refuses_a_flag_that_would_change_the_run(capsys, tiny_run):
+    before = (tiny_run / "state.safetensors").read_bytes()
+    _one_line_error(capsys, ["train", "--resume", "--out", str(tiny_run), "--epochs=9", "--model", "vgg11",
+                             "--width", "0.125"],   # the run's own width: no change
+                    "--model vgg11 (the run has vgg8); --epochs 9 (the run has 3) would change; drop those flags")
+    assert (tiny_run / "state.safetensors").read_bytes() == before
+
+
 def test_resume_without_state(capsys, tmp_path):
     _one_line_error(capsys, ["train", *TINY_RUN, "--out", str(tmp_path), "--resume"], "nothing to resume")
 
