@@ -96,6 +96,7 @@ def plot_layer_accuracy(history: Sequence[dict[str, Any]], path: Path, title: st
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [r["epoch"] for r in history]
     n_layers = len(history[0]["val_layer_accuracy"])
@@ -104,7 +105,9 @@ def plot_layer_accuracy(history: Sequence[dict[str, Any]], path: Path, title: st
         ax.plot(epochs, [100 * r["val_layer_accuracy"][i] for r in history], marker="o", ms=3, label=f"layer {i + 1}")
     for key, style in (("val_fusion_accuracy", "k--"), ("val_last_accuracy", "k:")):
         if history[0].get(key) is not None:
-            ax.plot(epochs, [100 * r[key] for r in history], style, label=key.split("_")[1])
+            ax.plot(epochs, [100 * r[key] for r in history], style, marker="x", ms=3, label=key.split("_")[1])
+    ax.set_xlim(epochs[0] - 0.5, epochs[-1] + 0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))   # whole epochs only, even for one
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation accuracy (%)")
     ax.set_title(title or "layer-wise validation accuracy")
