@@ -2,8 +2,9 @@
 
 Contract:
 - ``load_splits(cfg)`` returns train/val/test ``Split``s and a ``DataInfo`` (input
-  shape, classes, normalisation). Images are uint8 (N, C, H, W); the model
-  normalises, so batches are raw pixels in [0, 1].
+  shape, classes, normalisation). Images are uint8 (N, C, H, W), and so are the
+  batches: the model scales and normalises them (models.ASGENet.normalize), one
+  micro-batch at a time, so a logical batch costs 1 byte per pixel while it waits.
 - Nothing downloads unless ``cfg.download`` is set. A missing dataset raises
   ``UserError`` naming the fix.
 - The validation split is fixed (a permutation drawn from ``SPLIT_SEED``, whatever
@@ -311,7 +312,7 @@ def default_workers() -> int:
 
 def batches(split: Split, batch_size: int, gen: torch.Generator | None = None,
             augment_batches: bool = False, workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (raw pixels float32 in [0, 1] (B, C, H, W), labels (B,)) over ``split``.
+    """Yield (raw pixels uint8 (B, C, H, W), labels (B,)) over ``split``.
 
     Args:
         split: the data.
@@ -331,13 +332,13 @@ def batches(split: Split, batch_size: int, gen: torch.Generator | None = None,
         for x, y in source:
             if augment_batches and gen is not None:
                 x = augment(x, gen)
-            yield x.float().div_(255), y
+            yield x, y
     except UserError as e:   # an unreadable image (read_image)
         raise (_worker_error(e) if workers else e) from None
 
 
 def split_tensors(split: Split, workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole split in memory, read from its folder where it has one: pixels float32 in
-    [0, 1] (N, C, H, W) and labels (N,), as ``batches`` yields them."""
+    [0, 1] (N, C, H, W), as the exported graphs take them, and labels (N,)."""
     xs, ys = zip(*batches(split, TENSOR_CHUNK, workers=workers))
-    return torch.cat(xs), torch.cat(ys)
+    return torch.cat(xs).float().div_(255), torch.cat(ys)

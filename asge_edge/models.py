@@ -283,7 +283,10 @@ class ASGENet(nn.Module):
         return self.specs[1:] or self.specs
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """Raw [0, 1] pixels -> normalised input, (B, C, H, W)."""
+        """Raw pixels -> normalised float input, (B, C, H, W): uint8 0..255 as data.batches
+        yields them, or float in [0, 1] as the exported graphs take them."""
+        if x.dtype == torch.uint8:   # in place on its own fp32 copy: one input-sized tensor (planner.py)
+            return x.float().div_(255).sub_(self.mean).div_(self.std)   # B, C, H, W
         return (x - self.mean) / self.std
 
     def heads(self, feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,16 +10,19 @@ maximum over layers, never their sum:
 
     peak = max_l (fixed_l + max(m * per_sample_l, m * forward_l + squares_l(m),
                                 m * exit_l + rows_l(m) * exit_chunk_l,
-                                m * backward_l + rows_l(m) * spread_l)) + batch_bytes
+                                m * backward_l + rows_l(m) * spread_l, m * after_l)) + batch_bytes
 
 with m the micro-batch, rows_l(m) = asge.energy_rows(C*H*W, m) the samples per chunk,
 squares_l(m) = rows_l(m) * squares_per_sample_l the buffer in which the forward makes the
 layer's squares a chunk of samples at a time (asge.goodness_and_energy), exit_chunk_l
 what the exit holds per sample of its chunk under mixed precision (ASGELayer.exit), and
-spread_l what the backward holds per sample of its chunk where the patches are uneven.
+spread_l what the backward holds per sample of its chunk where the patches are uneven,
+and after_l (the last layer's only) the next micro-batch's input: its pixels scaled and
+normalised in fp32 (models.ASGENet.normalize), plus their cast to the compute width
+under mixed precision, made while the last layer to run is still the active one.
 
-``batch_bytes`` is what must stay for the whole logical batch: the raw input batch, its
-labels, and the per-layer GAP features that the Last and Fusion heads read (sum C_l per
+``batch_bytes`` is what must stay for the whole logical batch: the raw input batch (uint8
+pixels, as data.batches yields them: 1 byte each), its labels, and the per-layer GAP features that the Last and Fusion heads read (sum C_l per
 sample, fp32), with the heads' own weights, running statistics and optimiser state.
 
 Once every layer has stepped, the heads train on the whole logical batch's features
@@ -78,7 +81,7 @@ exists in s bytes beside its fp32 cast, which is a third candidate for the large
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 from .asge import energy_rows, grad_slice
@@ -86,6 +89,7 @@ from .budget import format_size
 from .models import LayerSpec
 
 FP32 = 4
+PIXEL = 1   # a raw input pixel, uint8 (data.batches)
 PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 OPTIMIZER_STATE = {"adamw": 2, "sgd": 1}   # fp32 state tensors per parameter (Adam: m, v; SGD: momentum)
 # Parameter-sized temporaries of the optimiser step, measured with memory.measure_step: the
@@ -112,6 +116,7 @@ class LayerMemory:
     spread: int         # ...this many bytes per sample of its chunk (0: even patches, which need none)
     exit: int = 0       # per sample: the exit phase under mixed precision, which also holds...
     exit_chunk: int = 0   # ...this many bytes per sample of its chunk (0: the exit is whole, in per_sample)
+    after: int = 0      # per sample, last layer only: the next micro-batch's normalised input (module docstring)
 
     def rows(self, micro_batch: int) -> int:
         """Samples per chunk (asge.energy_rows of the activation, C*H*W elements)."""
@@ -125,12 +130,13 @@ class LayerMemory:
         """Bytes of this layer's training phase at a micro-batch of ``micro_batch``."""
         m, rows = micro_batch, self.rows(micro_batch)
         return self.fixed + max(m * self.per_sample, m * self.forward + self.chunk(m),
-                                m * self.exit + rows * self.exit_chunk, m * self.backward + rows * self.spread)
+                                m * self.exit + rows * self.exit_chunk, m * self.backward + rows * self.spread,
+                                m * self.after)
 
     def largest_micro_batch(self, room: int) -> int:
         """The largest micro-batch whose phase fits in ``room`` bytes (0: none does). The peak
         grows with the micro-batch, so a bisection finds it."""
-        lo, hi = 0, max(0, (room - self.fixed) // self.per_sample)   # no larger one fits
+        lo, hi = 0, max(0, (room - self.fixed) // max(self.per_sample, self.after))   # no larger one fits
         while lo < hi:
             mid = (lo + hi + 1) // 2
             lo, hi = (mid, hi) if self.peak(mid) <= room else (lo, mid - 1)
@@ -266,7 +272,7 @@ def _batch_and_heads_bytes(specs: Sequence[LayerSpec], input_shape: tuple[int, i
     fusion_in = sum(s.channels for s in specs[1:]) or specs[0].channels   # models.ASGENet.fusion_specs
     head_params = (last + 1) * n + (fusion_in + 1) * n
     head_state = head_params * FP32 * (1 + OPTIMIZER_STATE[optimizer]) + 2 * (last + fusion_in) * FP32
-    batch_bytes = batch * (math.prod(input_shape) * FP32 + 8 + feats * FP32) + head_state + SCALAR_BYTES
+    batch_bytes = batch * (math.prod(input_shape) * PIXEL + 8 + feats * FP32) + head_state + SCALAR_BYTES
     forward = batch * FP32 * (2 * fusion_in + last + 2 * n)
     backward = (batch * FP32 * (fusion_in + last + 5 * n)
                 + (fusion_in + 1) * n * FP32 * (1 + OPTIMIZER_TEMPS[optimizer]))
@@ -302,6 +308,9 @@ def plan_memory(specs: Sequence[LayerSpec], input_shape: tuple[int, int, int], b
         BudgetTooSmall: not even a micro-batch of 1 fits; it carries the minimum budget.
     """
     layers = tuple(layer_memory(s, precision, optimizer) for s in specs)
+    s = PRECISION_BYTES[precision]
+    scaled = math.prod(input_shape) * (FP32 + (s if s != FP32 else 0))   # normalize's fp32 output (+ its cast)
+    layers = (*layers[:-1], replace(layers[-1], after=scaled))
     batch_bytes, heads_bytes = _batch_and_heads_bytes(specs, input_shape, batch, optimizer)
     if budget is None:
         micro = batch

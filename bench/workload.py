@@ -3,8 +3,9 @@
 Contract: ``add_args(parser)`` adds --width, --input-shape and --batch-size with the
 given defaults (parse --input-shape with asge_edge.cli.parse_shape); ``make_net(cfg, shape)``
 builds an ASGENet for 10 classes with fixed normalisation, in ``memory_format``;
-``make_batch(n, shape)`` gives seeded [0, 1] pixels (n, C, H, W), laid out as the trainer lays them out
-(device.channels_last) or contiguous, and labels (n,). Same arguments, same tensors.
+``make_batch(n, shape)`` gives seeded uint8 pixels (n, C, H, W), as data.batches yields
+them, laid out as the trainer lays them out (device.channels_last) or contiguous, and
+labels (n,). Same arguments, same tensors.
 ``add_device_args(parser)`` adds --device and --amp, which ``device_and_precision(args)``
 turns into the torch.device and the precision name (fp32, bf16, fp16) that Method takes.
 """
@@ -47,6 +48,6 @@ def make_net(cfg: ModelConfig, shape: tuple[int, int, int],
 def make_batch(n: int, shape: tuple[int, int, int], memory_format: torch.memory_format = torch.channels_last
                ) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    x = torch.rand(n, *shape, generator=g)                    # n, C, H, W
+    x = torch.randint(256, (n, *shape), generator=g, dtype=torch.uint8)   # n, C, H, W
     y = torch.randint(NUM_CLASSES, (n,), generator=g)         # n
     return (channels_last(x) if memory_format == torch.channels_last else x.contiguous()), y

@@ -158,7 +158,7 @@ def test_measured_peak_stays_within_budget(budget_scale, slice_bytes, precision,
                   ).to(memory_format=torch.channels_last)
     method = ASGEMethod(net, TrainConfig(), precision)
     g = torch.Generator().manual_seed(0)
-    x = torch.rand(64, *shape, generator=g).contiguous(memory_format=torch.channels_last)
+    x = torch.randint(256, (64, *shape), generator=g, dtype=torch.uint8)   # raw pixels, as data.batches yields them
     y = torch.randint(10, (64,), generator=g)
     method.train_step(x, y)   # optimiser state now exists, as in every later step
     budget = int(plan_memory(net.specs, shape, 64, None, precision).min_budget * budget_scale)
@@ -179,7 +179,7 @@ def test_a_large_logical_batch_is_bounded_by_the_heads_phase():
     net = ASGENet(ModelConfig(width=0.125), shape, 10, (0.5,), (0.25,), seed=0).to(memory_format=torch.channels_last)
     method = ASGEMethod(net, TrainConfig())
     g = torch.Generator().manual_seed(0)
-    x = torch.rand(batch, *shape, generator=g).contiguous(memory_format=torch.channels_last)
+    x = torch.randint(256, (batch, *shape), generator=g, dtype=torch.uint8)
     y = torch.randint(10, (batch,), generator=g)
     method.train_step(x, y)
     floor = plan_memory(net.specs, shape, batch, None).min_budget
