@@ -11,11 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from . import __version__
-from .config import (METHODS, OPTIMIZERS, POOLS, STRATEGIES, DataConfig, ModelConfig, RunConfig, TrainConfig,
-                     setting_changes)
+from .config import (METHODS, OPTIMIZERS, POOLS, RESUMABLE, STRATEGIES, DataConfig, ModelConfig, RunConfig,
+                     TrainConfig, setting_changes)
 from .budget import parse_size
 from .data import DATASETS, default_workers
 from .device import AMP_MODES, DEVICES
@@ -142,7 +143,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", type=Path, default=Path("runs/latest"), help="output directory (default runs/latest)")
     r.add_argument("--force", action="store_true", help="overwrite the outputs of a previous run in --out")
     r.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint, "
-                   "with the settings saved in its config.json (a flag that would change one is refused)")
+                   "with the settings saved in its config.json; --device, --memory-budget and --offload may "
+                   "change, another flag that would change a setting is refused")
     r.add_argument("--checkpoint-every", type=_positive_int, default=None, metavar="N",
                    help="also save the state every N steps (default: at each epoch's end; Ctrl-C always saves)")
     r.add_argument("--quiet", action="store_true", help="no progress bar or tables")
@@ -220,19 +222,23 @@ def _flag(setting: str) -> str:
     return {"arch": "--model", "root": "--data-root"}.get(setting, "--" + setting.replace("_", "-"))
 
 
-def _refuse_changes_on_resume(a: argparse.Namespace, cfg: RunConfig) -> None:
-    """--resume runs on with the run's config.json: a flag typed with another value is refused,
-    not ignored (the same value, as when a command is repeated with --resume, is fine)."""
+def _resume_config(a: argparse.Namespace, asked: RunConfig) -> RunConfig:
+    """--resume runs on with the run's config.json, but for the run-time settings typed
+    (--device, --memory-budget, --offload). Any other flag typed with another value is
+    refused, not ignored (the same value, as when a command is repeated with --resume, is fine)."""
     from .checkpoint import CONFIG_FILE, read_config
 
     if not (a.out / CONFIG_FILE).is_file():
-        return   # nothing to resume: the trainer says so
+        return asked   # nothing to resume: the trainer says so
+    saved = read_config(a.out)
+    typed = [(name, old, new) for name, old, new in setting_changes(saved, asked) if _flag(name) in a.typed]
     changed = [f"{_flag(name)} {new} (the run has {'the default' if old is None else old})"
-               for name, old, new in setting_changes(read_config(a.out), cfg) if _flag(name) in a.typed]
+               for name, old, new in typed if name not in RESUMABLE]
     if changed:
         raise UserError(f"--resume continues {a.out} with the settings in its config.json, which {'; '.join(changed)} "
                         f"would change; drop {'that flag' if len(changed) == 1 else 'those flags'}, or train anew in "
-                        "another --out")
+                        "another --out (--device, --memory-budget and --offload may change)")
+    return replace(saved, train=replace(saved.train, **{name: new for name, _, new in typed}))
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
@@ -243,7 +249,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
     except ValueError as e:
         raise UserError(str(e)) from None
     if a.resume:
-        _refuse_changes_on_resume(a, cfg)
+        cfg = _resume_config(a, cfg)
     train(cfg, RunOptions(out=a.out, quiet=a.quiet, force=a.force, resume=a.resume, workers=a.workers,
                                      checkpoint_every=a.checkpoint_every or 0))
     return 0

@@ -41,6 +41,9 @@ METHODS = ("asge", "bp")
 OPTIMIZERS = ("adamw", "sgd")
 POOLS = ("rms", "avg", "max")
 STRATEGIES = ("fusion", "last", "best")
+# How a run computes, not what: a resumed run may change them (the update is the same:
+# micro-batches accumulate to the logical batch, and LayerNorm is per sample).
+RESUMABLE = ("device", "memory_budget", "offload")
 
 
 def auto_lr(epochs: int, optimizer: str = "adamw") -> float:
@@ -167,6 +170,13 @@ class RunConfig:
             info=info,
             version=d.get("version", ""),
         )
+
+
+def resumed(saved: RunConfig, asked: RunConfig) -> RunConfig:
+    """The config a resumed run goes on with: ``saved`` (its config.json), with ``asked``'s
+    RESUMABLE settings."""
+    return dataclasses.replace(saved, train=dataclasses.replace(
+        saved.train, **{name: getattr(asked.train, name) for name in RESUMABLE}))
 
 
 def setting_changes(old: RunConfig, new: RunConfig) -> list[tuple[str, Any, Any]]:

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from . import __version__
 from .checkpoint import (CONFIG_FILE, MODEL_FILE, STATE_FILE, build_net, load_run, load_state, read_config,
                          save_model, save_state, write_json)
-from .config import RunConfig
+from .config import RunConfig, resumed
 from .data import load_splits, batches
 from .distributed import World
 from .device import native_precision, resolve_device, resolve_precision, to_device
@@ -243,7 +243,8 @@ def train(cfg: RunConfig, opts: RunOptions) -> dict[str, Any]:
     """Train, select on validation, evaluate on test; return the summary.
 
     Args:
-        cfg: the run config (ignored with ``opts.resume``: the run's own config.json is used).
+        cfg: the run config. With ``opts.resume`` the run's own config.json is used, but for
+            cfg's config.RESUMABLE settings (device, memory budget, offload), which apply.
         opts: output directory and run options.
 
     Returns:
@@ -268,7 +269,7 @@ def _train(cfg: RunConfig, opts: RunOptions, device: torch.device, world: World 
         device = world.device
         world.barrier()   # the output directory is ready
     if opts.resume:
-        cfg = read_config(out)
+        cfg = resumed(read_config(out), cfg)
     splits = load_splits(cfg.data)
     cfg = replace(cfg, info=splits.info, version=__version__)
     net = build_net(cfg)
@@ -288,7 +289,7 @@ def _train(cfg: RunConfig, opts: RunOptions, device: torch.device, world: World 
         opt_states, progress = load_state(out, net)
         method.load_state_dict(opt_states)
         method.load_scaler_state(progress.get("scalers", {}))
-    elif writer:
+    if writer:   # a resumed run's too: its run-time settings may have changed
         write_json(out / CONFIG_FILE, cfg.to_dict())
     history = read_metrics(out / "metrics.jsonl")[: progress["epoch"]]
 
@@ -301,7 +302,8 @@ def _train(cfg: RunConfig, opts: RunOptions, device: torch.device, world: World 
                   f"trains several times slower than fp32 here; it saves activation memory only (--amp off: fp32)")
         if opts.resume:
             print(f"resuming {out} after epoch {progress['epoch']}, step {progress['step']}, "
-                  f"with the settings in its {CONFIG_FILE}")
+                  f"with the settings in its {CONFIG_FILE} (device {tc.device}, memory budget "
+                  f"{'none' if tc.memory_budget is None else format_size(tc.memory_budget)})")
         if plan is not None and tc.memory_budget is not None:
             print(f"memory plan: micro-batch {plan.micro_batch} x {plan.accumulation_steps} steps, planned peak "
                   f"{format_size(plan.planned_peak)} within {format_size(tc.memory_budget)}"

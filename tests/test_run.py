@@ -101,10 +101,8 @@ def test_progress_bar_shows_the_layer_losses_from_the_first_step(tmp_path, capsy
     assert "loss " in bar and "| fusion" in bar
 
 
-def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypatch):
-    args = [*TINY_RUN, "--epochs", "2"]
-    assert main(["train", *args, "--out", str(tmp_path / "a")]) == 0
-
+def _interrupted_in_epoch_2(monkeypatch, args, out):
+    """Run ``train args --out out``, interrupted as epoch 2 starts (exit 130)."""
     import asge_edge.train as train_mod
     real = train_mod._run_epoch
 
@@ -114,11 +112,29 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypat
         return real(method, cfg, splits, device, epoch, *rest)
 
     monkeypatch.setattr(train_mod, "_run_epoch", crash_on_epoch_2)
-    assert main(["train", *args, "--out", str(tmp_path / "b")]) == 130
+    assert main(["train", *args, "--out", str(out)]) == 130
     monkeypatch.setattr(train_mod, "_run_epoch", real)
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypatch):
+    args = [*TINY_RUN, "--epochs", "2"]
+    assert main(["train", *args, "--out", str(tmp_path / "a")]) == 0
+    _interrupted_in_epoch_2(monkeypatch, args, tmp_path / "b")
     assert main(["train", *args, "--out", str(tmp_path / "b"), "--resume"]) == 0
 
     a, b = (load_file(str(tmp_path / r / "state.safetensors")) for r in "ab")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     sa, sb = (json.loads((tmp_path / r / "summary.json").read_text()) for r in "ab")
     assert sa["test_accuracy"] == sb["test_accuracy"]
+
+
+def test_resume_may_change_the_memory_budget(tmp_path, monkeypatch):
+    """A run started without a budget goes on streaming within one (--memory-budget is how a
+    run computes, not what): the plan, the measurement and config.json follow it."""
+    args = [*TINY_RUN, "--epochs", "2"]
+    _interrupted_in_epoch_2(monkeypatch, args, tmp_path)
+    assert main(["train", "--resume", "--out", str(tmp_path), "--memory-budget", "2MB", "--quiet"]) == 0
+    assert json.loads((tmp_path / "config.json").read_text())["train"]["memory_budget"] == 2_000_000
+    memory = json.loads((tmp_path / "summary.json").read_text())["memory"]
+    assert memory["budget_bytes"] == 2_000_000 and (memory["micro_batch"], memory["accumulation_steps"]) == (16, 4)
+    assert memory["measured_peak_bytes"] <= memory["budget_bytes"]
