@@ -75,7 +75,7 @@ def load_asge_run(run_dir: Path):
     summary_path = Path(run_dir) / "summary.json"
     if not summary_path.is_file():
         raise UserError(f"{run_dir} has no summary.json (the run did not finish); finish it with "
-                        "'asge-edge train --resume --out DIR' first")
+                        f"'asge-edge train --resume --out {run_dir}' first")
     return cfg, net.eval(), read_json(summary_path)
 
 
