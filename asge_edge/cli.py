@@ -85,6 +85,13 @@ def _confidence(text: str) -> float:
     return v
 
 
+def _momentum(text: str) -> float:
+    v = _non_negative_float(text)
+    if v >= 1:
+        raise argparse.ArgumentTypeError(f"expected a momentum in [0, 1) (0.9 is usual; 1 or more diverges), got {text!r}")
+    return v
+
+
 def _size(text: str) -> int:
     try:
         return parse_size(text)
@@ -127,7 +134,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "from 100 epochs on and 3e-3 at 3 epochs; SGD: 0.05; see docs/RESULTS.md)")
     o.add_argument("--lr-min", type=_positive_float, default=None, help="final lr of the cosine (default 1e-5)")
     o.add_argument("--weight-decay", type=_non_negative_float, default=None, help="default 1e-3 (AdamW), 1e-4 (SGD)")
-    o.add_argument("--momentum", type=_non_negative_float, default=TrainConfig.momentum, help="SGD momentum")
+    o.add_argument("--momentum", type=_momentum, default=TrainConfig.momentum, help="SGD momentum")
     o.add_argument("--head-lr-scale", type=_positive_float, default=TrainConfig.head_lr_scale,
                    help="lr of the Last/Fusion heads over the layers' lr (default 3, see docs/RESULTS.md)")
     o.add_argument("--seed", type=int, default=0)
