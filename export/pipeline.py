@@ -11,7 +11,8 @@ config.json, summary.json) and writes, without being asked for more:
   ONNX Runtime's latency per image. ``--format tensorrt`` then checks the graph against
   TensorRT's op set and builds an engine, or stops with the trtexec command (exit 2);
 - or, with ``--exits``, a cascade directory (cascade.py), its threshold calibrated on the
-  validation split when ``--threshold auto``;
+  validation split when ``--threshold auto`` (on as many of its images, evenly spaced, as
+  fit in CALIBRATION_BYTES in fp32: all of them but for large folder datasets);
 - or, with ``--format c --early-exit``, model.bin and model.h for firmware_sim (to_c.py),
   reporting the arena (RAM) and model (flash) bytes.
 It returns a report dict; ``report["ok"]`` is False when a parity check failed.
@@ -22,6 +23,7 @@ It returns a report dict; ``report["ok"]`` is False when a parity check failed.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +32,7 @@ from typing import Any
 import numpy as np
 from asge_edge import __version__
 from asge_edge.checkpoint import load_run, read_json, write_json
-from asge_edge.data import load_splits
+from asge_edge.data import default_workers, load_splits, split_tensors, spread
 from asge_edge.errors import UserError
 
 from . import cascade as cas
@@ -43,6 +45,7 @@ from .verify import HALF_RTOL, ONNX_RTOL, latency_ms, parity, session
 
 FORMATS = ("onnx", "tensorrt", "c")
 INFER_BATCH = 256
+CALIBRATION_BYTES = 2 ** 29   # fp32 pixels of the validation images that calibrate a cascade, at most
 
 
 @dataclass(frozen=True)
@@ -145,11 +148,11 @@ def _make_dir(d: Path) -> None:
         raise UserError(f"cannot create {d} ({e.strerror}); choose another --out") from None
 
 
-def _split_images(split) -> tuple[np.ndarray, np.ndarray]:
-    if split.images is None:
-        raise UserError("cascade calibration reads the validation split into memory; ImageFolder runs need "
-                        "--threshold with a number")
-    return (split.images.float() / 255).numpy(), split.labels.numpy()
+def _calibration_images(split, input_shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The validation images that calibrate a cascade: all of them where their fp32 pixels fit
+    in CALIBRATION_BYTES, else as many as fit, evenly spaced over the split (data.spread)."""
+    x, y = split_tensors(spread(split, max(1, CALIBRATION_BYTES // (4 * math.prod(input_shape)))), default_workers())
+    return x.numpy(), y.numpy()
 
 
 def _export_cascade(run_dir: Path, cfg, net, summary: dict, opts: ExportOptions) -> dict[str, Any]:
@@ -168,12 +171,13 @@ def _export_cascade(run_dir: Path, cfg, net, summary: dict, opts: ExportOptions)
     report: dict[str, Any] = {"cascade": str(out), "exits": list(exits)}
     if opts.threshold == "auto":
         runner = cas.Cascade(out, spec=spec)
-        images, labels = _split_images(load_splits(cfg.data).val)
+        images, labels = _calibration_images(load_splits(cfg.data).val, tuple(cfg.info.input_shape))
         logits = np.concatenate([runner.all_exits(images[i:i + INFER_BATCH])
                                  for i in range(0, len(images), INFER_BATCH)], axis=1)   # S, B, N
         target = summary["layer_val_accuracy"][summary["best_layer"] - 1]
         threshold, acc, depth = cas.calibrate(logits, labels, list(exits), target)
-        report.update(val_best_pred_accuracy=target, val_accuracy=acc, val_mean_exit_depth=depth)
+        report.update(val_best_pred_accuracy=target, val_accuracy=acc, val_mean_exit_depth=depth,
+                      calibration_images=len(labels))
     spec["threshold"] = threshold
     write_json(out / cas.CASCADE_FILE, spec)
     report["threshold"] = threshold

@@ -199,6 +199,19 @@ def test_auto_threshold_stays_near_best_pred(tiny_run, tmp_path, capsys):
     assert report["val_accuracy"] >= report["val_best_pred_accuracy"] - 0.005
     assert 2 <= report["val_mean_exit_depth"] <= 4
     assert json.loads((tmp_path / "c" / "cascade.json").read_text())["threshold"] == report["threshold"]
+    assert report["calibration_images"] == len(load_splits(load_run(tiny_run)[0].data).val)   # all of them
+
+
+def test_auto_threshold_calibrates_on_a_folder_dataset_and_caps_its_images(folder_run, tmp_path, capsys, monkeypatch):
+    import export.pipeline as pipeline
+
+    run, _, _ = folder_run
+    report = _export([str(run), "--exits", "1,3", "--out", str(tmp_path / "c")], capsys)
+    assert report["calibration_images"] == 3   # the whole validation split
+    assert 0 < report["threshold"] <= 1 or report["threshold"] == NEVER
+    monkeypatch.setattr(pipeline, "CALIBRATION_BYTES", 2 * 3 * 16 * 16 * 4)      # room for two images
+    report = _export([str(run), "--exits", "1,3", "--out", str(tmp_path / "d")], capsys)
+    assert report["calibration_images"] == 2
 
 
 @pytest.mark.parametrize("fmt", ["npy", "npz", "idx", "png"])
