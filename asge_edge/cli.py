@@ -203,8 +203,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("infer", help="predict with an exported model.onnx or cascade directory (ONNX Runtime)")
     i.add_argument("model", type=Path, help="a .onnx file from 'asge-edge export' or a cascade directory")
-    i.add_argument("--images", type=Path, required=True, help="IDX file, .npy/.npz, or a folder of images "
-                   "(any size where the input is square: resized and centre-cropped as ImageFolder training does)")
+    i.add_argument("--images", type=Path, required=True, help="an image, a folder of images (any size where the input is square: "
+                   "resized and centre-cropped as ImageFolder training does), an IDX file or .npy/.npz")
     i.add_argument("--threshold", type=_confidence, default=None,
                    help="cascade: override its threshold, a softmax confidence in (0, 1]")
     i.add_argument("--json", action="store_true", help="print JSON (predictions included)")

@@ -1,12 +1,12 @@
-"""Images for ``asge-edge infer``: IDX, .npy/.npz or a folder of images -> float32 [0, 1] NCHW.
+"""Images for ``asge-edge infer``: an image, a folder of images, IDX or .npy/.npz -> float32 [0, 1] NCHW.
 
 Contract: ``load_images(path, input_shape)`` returns (an array (B, C, H, W) float32 in
-[0, 1] that matches ``input_shape`` (C, H, W), the file names of a folder's images in
-that order or None), or raises UserError saying what was found and what the model
+[0, 1] that matches ``input_shape`` (C, H, W), the image files' names in that order, or
+None for IDX and .npy/.npz), or raises UserError saying what was found and what the model
 expects. uint8 data is scaled by 1/255; float data must already be in [0, 1]. (B, H, W)
 gains the channel axis when C is 1; (B, H, W, C) is transposed. .npy and .npz load
-without pickles. A folder's images (any suffix ImageFolder reads, in name order) are read
-in the model's colour mode; for a square input they get ImageFolder training's resize and
+without pickles. An image file, or a folder's images (any suffix ImageFolder reads, in
+name order), is read in the model's colour mode; for a square input they get ImageFolder training's resize and
 centre crop (data.folder_transform), so they may be of any size; otherwise they must all
 be H x W already.
 """
@@ -50,20 +50,26 @@ def _to_nchw(a: np.ndarray, shape: tuple[int, int, int], source: Path) -> np.nda
 
 def load_images(path: Path, input_shape: tuple[int, int, int]) -> tuple[np.ndarray, list[str] | None]:
     """Read images from ``path``; see the module docstring."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
     path = Path(path)
     if path.is_dir():
-        images, names = _folder(path, input_shape)
-        return _to_nchw(images, input_shape, path), names
+        files = sorted(f for f in path.iterdir() if f.suffix.lower() in IMG_EXTENSIONS and f.is_file())
+        if not files:
+            raise UserError(f"{path} holds no images ({' '.join(IMG_EXTENSIONS)})")
+        return _to_nchw(_read_images(files, input_shape, path), input_shape, path), [f.name for f in files]
     if not path.is_file():
-        raise UserError(f"{path} does not exist; pass an IDX file, a .npy/.npz file or a folder of images")
+        raise UserError(f"{path} does not exist; pass an image, a folder of images, an IDX file or a .npy/.npz file")
+    if path.suffix.lower() in IMG_EXTENSIONS:
+        return _to_nchw(_read_images([path], input_shape, path), input_shape, path), [path.name]
     if path.suffix in (".npy", ".npz"):
         a = _load_numpy(path)
     else:
         try:
             a = read_idx(path).numpy()
         except UserError:
-            raise UserError(f"{path} is neither .npy/.npz nor an IDX file of unsigned bytes; pass images as "
-                            "IDX, .npy/.npz or a folder of images") from None
+            raise UserError(f"{path} is neither an image, .npy/.npz nor an IDX file of unsigned bytes; pass "
+                            "an image, a folder of images, IDX or .npy/.npz") from None
     return _to_nchw(a, input_shape, path), None
 
 
@@ -82,21 +88,17 @@ def _load_numpy(path: Path) -> np.ndarray:
                         "or numpy.savez") from None
 
 
-def _folder(folder: Path, shape: tuple[int, int, int]) -> tuple[np.ndarray, list[str]]:
-    """A folder's images, as ImageFolder training reads them where the input is square."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS
-
-    files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMG_EXTENSIONS and f.is_file())
-    if not files:
-        raise UserError(f"{folder} holds no images ({' '.join(IMG_EXTENSIONS)})")
+def _read_images(files: list[Path], shape: tuple[int, int, int], source: Path) -> np.ndarray:
+    """Image files in the model's colour mode, as ImageFolder training reads them where the
+    input is square; else they must be the input's size already."""
     c, h, w = shape
     mode = "L" if c == 1 else "RGB"
     if h == w:
         tf = folder_transform(h)
-        return np.stack([tf(read_image(f, mode)).numpy() for f in files]), [f.name for f in files]   # B, C, H, W
+        return np.stack([tf(read_image(f, mode)).numpy() for f in files])   # B, C, H, W
     arrays = [np.asarray(read_image(f, mode)) for f in files]   # H, W (L) or H, W, 3 each
     wrong = [f.name for f, a in zip(files, arrays) if a.shape[:2] != (h, w)]
     if wrong:
-        raise UserError(f"{folder}: {len(wrong)} image(s), {wrong[0]} first, are not {w}x{h} (width x height), "
+        raise UserError(f"{source}: {len(wrong)} image(s), {wrong[0]} first, are not {w}x{h} (width x height), "
                         "the model's non-square input; resize them first")
-    return np.stack(arrays), [f.name for f in files]             # B, H, W (L) or B, H, W, 3
+    return np.stack(arrays)                                      # B, H, W (L) or B, H, W, 3

@@ -262,6 +262,9 @@ def test_infer_gives_a_folder_of_any_size_imagefolder_preprocessing(folder_run, 
     assert np.array_equal(load_images(data / "val" / "owl", (3, 16, 16))[0], owls.numpy())   # the same pixels
     with torch.no_grad():
         assert result["predictions"] == net.eval().exit_logits(owls, k).argmax(1).tolist()
+    assert main(["infer", str(tmp_path / "m.onnx"), "--images", str(data / "val" / "owl" / "4.jpg"), "--json"]) == 0
+    one = json.loads(capsys.readouterr().out)   # one image file: as in its folder
+    assert one["files"] == ["4.jpg"] and one["predictions"] == result["predictions"][4:5]
 
 
 def test_infer_refuses_the_wrong_image_shape(exit_model, tmp_path, capsys):
