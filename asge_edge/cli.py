@@ -197,14 +197,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("simulate", help="run the early exit on firmware_sim (C, static arena) against ONNX Runtime")
     f.add_argument("run_dir", type=Path)
     f.add_argument("--ram", type=_size, required=True, metavar="SIZE", help="RAM for the arena, e.g. 256KB")
-    f.add_argument("--samples", type=_positive_int, default=1000, help="test images to run, evenly spaced over the test set (default 1000)")
+    f.add_argument("--samples", type=_positive_int, default=1000,
+                   help="test images to run, evenly spaced over the test set (default 1000)")
     f.add_argument("--exit-layer", type=_positive_int, default=None, help="default: the run's best layer")
     f.add_argument("--json", action="store_true", help="print the report as JSON")
 
     i = sub.add_parser("infer", help="predict with an exported model.onnx or cascade directory (ONNX Runtime)")
     i.add_argument("model", type=Path, help="a .onnx file from 'asge-edge export' or a cascade directory")
-    i.add_argument("--images", type=Path, required=True, help="an image, a folder of images (any size where the input is square: "
-                   "resized and centre-cropped as ImageFolder training does), an IDX file or .npy/.npz")
+    i.add_argument("--images", type=Path, required=True,
+                   help="an image, a folder of images (any size where the input is square: resized and "
+                   "centre-cropped as ImageFolder training does), an IDX file or .npy/.npz")
     i.add_argument("--threshold", type=_confidence, default=None,
                    help="cascade: override its threshold, a softmax confidence in (0, 1]")
     i.add_argument("--json", action="store_true", help="print JSON (predictions included)")
