@@ -22,8 +22,9 @@ normalised in fp32 (models.ASGENet.normalize), plus their cast to the compute wi
 under mixed precision, made while the last layer to run is still the active one.
 
 ``batch_bytes`` is what must stay for the whole logical batch: the raw input batch (uint8
-pixels, as data.batches yields them: 1 byte each), its labels, and the per-layer GAP features that the Last and Fusion heads read (sum C_l per
-sample, fp32), with the heads' own weights, running statistics and optimiser state.
+pixels, as data.batches yields them: 1 byte each), its labels, and the per-layer GAP
+features that the Last and Fusion heads read (sum C_l per sample, fp32), with the heads'
+own weights, running statistics and optimiser state.
 
 Once every layer has stepped, the heads train on the whole logical batch's features
 (methods.ASGEMethod.heads_step), whatever the micro-batch: their phase, ``heads_bytes``,

@@ -128,6 +128,17 @@ def test_sliced_gradient_accumulation_equals_full_batch(monkeypatch):
         torch.testing.assert_close(streamed[k], full[k], rtol=0, atol=STREAMING_ATOL, msg=k)
 
 
+def test_the_batch_waits_as_uint8_and_each_micro_batch_is_scaled_beside_the_last_layer():
+    shape = (3, 32, 32)
+    specs = layer_specs(ModelConfig(width=0.25), shape, 10)
+    for precision, scaled in (("fp32", 4), ("bf16", 4 + 2)):   # normalize's fp32 output (+ its bf16 cast)
+        plan = plan_memory(specs, shape, 128, None, precision)
+        assert [lm.after for lm in plan.layers] == [0] * 6 + [3 * 32 * 32 * scaled]
+    more = plan_memory(specs, shape, 256, None)   # 128 more images: their pixels (1 B), labels, features
+    assert more.batch_bytes - plan_memory(specs, shape, 128, None).batch_bytes == 128 * (3 * 32 * 32 + 8 + 4 * sum(
+        s.channels for s in specs))
+
+
 def test_sliced_accumulation_lowers_the_floor_of_full_width_vgg8():
     specs = layer_specs(ModelConfig(), (3, 32, 32), 10)
     plan = plan_memory(specs, (3, 32, 32), 128, None)
