@@ -1,7 +1,8 @@
 """Training methods: how one batch updates the network. Pluggable.
 
 Contract: a ``Method`` owns the optimisers of the parameters it trains and turns a
-batch (raw pixels ``x`` (B, C, H, W), labels ``y`` (B,)) into parameter updates via
+batch (raw uint8 pixels ``x`` (B, C, H, W), which ``ASGENet.normalize`` scales, labels
+``y`` (B,)) into parameter updates via
 ``train_step``, returning per-layer statistics. It knows nothing of epochs, data,
 evaluation, checkpoints or progress bars: the trainer owns those. New local-learning
 methods (block-wise hybrids, Forward-Forward variants) subclass ``Method`` and are
