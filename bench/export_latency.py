@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from asge_edge.checkpoint import load_run
-from asge_edge.data import load_splits
+from asge_edge.data import load_splits, split_tensors
 from export.cascade import Cascade
 from export.pipeline import ExportOptions, export_run
 from export.verify import session
@@ -37,8 +37,7 @@ def main() -> None:
     p.add_argument("--latency-images", type=int, default=2000)
     a = p.parse_args()
     cfg, _, _ = load_run(a.run_dir)
-    test = load_splits(cfg.data).test
-    x, y = (test.images.float() / 255).numpy(), test.labels.numpy()
+    x, y = (t.numpy() for t in split_tensors(load_splits(cfg.data).test))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         full = export_run(a.run_dir, ExportOptions(out=tmp / "full.onnx"))

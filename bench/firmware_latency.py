@@ -2,7 +2,7 @@
 
 Claim (issue 5): the C runtime (built -O3, tuned for this machine) runs the Best-Pred
 truncated network at most 2x slower than single-thread ONNX Runtime. Both run one image
-at a time on one thread, on the run's first ``--images`` test images, timed in
+at a time on one thread, on ``--images`` test images evenly spaced over the test set, timed in
 alternating rounds; each gives its median round, and the ratios are taken per round. The C runtime runs twice: in the
 smallest arena the planner allows (what firmware would give it) and in ``--big-arena``
 bytes, where every layer takes its largest strips.
@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from asge_edge.checkpoint import load_run, read_json
-from asge_edge.data import load_splits
+from asge_edge.data import load_splits, split_tensors, spread
 from export.firmware import build_fsim, run_fsim
 from export.pipeline import ExportOptions, export_run
 from export.to_c import write_c_model
@@ -38,7 +38,7 @@ def main() -> None:
     a = p.parse_args()
     cfg, net, _ = load_run(a.run_dir)
     k = read_json(a.run_dir / "summary.json")["best_layer"]
-    x = (load_splits(cfg.data).test.images[: a.images].float() / 255).numpy()
+    x = split_tensors(spread(load_splits(cfg.data).test, a.images))[0].numpy()   # evenly spaced test images
     binary = build_fsim()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
