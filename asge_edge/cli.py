@@ -11,12 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 from . import __version__
 from .config import (METHODS, OPTIMIZERS, POOLS, RESUMABLE, STRATEGIES, DataConfig, ModelConfig, RunConfig,
-                     TrainConfig, setting_changes)
+                     TrainConfig, setting_changes, with_settings)
 from .budget import parse_size
 from .data import DATASETS, default_workers
 from .device import AMP_MODES, DEVICES
@@ -150,8 +149,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", type=Path, default=Path("runs/latest"), help="output directory (default runs/latest)")
     r.add_argument("--force", action="store_true", help="overwrite the outputs of a previous run in --out")
     r.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint, "
-                   "with the settings saved in its config.json; --device, --memory-budget and --offload may "
-                   "change, another flag that would change a setting is refused")
+                   "with the settings saved in its config.json; --data-root, --device, --memory-budget and "
+                   "--offload may change, another flag that would change a setting is refused")
     r.add_argument("--checkpoint-every", type=_positive_int, default=None, metavar="N",
                    help="also save the state every N steps (default: at each epoch's end; Ctrl-C always saves)")
     r.add_argument("--quiet", action="store_true", help="no progress bar or tables")
@@ -232,9 +231,10 @@ def _flag(setting: str) -> str:
 
 
 def _resume_config(a: argparse.Namespace, asked: RunConfig) -> RunConfig:
-    """--resume runs on with the run's config.json, but for the run-time settings typed
-    (--device, --memory-budget, --offload). Any other flag typed with another value is
-    refused, not ignored (the same value, as when a command is repeated with --resume, is fine)."""
+    """--resume runs on with the run's config.json, but for the config.RESUMABLE settings typed
+    (--data-root, --download, --device, --memory-budget, --offload). Any other flag typed with
+    another value is refused, not ignored (the same value, as when a command is repeated with
+    --resume, is fine)."""
     from .checkpoint import CONFIG_FILE, read_config
 
     if not (a.out / CONFIG_FILE).is_file():
@@ -246,8 +246,8 @@ def _resume_config(a: argparse.Namespace, asked: RunConfig) -> RunConfig:
     if changed:
         raise UserError(f"--resume continues {a.out} with the settings in its config.json, which {'; '.join(changed)} "
                         f"would change; drop {'that flag' if len(changed) == 1 else 'those flags'}, or train anew in "
-                        "another --out (--device, --memory-budget and --offload may change)")
-    return replace(saved, train=replace(saved.train, **{name: new for name, _, new in typed}))
+                        "another --out (--data-root, --device, --memory-budget and --offload may change)")
+    return with_settings(saved, {name: new for name, _, new in typed})
 
 
 def _cmd_train(a: argparse.Namespace) -> int:

@@ -41,9 +41,10 @@ METHODS = ("asge", "bp")
 OPTIMIZERS = ("adamw", "sgd")
 POOLS = ("rms", "avg", "max")
 STRATEGIES = ("fusion", "last", "best")
-# How a run computes, not what: a resumed run may change them (the update is the same:
-# micro-batches accumulate to the logical batch, and LayerNorm is per sample).
-RESUMABLE = ("device", "memory_budget", "offload")
+# Where a run's data lives and how it computes, not what: a resumed run may change them (the
+# update is the same: micro-batches accumulate to the logical batch, and LayerNorm is per
+# sample). Field names, unique across ModelConfig, DataConfig and TrainConfig.
+RESUMABLE = ("root", "download", "device", "memory_budget", "offload")
 
 
 def auto_lr(epochs: int, optimizer: str = "adamw") -> float:
@@ -172,16 +173,29 @@ class RunConfig:
         )
 
 
+SECTIONS = ("model", "data", "train")   # the RunConfig parts that hold settings
+
+
+def with_settings(cfg: RunConfig, settings: dict[str, Any]) -> RunConfig:
+    """``cfg`` with the named settings (model, data or train fields) replaced."""
+    parts = {}
+    for section in SECTIONS:
+        part = getattr(cfg, section)
+        own = {f.name for f in dataclasses.fields(part)}
+        parts[section] = dataclasses.replace(part, **{k: v for k, v in settings.items() if k in own})
+    return dataclasses.replace(cfg, **parts)
+
+
 def resumed(saved: RunConfig, asked: RunConfig) -> RunConfig:
     """The config a resumed run goes on with: ``saved`` (its config.json), with ``asked``'s
     RESUMABLE settings."""
-    return dataclasses.replace(saved, train=dataclasses.replace(
-        saved.train, **{name: getattr(asked.train, name) for name in RESUMABLE}))
+    return with_settings(saved, {f.name: getattr(getattr(asked, s), f.name) for s in SECTIONS
+                                 for f in dataclasses.fields(getattr(asked, s)) if f.name in RESUMABLE})
 
 
 def setting_changes(old: RunConfig, new: RunConfig) -> list[tuple[str, Any, Any]]:
     """The settings (model, data and train fields) in which ``new`` differs from ``old``, as
     (field name, old value, new value), in field order."""
-    return [(f.name, getattr(a, f.name), getattr(b, f.name))
-            for a, b in ((old.model, new.model), (old.data, new.data), (old.train, new.train))
-            for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name)]
+    return [(f.name, getattr(getattr(old, s), f.name), getattr(getattr(new, s), f.name))
+            for s in SECTIONS for f in dataclasses.fields(getattr(old, s))
+            if getattr(getattr(old, s), f.name) != getattr(getattr(new, s), f.name)]

@@ -244,7 +244,7 @@ def train(cfg: RunConfig, opts: RunOptions) -> dict[str, Any]:
 
     Args:
         cfg: the run config. With ``opts.resume`` the run's own config.json is used, but for
-            cfg's config.RESUMABLE settings (device, memory budget, offload), which apply.
+            cfg's config.RESUMABLE settings (data root, device, memory budget, offload), which apply.
         opts: output directory and run options.
 
     Returns:

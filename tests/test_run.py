@@ -128,13 +128,16 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypat
     assert sa["test_accuracy"] == sb["test_accuracy"]
 
 
-def test_resume_may_change_the_memory_budget(tmp_path, monkeypatch):
+def test_resume_may_change_the_memory_budget_and_the_data_root(tmp_path, monkeypatch):
     """A run started without a budget goes on streaming within one (--memory-budget is how a
-    run computes, not what): the plan, the measurement and config.json follow it."""
+    run computes, not what; --data-root where its data lives): the plan, the measurement and
+    config.json follow them."""
     args = [*TINY_RUN, "--epochs", "2"]
     _interrupted_in_epoch_2(monkeypatch, args, tmp_path)
-    assert main(["train", "--resume", "--out", str(tmp_path), "--memory-budget", "2MB", "--quiet"]) == 0
-    assert json.loads((tmp_path / "config.json").read_text())["train"]["memory_budget"] == 2_000_000
+    assert main(["train", "--resume", "--out", str(tmp_path), "--memory-budget", "2MB", "--quiet",
+                 "--data-root", str(tmp_path / "moved")]) == 0   # synthetic data reads no root
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["train"]["memory_budget"] == 2_000_000 and cfg["data"]["root"] == str(tmp_path / "moved")
     memory = json.loads((tmp_path / "summary.json").read_text())["memory"]
     assert memory["budget_bytes"] == 2_000_000 and (memory["micro_batch"], memory["accumulation_steps"]) == (16, 4)
     assert memory["measured_peak_bytes"] <= memory["budget_bytes"]
