@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from . import __version__
-from .config import RunConfig
+from .config import RunConfig, with_settings
 from .errors import UserError
 from .models import ASGENet
 
@@ -142,14 +142,17 @@ def read_config(run_dir: Path) -> RunConfig:
         raise UserError(f"{path} is not an asge-edge {__version__} config ({e}); retrain with this version") from None
 
 
-def load_run(run_dir: Path) -> tuple[RunConfig, ASGENet, dict[str, Any]]:
-    """Rebuild the model of a finished run.
+def load_run(run_dir: Path, data_root: str | None = None) -> tuple[RunConfig, ASGENet, dict[str, Any]]:
+    """Rebuild the model of a finished run; ``data_root``, where given, replaces the dataset
+    root in its config (a run moved to another machine).
 
     Returns:
         (config, network with the selected checkpoint's weights, checkpoint metadata).
     """
     run_dir = Path(run_dir)
     cfg = read_config(run_dir)
+    if data_root is not None:
+        cfg = with_settings(cfg, {"root": data_root})
     tensors, meta = _load_tensors(run_dir / MODEL_FILE)
     net = build_net(cfg)
     load_weights(net, tensors, run_dir / MODEL_FILE)

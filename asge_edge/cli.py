@@ -98,6 +98,12 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _add_moved_data_root(p: argparse.ArgumentParser) -> None:
+    """--data-root for the commands that read a finished run's dataset (eval, export, simulate)."""
+    p.add_argument("--data-root", default=None,
+                   help="the dataset's root, where it is not the run's (a run moved to another machine)")
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="asge-edge", description="Backprop-free ASGE training for memory-starved hardware.")
     p.add_argument("--version", action="version", version=f"asge-edge {__version__}")
@@ -174,6 +180,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir", type=Path)
     e.add_argument("--strategy", choices=STRATEGIES, default=None, help="one strategy (default: all)")
     e.add_argument("--device", default="auto", choices=DEVICES)
+    _add_moved_data_root(e)
     e.add_argument("--workers", type=_non_negative_int, default=default_workers(),
                    help="imagefolder: DataLoader workers (default: one per CPU core, at most 4)")
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -191,6 +198,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     x.add_argument("--exits", default=None, metavar="all|1,3,5", help="write a multi-exit cascade with these exits")
     x.add_argument("--threshold", default="auto", metavar="auto|0.9",
                    help="cascade: softmax confidence to exit at (auto: calibrated on validation)")
+    _add_moved_data_root(x)
     x.add_argument("--json", action="store_true", help="print the report as JSON")
 
     f = sub.add_parser("simulate", help="run the early exit on firmware_sim (C, static arena) against ONNX Runtime")
@@ -199,6 +207,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     f.add_argument("--samples", type=_positive_int, default=1000,
                    help="test images to run, evenly spaced over the test set (default 1000)")
     f.add_argument("--exit-layer", type=_positive_int, default=None, help="default: the run's best layer")
+    _add_moved_data_root(f)
     f.add_argument("--json", action="store_true", help="print the report as JSON")
 
     i = sub.add_parser("infer", help="predict with an exported model.onnx or cascade directory (ONNX Runtime)")
@@ -268,7 +277,7 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     from .evaluate import evaluate_run
     from .report import layer_table
 
-    result, specs = evaluate_run(a.run_dir, a.device, a.strategy, a.workers)
+    result, specs = evaluate_run(a.run_dir, a.device, a.strategy, a.workers, a.data_root)
     if a.json:
         print(json.dumps(result, indent=2))
     else:
@@ -310,7 +319,7 @@ def _export_package():
 def _cmd_export(a: argparse.Namespace) -> int:
     pipeline = _export_package()
     opts = pipeline.ExportOptions(early_exit=a.early_exit, exit_layer=a.exit_layer, fmt=a.fmt, opset=a.opset,
-                                  half=a.half, out=a.out, exits=a.exits, threshold=a.threshold)
+                                  half=a.half, out=a.out, exits=a.exits, threshold=a.threshold, data_root=a.data_root)
     report = pipeline.export_run(a.run_dir, opts)
     if a.json:
         print(json.dumps(report, indent=2))
@@ -341,7 +350,7 @@ def _cmd_simulate(a: argparse.Namespace) -> int:
     _export_package()
     from export.firmware import simulate
 
-    r = simulate(a.run_dir, a.ram, a.samples, a.exit_layer)
+    r = simulate(a.run_dir, a.ram, a.samples, a.exit_layer, a.data_root)
     if a.json:
         print(json.dumps(r, indent=2))
         return 0

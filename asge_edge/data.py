@@ -266,7 +266,7 @@ def load_splits(cfg: DataConfig) -> Splits:
         root = Path(cfg.root or default_root)
         if not root.exists() and not cfg.download:
             hint = ("run 'apt-get install dataset-fashion-mnist' or pass --data-root"
-                    if cfg.dataset == "fashion-mnist" else "check --data-root, or add --download")
+                    if cfg.dataset == "fashion-mnist" else "check --data-root (a moved run: give its new one), or add --download")
             raise UserError(f"dataset root {root} does not exist; {hint}")
         loader = {"cifar10": _cifar, "cifar100": _cifar, "imagefolder": _imagefolder}.get(cfg.dataset)
         if loader is None:

@@ -64,8 +64,8 @@ def best_layer(layer_val_accuracy: list[float]) -> int:
     return layer_val_accuracy.index(best) + 1
 
 
-def evaluate_run(run_dir, device_name: str = "auto", strategy: str | None = None, workers: int = 0
-                 ) -> tuple[dict, tuple[LayerSpec, ...]]:
+def evaluate_run(run_dir, device_name: str = "auto", strategy: str | None = None, workers: int = 0,
+                 data_root: str | None = None) -> tuple[dict, tuple[LayerSpec, ...]]:
     """Re-evaluate a finished run: the best layer is re-derived on validation, then test.
 
     Args:
@@ -73,6 +73,7 @@ def evaluate_run(run_dir, device_name: str = "auto", strategy: str | None = None
         device_name: auto, cpu or cuda.
         strategy: one of fusion, last, best; None for every strategy the method trained.
         workers: DataLoader workers for folder datasets.
+        data_root: the dataset's root, where it is not the run's (None: the run's).
 
     Returns:
         ({"test_accuracy": {strategy: fraction or None}, "best_layer": k or None,
@@ -83,7 +84,7 @@ def evaluate_run(run_dir, device_name: str = "auto", strategy: str | None = None
         UserError: ``strategy`` is one the run's method did not train (Best or Fusion of a BP run).
     """
     device = resolve_device(device_name)
-    cfg, net, _ = load_run(run_dir)
+    cfg, net, _ = load_run(run_dir, data_root)
     trained = METHODS[cfg.train.method].strategies
     if strategy is not None and strategy not in trained:
         raise UserError(f"--strategy {strategy}: this {cfg.train.method} run has no {strategy} predictor; "

@@ -79,10 +79,12 @@ def compare(c: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
     return float(((c - ref) ** 2).sum() / max((ref ** 2).sum(), 1e-30)), float(np.abs(c - ref).max())
 
 
-def simulate(run_dir: Path, ram: int, samples: int = 1000, exit_layer: int | None = None) -> dict:
-    """``asge-edge simulate``; see the module docstring."""
+def simulate(run_dir: Path, ram: int, samples: int = 1000, exit_layer: int | None = None,
+             data_root: str | None = None) -> dict:
+    """``asge-edge simulate``; see the module docstring (``data_root``: the dataset's root,
+    where it is not the run's)."""
     run_dir = Path(run_dir)
-    cfg, net, summary = load_asge_run(run_dir)
+    cfg, net, summary = load_asge_run(run_dir, data_root)
     k = exit_layer or summary["best_layer"]
     if not 1 <= k <= len(net.layers):
         raise UserError(f"--exit-layer {k} is out of range: this network has layers 1..{len(net.layers)}")
@@ -92,7 +94,7 @@ def simulate(run_dir: Path, ram: int, samples: int = 1000, exit_layer: int | Non
                         f"than --ram {ram} B; give more --ram or pick a shallower --exit-layer")
     out = run_dir / "firmware"
     sizes = write_c_model(net, k, out, str(run_dir))
-    export_run(run_dir, ExportOptions(early_exit=True, exit_layer=k, out=out / "model.onnx"))
+    export_run(run_dir, ExportOptions(early_exit=True, exit_layer=k, out=out / "model.onnx", data_root=data_root))
     x, y = (t.numpy() for t in split_tensors(spread(load_splits(cfg.data).test, samples), default_workers()))
     n = len(y)
     logits, us, used = run_fsim(build_fsim(), out / "model.bin", x, arena=ram)

@@ -58,6 +58,7 @@ class ExportOptions:
     out: Path | None = None
     exits: str | None = None          # cascade: "all" or "1,3,5"
     threshold: str = "auto"           # cascade: "auto" or a number in (0, 1]
+    data_root: str | None = None      # the dataset's root, where it is not the run's (cascade calibration)
 
 
 def _metadata(cfg, summary: dict, strategy: str, exit_layer: int | None, val_accuracy: float, half: bool) -> dict:
@@ -69,9 +70,10 @@ def _metadata(cfg, summary: dict, strategy: str, exit_layer: int | None, val_acc
             "precision": "fp16" if half else "fp32"}
 
 
-def load_asge_run(run_dir: Path):
-    """(config, network in eval mode, summary.json) of a finished ASGE run, or UserError."""
-    cfg, net, _ = load_run(run_dir)
+def load_asge_run(run_dir: Path, data_root: str | None = None):
+    """(config, network in eval mode, summary.json) of a finished ASGE run, or UserError;
+    ``data_root`` replaces the config's dataset root where given."""
+    cfg, net, _ = load_run(run_dir, data_root)
     if cfg.train.method != "asge":
         raise UserError(f"{run_dir} was trained with --method {cfg.train.method}; export needs an ASGE run, whose "
                         "layers have trained exits")
@@ -86,7 +88,7 @@ def export_run(run_dir: Path, opts: ExportOptions) -> dict[str, Any]:
     """Export a run; see the module docstring. Raises UserError on bad input."""
     if opts.fmt not in FORMATS:
         raise UserError(f"unknown --format {opts.fmt!r}: use onnx, tensorrt or c")
-    cfg, net, summary = load_asge_run(Path(run_dir))
+    cfg, net, summary = load_asge_run(Path(run_dir), opts.data_root)
     if opts.exits is not None:
         if opts.fmt != "onnx":
             raise UserError(f"a cascade (--exits) exports as ONNX stages only; drop --format {opts.fmt}")

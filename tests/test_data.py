@@ -160,3 +160,32 @@ def test_cifar_layout_loads_channels_first(tmp_path, monkeypatch, dataset):
     monkeypatch.undo()
     with pytest.raises(UserError, match="checksums"):
         load_splits(DataConfig(dataset=dataset, root=str(tmp_path)))
+
+
+def test_a_moved_run_reads_its_dataset_from_a_new_root(tmp_path, capsys):
+    import json
+
+    from asge_edge.cli import main
+
+    raw = tmp_path / "a" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(0)
+    for prefix, n in (("train", 40), ("t10k", 12)):
+        _write_idx(raw / f"{prefix}-images-idx3-ubyte.gz", torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, generator=gen))
+        _write_idx(raw / f"{prefix}-labels-idx1-ubyte.gz", torch.arange(n, dtype=torch.uint8) % 10)
+    run = tmp_path / "run"
+    assert main(["train", "--dataset", "mnist", "--data-root", str(tmp_path / "a"), "--val-size", "8", "--width",
+                 "0.0625", "--epochs", "1", "--quiet", "--out", str(run)]) == 0
+    (tmp_path / "a").rename(tmp_path / "b")   # the run and its data move apart
+    capsys.readouterr()
+    assert main(["eval", str(run)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["eval", str(run), "--data-root", str(tmp_path / "b"), "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["layer_test_accuracy"] == json.loads((run / "summary.json").read_text())["layer_test_accuracy"]
+    assert main(["simulate", str(run), "--ram", "256KB", "--samples", "6", "--data-root", str(tmp_path / "b"),
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["samples"] == 6
+    assert main(["export", str(run), "--exits", "1,3", "--out", str(tmp_path / "c"), "--data-root", str(tmp_path / "b"),
+                 "--json"]) == 0   # the cascade's threshold calibrates on the moved validation split
+    assert json.loads(capsys.readouterr().out)["calibration_images"] == 8
