@@ -4,7 +4,7 @@ Contract: ``export_run(run_dir, opts)`` reads a finished ASGE run (model.safeten
 config.json, summary.json) and writes, without being asked for more:
 - the Best-Pred early exit (``--early-exit``; layer ``--exit-layer`` or the run's best
   layer, chosen on validation) or the whole net with its Fusion head, as one ONNX file
-  (``opts.out``, or its default name inside ``opts.out`` where that is a folder);
+  (``opts.out``, or its default name inside ``opts.out`` where that is a folder or ends in "/");
   then runs the full ONNX checker, compares ONNX Runtime with the PyTorch network at
   batch 1 and 17 against ``verify.ONNX_RTOL`` (``HALF_RTOL`` with ``--half``) of the logits'
   scale (``verify.logit_scale``) and measures
@@ -55,7 +55,7 @@ class ExportOptions:
     fmt: str = "onnx"
     opset: int = DEFAULT_OPSET
     half: bool = False
-    out: Path | None = None
+    out: Path | str | None = None     # a str keeps a trailing "/": a folder, made if missing
     exits: str | None = None          # cascade: "all" or "1,3,5"
     threshold: str = "auto"           # cascade: "auto" or a number in (0, 1]
     data_root: str | None = None      # the dataset's root, where it is not the run's (cascade calibration)
@@ -121,7 +121,7 @@ def export_run(run_dir: Path, opts: ExportOptions) -> dict[str, Any]:
         meta = _metadata(cfg, summary, "fusion", None, summary["val_accuracy"]["fusion"], opts.half)
         default = f"model_fusion{'_fp16' if opts.half else ''}.onnx"
     path = Path(opts.out) if opts.out else Path(run_dir) / default
-    if path.is_dir():   # --out names a folder to put the model in, as --format c's does
+    if path.is_dir() or str(opts.out).endswith("/"):   # a folder to put the model in, as --format c's --out is
         path = path / default
     _make_dir(path.parent)
     t0 = time.perf_counter()

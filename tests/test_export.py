@@ -104,6 +104,8 @@ def test_out_may_be_a_folder_to_write_the_default_name_in(tiny_run, tmp_path, ca
     k = report["exit_layer"]
     assert report["ok"] and report["onnx"] == str(tmp_path / f"model_exit{k}.onnx")
     assert onnx.load(report["onnx"]).graph.output[0].name == "logits"
+    report = _export([str(tiny_run), "--early-exit", "--out", f"{tmp_path / 'new'}/"], capsys)   # made, then filled
+    assert report["onnx"] == str(tmp_path / "new" / f"model_exit{k}.onnx")
 
 
 def test_half_fusion_export_keeps_squares_fp32_and_meets_its_tolerance(tiny_run, tmp_path, capsys):
