@@ -186,16 +186,20 @@ def with_settings(cfg: RunConfig, settings: dict[str, Any]) -> RunConfig:
     return dataclasses.replace(cfg, **parts)
 
 
+def _settings(cfg: RunConfig) -> dict[str, Any]:
+    """Every setting of ``cfg`` (model, data and train fields) by name, in field order."""
+    return {f.name: getattr(getattr(cfg, s), f.name) for s in SECTIONS for f in dataclasses.fields(getattr(cfg, s))}
+
+
 def resumed(saved: RunConfig, asked: RunConfig) -> RunConfig:
     """The config a resumed run goes on with: ``saved`` (its config.json), with ``asked``'s
     RESUMABLE settings."""
-    return with_settings(saved, {f.name: getattr(getattr(asked, s), f.name) for s in SECTIONS
-                                 for f in dataclasses.fields(getattr(asked, s)) if f.name in RESUMABLE})
+    asked_settings = _settings(asked)
+    return with_settings(saved, {name: asked_settings[name] for name in RESUMABLE})
 
 
 def setting_changes(old: RunConfig, new: RunConfig) -> list[tuple[str, Any, Any]]:
     """The settings (model, data and train fields) in which ``new`` differs from ``old``, as
     (field name, old value, new value), in field order."""
-    return [(f.name, getattr(getattr(old, s), f.name), getattr(getattr(new, s), f.name))
-            for s in SECTIONS for f in dataclasses.fields(getattr(old, s))
-            if getattr(getattr(old, s), f.name) != getattr(getattr(new, s), f.name)]
+    a, b = _settings(old), _settings(new)
+    return [(name, a[name], b[name]) for name in a if a[name] != b[name]]

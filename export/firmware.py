@@ -10,8 +10,8 @@ Contract:
 - ``simulate(run_dir, ram, samples)`` is ``asge-edge simulate``: it exports the run's
   Best-Pred exit to C and to ONNX (under RUN_DIR/firmware), refuses a model whose arena
   exceeds ``ram`` (exit 2), runs ``samples`` test images, evenly spaced over the test split
-  (data.spread), through fsim and ONNX Runtime, and reports accuracy, the max abs difference, the arena and flash bytes and
-  the microseconds per image.
+  (data.spread), through fsim and ONNX Runtime, and reports accuracy, the max abs
+  difference, the arena and flash bytes and the microseconds per image.
 """
 
 from __future__ import annotations
