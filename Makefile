@@ -11,7 +11,7 @@ CMAKE := /usr/bin/cmake
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO_OUT ?= runs/demo
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-compat bench clean
 
 install: $(STAMP) $(FMNIST) $(CMAKE)
 
@@ -41,8 +41,19 @@ demo: install
 test: install
 	$(PY) -m pytest -q
 
+# The suite on the oldest torch the code supports: 2.11, the GPU machines' version (with its
+# torchvision, 0.26), in a venv of its own; the other dependencies are pyproject.toml's.
+COMPAT_VENV := .venv-torch2.11
+COMPAT_TORCH := torch==2.11.0 torchvision==0.26.0
+COMPAT_DEPS = $(shell $(PYTHON) -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+	print(' '.join([d for d in p['dependencies'] if not d.startswith('torch')] + p['optional-dependencies']['export'] + p['optional-dependencies']['dev']))")
+test-compat: $(FMNIST) $(CMAKE)
+	[ -x $(COMPAT_VENV)/bin/python ] || $(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/pip install -q $(COMPAT_TORCH) $(COMPAT_DEPS)
+	PYTHONPATH=$(CURDIR) $(COMPAT_VENV)/bin/python -m pytest -q
+
 bench: install
 	$(PY) bench/step_time.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(COMPAT_VENV) build *.egg-info .pytest_cache
