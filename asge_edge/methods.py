@@ -302,18 +302,19 @@ class ASGEMethod(Method):
         correct = torch.zeros(n, device=x.device)
         ys = y.split(size)
         with torch.no_grad():
-            hs = [self.conv_input(self.net.normalize(xm)).to(off.park_device) for xm in x.split(size)]   # M x (b, C0, H, W)
+            hs = [off.to_park(self.conv_input(self.net.normalize(xm))) for xm in x.split(size)]   # M x (b, C0, H, W)
         feats: list[torch.Tensor | None] = [None] * n          # L x (B, C_l), made as layers run
         for i, layer in enumerate(self.net.layers):
             name = f"layer{i + 1}"
             off.load(layer, self.optimizers[name])
             outs = []
             for j, (h, ym) in enumerate(zip(hs, ys)):
-                h_next, feat, loss_sum, hits = self.layer_backward(i, h.to(x.device), ym, len(ym) / total)
+                h_next, feat, loss_sum, hits = self.layer_backward(i, off.to_compute(h), ym, len(ym) / total)
                 losses[i] += loss_sum
                 correct[i] += hits
                 _keep_features(feats, i, j * size, feat, len(y))
-                outs.append(h_next.to(off.park_device))        # b, C, H', W'
+                if i + 1 < n:   # the last layer's output has no reader: only its GAP is kept
+                    outs.append(off.to_park(h_next))           # b, C, H', W'
             self._reduce(layer.parameters())
             self.step(name)
             off.park(layer, self.optimizers[name])

@@ -4,7 +4,9 @@ Contract: ``Offloader(park, compute)`` moves an ASGE layer's parameters, buffers
 optimiser state between a parking device (host memory) and the compute device:
 ``load`` before the layer trains, ``park`` after its optimiser has stepped (its gradients
 are gone by then). The Parameter objects stay the same, so optimisers keep their state
-keyed by them. ``streaming(net)`` does the same for inference, with module hooks: each
+keyed by them. Activations that wait between layers cross with ``to_park`` and
+``to_compute``: every byte a schedule moves goes through this class (bench/offload.py
+counts them). ``streaming(net)`` does the same for inference, with module hooks: each
 layer is loaded just before its forward and parked right after it.
 
 With offloading the device holds one layer's weights, gradients and optimiser state plus
@@ -55,6 +57,14 @@ class Offloader:
     def park(self, module: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Send a layer and its optimiser state back to the parking device."""
         self._move(module, optimizer, self.park_device)
+
+    def to_park(self, t: torch.Tensor) -> torch.Tensor:
+        """A tensor (an activation waiting between layers) on the parking device."""
+        return t.to(self.park_device)
+
+    def to_compute(self, t: torch.Tensor) -> torch.Tensor:
+        """A parked tensor on the compute device."""
+        return t.to(self.compute_device)
 
     @contextmanager
     def streaming(self, layers: nn.ModuleList) -> Iterator[None]:

@@ -1,0 +1,72 @@
+"""bench/offload.py's baseline and byte counts: the figures in docs/BENCHMARKS.md rest on them.
+
+- OffloadedBP, with the logical batch in one micro-batch, is methods.BPMethod to the bit;
+- the counted bytes follow each schedule: ASGE's layer-major schedule moves the same bytes
+  whatever the micro-batch, BP's weight streaming grows by 2 W + G per extra micro-batch;
+- the simulated device copies leave ASGE's update unchanged.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+from offload import OffloadedBP, SimulatedOffloader, measure  # noqa: E402
+from workload import make_batch, make_net  # noqa: E402
+
+from asge_edge.config import ModelConfig, TrainConfig  # noqa: E402
+from asge_edge.methods import ASGEMethod, BPMethod  # noqa: E402
+
+SHAPE, CFG = (1, 16, 16), ModelConfig(width=0.125)
+
+
+def test_offloaded_bp_in_one_micro_batch_is_bp():
+    x, y = make_batch(12, SHAPE)
+    bp = BPMethod(make_net(CFG, SHAPE), TrainConfig(method="bp"))
+    off = OffloadedBP(make_net(CFG, SHAPE), TrainConfig(method="bp"), 12, SimulatedOffloader())
+    for _ in range(2):
+        a, b = bp.train_step(x, y), off.train_step(x, y)
+    assert torch.equal(a.head_loss[0], b.head_loss[0])
+    for (k, v), w in zip(bp.net.state_dict().items(), off.net.state_dict().values()):
+        assert torch.equal(v, w), k
+
+
+def _moved(method_for, micro_batch: int) -> tuple[int, int]:
+    x, y = make_batch(12, SHAPE)
+    off = SimulatedOffloader()
+    row = measure("", method_for(micro_batch, off), off, x, y)
+    return row["moved"], row["peak"]
+
+
+def _asge(micro_batch, off):
+    method = ASGEMethod(make_net(CFG, SHAPE), TrainConfig())
+    method.micro_batch, method.offloader = micro_batch, off
+    return method
+
+
+def _bp(micro_batch, off):
+    return OffloadedBP(make_net(CFG, SHAPE), TrainConfig(method="bp"), micro_batch, off)
+
+
+def test_byte_counts_follow_each_schedule():
+    net = make_net(CFG, SHAPE)
+    w = sum(p.numel() * p.element_size() for layer in net.layers for p in layer.conv.parameters())
+    asge_3, _ = _moved(_asge, 4)    # 3 micro-batches
+    asge_12, _ = _moved(_asge, 1)   # 12
+    assert asge_3 == asge_12        # each layer once per logical batch; the activations, whatever their split
+    bp_3, _ = _moved(_bp, 4)
+    bp_12, _ = _moved(_bp, 1)
+    assert bp_12 - bp_3 == 9 * 3 * w   # 9 more micro-batches, each: weights in twice, gradient out once
+    assert bp_12 > asge_12
+
+
+def test_device_copies_leave_asge_unchanged():
+    x, y = make_batch(12, SHAPE)
+    plain, offloaded = _asge(5, None), _asge(5, SimulatedOffloader())
+    for _ in range(2):
+        plain.train_step(x, y)
+        offloaded.train_step(x, y)
+    for (k, v), w in zip(plain.net.state_dict().items(), offloaded.net.state_dict().values()):
+        assert torch.equal(v, w), k
