@@ -10,8 +10,8 @@ that fit, for speed), and at the smallest budget the planner admits (a micro-bat
 the floor of its memory.
 The fair baseline is BP with per-layer gradient checkpointing and gradient accumulation
 in micro-batches. It keeps all weights, gradients and optimiser state resident, so it can
-only approach a budget as small as its state, and going below that would need weight
-offloading on top. That variant lives here, as a baseline only, not in the product.
+only approach a budget as small as its state; going below that needs weight offloading on
+top, which bench/offload.py measures. These baselines live in bench/, not in the product.
 
 Every row is measured in this one run, side by side, with memory.measure_step (live tensor
 bytes on the CPU, CUDA peak statistics on a GPU; see its docstring for what is and is not
