@@ -294,7 +294,8 @@ class ASGEMethod(Method):
 
     def _layer_major_step(self, x: torch.Tensor, y: torch.Tensor, off: Offloader) -> StepStats:
         """The same update, layer by layer: layer l is loaded, trains on every micro-batch,
-        steps and is parked before layer l+1 is loaded. The micro-batches' inputs and outputs
+        steps (its optimiser state loaded for the step alone) and is parked before layer l+1
+        is loaded. The micro-batches' inputs and outputs
         wait on the parking device between layers, so each layer crosses to the compute
         device once per logical batch, not once per micro-batch."""
         n, total, size = len(self.net.layers), self._total(len(y)), self.micro_batch or len(y)
@@ -306,7 +307,7 @@ class ASGEMethod(Method):
         feats: list[torch.Tensor | None] = [None] * n          # L x (B, C_l), made as layers run
         for i, layer in enumerate(self.net.layers):
             name = f"layer{i + 1}"
-            off.load(layer, self.optimizers[name])
+            off.load(layer)   # its optimiser state follows for the step alone
             outs = []
             for j, (h, ym) in enumerate(zip(hs, ys)):
                 h_next, feat, loss_sum, hits = self.layer_backward(i, off.to_compute(h), ym, len(ym) / total)
@@ -316,6 +317,7 @@ class ASGEMethod(Method):
                 if i + 1 < n:   # the last layer's output has no reader: only its GAP is kept
                     outs.append(off.to_park(h_next))           # b, C, H', W'
             self._reduce(layer.parameters())
+            off.load_state(layer, self.optimizers[name])
             self.step(name)
             off.park(layer, self.optimizers[name])
             hs = outs

@@ -9,10 +9,12 @@ keyed by them. Activations that wait between layers cross with ``to_park`` and
 counts them). ``streaming(net)`` does the same for inference, with module hooks: each
 layer is loaded just before its forward and parked right after it.
 
-With offloading the device holds one layer's weights, gradients and optimiser state plus
-one micro-batch's activations; ``ASGEMethod`` then runs its layer-major schedule, which
-keeps the logical batch's layer-boundary activations on the host as well
-(``methods.ASGEMethod.train_step``). Park and compute may be the same device: nothing then
+With offloading the device holds one layer's weights and gradients plus one micro-batch's
+activations, and, for the layer's optimiser step only, its optimiser state (``load_state``);
+``ASGEMethod`` then runs its layer-major schedule, which keeps the logical batch's
+layer-boundary activations on the host as well (``methods.ASGEMethod.train_step``). The
+planner counts the optimiser state beside the activations all the same: for ``--offload``
+its plan is an upper bound. Park and compute may be the same device: nothing then
 moves, and the schedule still runs, which is how the CPU tests exercise it.
 
 Not yet run on a GPU (the sessions that wrote it had none): host copies are plain
@@ -42,6 +44,12 @@ class Offloader:
         """``module.to(target)`` and the same for its optimiser state. Module.to swaps each
         parameter's storage in place (CPU <-> CUDA), so the optimiser's keys stay valid."""
         module.to(target)
+        Offloader._move_state(module, optimizer, target)
+
+    @staticmethod
+    def _move_state(module: nn.Module, optimizer: torch.optim.Optimizer | None,
+                    target: torch.device | torch.dtype) -> None:
+        """The optimiser state of ``module``'s parameters to ``target``."""
         if optimizer is None:
             return
         for p in module.parameters():
@@ -53,6 +61,11 @@ class Offloader:
     def load(self, module: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Bring a layer and its optimiser state to the compute device."""
         self._move(module, optimizer, self.compute_device)
+
+    def load_state(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Bring a loaded layer's optimiser state to the compute device, for its step: what
+        comes before the step needs the weights alone."""
+        self._move_state(module, optimizer, self.compute_device)
 
     def park(self, module: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Send a layer and its optimiser state back to the parking device."""

@@ -86,6 +86,12 @@ class SimulatedOffloader(Offloader):
         self.loaded[id(module)] = n
         super().load(module, optimizer)
 
+    def load_state(self, module, optimizer):
+        n = _storage_bytes(_layer_tensors(module, optimizer)) - _storage_bytes(_layer_tensors(module, None))
+        self.moved += n
+        self.loaded[id(module)] += n
+        super().load_state(module, optimizer)
+
     def park(self, module, optimizer=None):
         self.moved += _storage_bytes(_layer_tensors(module, optimizer))
         self.loaded.pop(id(module))

@@ -84,6 +84,39 @@ def test_inference_streaming_loads_one_layer_at_a_time():
     assert torch.equal(plain.fusion, streamed.fusion)
 
 
+class _StateRecorder(Offloader):
+    """Records loads (and whether they bring optimiser state), state loads, forwards and parks."""
+
+    def __init__(self):
+        super().__init__(CPU, CPU)
+        self.events = []
+
+    def load(self, module, optimizer=None):
+        self.events.append(("load", module.spec.index, optimizer is not None))
+        super().load(module, optimizer)
+
+    def load_state(self, module, optimizer):
+        self.events.append(("state", module.spec.index))
+        super().load_state(module, optimizer)
+
+    def park(self, module, optimizer=None):
+        self.events.append(("park", module.spec.index, optimizer is not None))
+        super().park(module, optimizer)
+
+
+def test_training_brings_a_layers_optimiser_state_for_its_step_only():
+    net = _net()
+    rec = _StateRecorder()
+    method = ASGEMethod(net, TrainConfig())
+    method.micro_batch, method.offloader = 7, rec
+    for layer in net.layers:
+        layer.register_forward_pre_hook(lambda m, _args: rec.events.append(("forward", m.spec.index)))
+    method.train_step(torch.rand(20, 1, 16, 16), torch.randint(4, (20,)))   # 3 micro-batches
+    expected = [e for i in range(1, len(net.layers) + 1)
+                for e in [("load", i, False), *[("forward", i)] * 3, ("state", i), ("park", i, True)]]
+    assert rec.events == expected
+
+
 def test_offload_on_cpu_is_refused(capsys, tmp_path):
     assert main(["train", *TINY_RUN, "--device", "cpu", "--offload", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
