@@ -6,8 +6,9 @@ optimiser state between a parking device (host memory) and the compute device:
 are gone by then). The Parameter objects stay the same, so optimisers keep their state
 keyed by them. Activations that wait between layers cross with ``to_park`` and
 ``to_compute``: every byte a schedule moves goes through this class (bench/offload.py
-counts them). ``streaming(net)`` does the same for inference, with module hooks: each
-layer is loaded just before its forward and parked right after it.
+counts them). ``streaming(net)`` serves inference, with module hooks: each layer is
+loaded just before its forward, and its device copy is dropped right after it (``drop``:
+the weights did not change, so the host's tensors are put back and nothing is copied).
 
 With offloading the device holds one layer's weights and gradients plus one micro-batch's
 activations, and, for the layer's optimiser step only, its optimiser state (``load_state``);
@@ -30,6 +31,16 @@ import torch
 import torch.nn as nn
 
 from .errors import UserError
+
+
+# Where a module's tensors are: (parameter, its data) pairs and (owner, name, buffer) triples.
+HostTensors = tuple[list[tuple[nn.Parameter, torch.Tensor]], list[tuple[nn.Module, str, torch.Tensor]]]
+
+
+def host_tensors(module: nn.Module) -> HostTensors:
+    """Each parameter's data and each buffer of ``module`` as they are now, for ``Offloader.drop``."""
+    return ([(p, p.data) for p in module.parameters()],
+            [(owner, name, buf) for owner in module.modules() for name, buf in owner.named_buffers(recurse=False)])
 
 
 class Offloader:
@@ -79,18 +90,40 @@ class Offloader:
         """A parked tensor on the compute device."""
         return t.to(self.compute_device)
 
+    @staticmethod
+    def drop(module: nn.Module, host: HostTensors) -> None:
+        """Drop a loaded layer's device copy and put back the tensors it had on the host,
+        ``host`` (``host_tensors`` before ``load``), where its weights have not changed: in
+        place of ``park``, nothing is copied back."""
+        params, buffers = host
+        for p, data in params:
+            p.data = data
+        for owner, name, buf in buffers:
+            setattr(owner, name, buf)
+
     @contextmanager
     def streaming(self, layers: nn.ModuleList) -> Iterator[None]:
-        """Within the block, each layer is on the compute device only while it runs forward."""
-        hooks = []
+        """Within the block, each layer is on the compute device only while it runs forward,
+        then its copy there is dropped (``drop``): inference moves each layer one way. The
+        host tensors come back as they were, so a copy made under torch.inference_mode, as
+        evaluation's are, never becomes a layer's host weights: inference tensors, which
+        autograd refuses to save for backward. (Training loads a fresh copy of each layer
+        before it runs, so it would not meet them; code that used parked weights directly would.)"""
+        hooks, host = [], {}
+
+        def load(m: nn.Module, _args) -> None:
+            host[m] = host_tensors(m)
+            self.load(m)
+
         for layer in layers:
-            hooks.append(layer.register_forward_pre_hook(lambda m, _args: self.load(m)))
-            hooks.append(layer.register_forward_hook(lambda m, _args, _out: self.park(m)))
+            hooks.append(layer.register_forward_pre_hook(load))
+            hooks.append(layer.register_forward_hook(lambda m, _args, _out: self.drop(m, host.pop(m))))
         try:
             yield
         finally:
             for h in hooks:
                 h.remove()
+
 
 
 def make_offloader(offload: bool, device: torch.device) -> Offloader | None:
