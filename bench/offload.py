@@ -23,7 +23,7 @@ show what recomputation costs, not what the transfers would.
 
 The baseline, ``OffloadedBP``, is the fair one at its cheapest: a layer's weights come
 to the device for its forward and its backward and are then dropped, not sent back (they
-have not changed); its gradient goes out once per micro-batch into a host accumulator (not
+have not changed: ``Offloader.drop``, as the product's inference streaming does); its gradient goes out once per micro-batch into a host accumulator (not
 in and out); and the Last head and the boundary activations stay on the device. With the whole
 logical batch as one micro-batch it computes methods.BPMethod's update to the bit
 (tests/test_bench.py); smaller micro-batches change one thing, the Last head's batch
@@ -51,7 +51,7 @@ from asge_edge.config import ModelConfig, TrainConfig
 from asge_edge.memory import LiveTensorBytes
 from asge_edge.methods import HEADS, ASGEMethod, Method, StepStats, make_optimizer
 from asge_edge.models import ASGENet, gap
-from asge_edge.offload import Offloader
+from asge_edge.offload import Offloader, host_tensors
 from rounds import alternate
 from workload import add_args, make_batch, make_net
 
@@ -97,10 +97,9 @@ class SimulatedOffloader(Offloader):
         self.loaded.pop(id(module))
         super().park(module, optimizer)
 
-    def drop(self, module):
-        """Free a loaded layer's device copy without moving it back: its weights did not
-        change, so the host's copy is still good (BP's forward and backward visits)."""
-        self.loaded.pop(id(module))
+    def drop(self, module, host):
+        self.loaded.pop(id(module))   # nothing moves back
+        super().drop(module, host)
 
     def to_park(self, t):
         n = t.untyped_storage().nbytes()
@@ -144,9 +143,10 @@ class OffloadedBP(Method):
             with torch.no_grad():
                 hs = [self.net.normalize(xm)]                          # L+1 boundary activations, kept on the device
                 for layer in layers:
-                    off.load(layer.conv)                                # BP has no use for the projection
+                    host = host_tensors(layer.conv)                     # BP has no use for the projection
+                    off.load(layer.conv)
                     hs.append(layer.transition(layer.activate(hs[-1])))   # b, C, H', W'
-                    off.drop(layer.conv)
+                    off.drop(layer.conv, host)                          # unchanged: nothing goes back
             top = hs[-1].requires_grad_()
             loss = F.cross_entropy(self.net.last_head(gap(top)), ym)    # the Last head stays on the device
             (loss * (len(ym) / len(y))).backward()
@@ -154,13 +154,14 @@ class OffloadedBP(Method):
             grad = top.grad                                             # b, C_L, H', W'
             for i in reversed(range(len(layers))):
                 layer, h = layers[i], hs[i].requires_grad_(i > 0)       # layer 1's input needs no gradient
+                host = host_tensors(layer.conv)
                 off.load(layer.conv)
                 layer.transition(layer.activate(h)).backward(grad)     # recomputed, then its backward
                 grad, hs[i + 1] = h.grad, None
                 for acc, p in zip(self.host_grads[i], layer.conv.parameters()):
                     acc.add_(off.to_park(p.grad))
                     p.grad = None
-                off.drop(layer.conv)
+                off.drop(layer.conv, host)
         for i, layer in enumerate(layers):                             # once the logical batch is through
             name = f"layer{i + 1}"
             for acc, p in zip(self.host_grads[i], layer.conv.parameters()):
