@@ -69,9 +69,10 @@ class Offloader:
                 if isinstance(v, torch.Tensor):
                     state[k] = v.to(target)
 
-    def load(self, module: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Bring a layer and its optimiser state to the compute device."""
-        self._move(module, optimizer, self.compute_device)
+    def load(self, module: nn.Module) -> None:
+        """Bring a layer (weights, gradients, buffers) to the compute device; its optimiser
+        state follows for its step alone (``load_state``)."""
+        self._move(module, None, self.compute_device)
 
     def load_state(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Bring a loaded layer's optimiser state to the compute device, for its step: what

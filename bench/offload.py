@@ -62,12 +62,17 @@ def _storage_bytes(tensors) -> int:
     return sum(t.untyped_storage().nbytes() for t in tensors if t is not None)
 
 
-def _layer_tensors(module: nn.Module, optimizer: torch.optim.Optimizer | None) -> list[torch.Tensor]:
-    """What Offloader._move moves: parameters, their gradients, buffers and optimiser state."""
+def _module_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """What Offloader.load moves: parameters, their gradients and buffers."""
     params = list(module.parameters())
-    state = [] if optimizer is None else [v for p in params for v in optimizer.state.get(p, {}).values()
-                                          if isinstance(v, torch.Tensor)]
-    return [*params, *(p.grad for p in params if p.grad is not None), *module.buffers(), *state]
+    return [*params, *(p.grad for p in params if p.grad is not None), *module.buffers()]
+
+
+def _state_tensors(module: nn.Module, optimizer: torch.optim.Optimizer | None) -> list[torch.Tensor]:
+    """What Offloader.load_state moves: the optimiser state of ``module``'s parameters."""
+    if optimizer is None:
+        return []
+    return [v for p in module.parameters() for v in optimizer.state.get(p, {}).values() if isinstance(v, torch.Tensor)]
 
 
 class SimulatedOffloader(Offloader):
@@ -80,20 +85,20 @@ class SimulatedOffloader(Offloader):
         self.loaded = {}         # id(module) -> bytes it brought to the device
         self.parked = 0          # bytes of tensors created in the step that now wait on the host
 
-    def load(self, module, optimizer=None):
-        n = _storage_bytes(_layer_tensors(module, optimizer))
+    def load(self, module):
+        n = _storage_bytes(_module_tensors(module))
         self.moved += n
         self.loaded[id(module)] = n
-        super().load(module, optimizer)
+        super().load(module)
 
     def load_state(self, module, optimizer):
-        n = _storage_bytes(_layer_tensors(module, optimizer)) - _storage_bytes(_layer_tensors(module, None))
+        n = _storage_bytes(_state_tensors(module, optimizer))
         self.moved += n
         self.loaded[id(module)] += n
         super().load_state(module, optimizer)
 
     def park(self, module, optimizer=None):
-        self.moved += _storage_bytes(_layer_tensors(module, optimizer))
+        self.moved += _storage_bytes(_module_tensors(module) + _state_tensors(module, optimizer))
         self.loaded.pop(id(module))
         super().park(module, optimizer)
 
@@ -166,7 +171,8 @@ class OffloadedBP(Method):
             name = f"layer{i + 1}"
             for acc, p in zip(self.host_grads[i], layer.conv.parameters()):
                 p.grad = acc
-            off.load(layer.conv, self.optimizers[name])
+            off.load(layer.conv)                                        # weights and gradient
+            off.load_state(layer.conv, self.optimizers[name])
             self.step(name)
             off.park(layer.conv, self.optimizers[name])
             for acc in self.host_grads[i]:
@@ -180,7 +186,7 @@ class OffloadedBP(Method):
 def batch_state(method: Method, x: torch.Tensor, y: torch.Tensor) -> int:
     """The logical batch's own bytes: input, labels, and the heads' weights, buffers and state."""
     heads = [(getattr(method.net, f"{n}_head"), method.optimizers[n]) for n in HEADS if n in method.optimizers]
-    return _storage_bytes([x, y]) + sum(_storage_bytes(_layer_tensors(h, opt)) for h, opt in heads)
+    return _storage_bytes([x, y]) + sum(_storage_bytes(_module_tensors(h) + _state_tensors(h, opt)) for h, opt in heads)
 
 
 def measure(label: str, method: Method, off: SimulatedOffloader, x, y) -> dict:

@@ -65,9 +65,9 @@ class _Recorder(Offloader):
         super().__init__(CPU, CPU)
         self.events = []
 
-    def load(self, module, optimizer=None):
+    def load(self, module):
         self.events.append(("load", module.spec.index))
-        super().load(module, optimizer)
+        super().load(module)
 
     def park(self, module, optimizer=None):
         self.events.append(("park", module.spec.index))
@@ -112,15 +112,15 @@ def test_dropping_a_copy_made_under_inference_mode_leaves_the_layer_trainable():
 
 
 class _StateRecorder(Offloader):
-    """Records loads (and whether they bring optimiser state), state loads, forwards and parks."""
+    """Records loads, state loads, forwards and parks (and whether they take optimiser state)."""
 
     def __init__(self):
         super().__init__(CPU, CPU)
         self.events = []
 
-    def load(self, module, optimizer=None):
-        self.events.append(("load", module.spec.index, optimizer is not None))
-        super().load(module, optimizer)
+    def load(self, module):
+        self.events.append(("load", module.spec.index))
+        super().load(module)
 
     def load_state(self, module, optimizer):
         self.events.append(("state", module.spec.index))
@@ -140,7 +140,7 @@ def test_training_brings_a_layers_optimiser_state_for_its_step_only():
         layer.register_forward_pre_hook(lambda m, _args: rec.events.append(("forward", m.spec.index)))
     method.train_step(torch.rand(20, 1, 16, 16), torch.randint(4, (20,)))   # 3 micro-batches
     expected = [e for i in range(1, len(net.layers) + 1)
-                for e in [("load", i, False), *[("forward", i)] * 3, ("state", i), ("park", i, True)]]
+                for e in [("load", i), *[("forward", i)] * 3, ("state", i), ("park", i, True)]]
     assert rec.events == expected
 
 
