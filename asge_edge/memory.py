@@ -1,43 +1,52 @@
 """Measuring the training working set: CUDA peak statistics, or live tensor bytes on the CPU.
 
 Contract: ``measure_step(method, x, y)`` runs one training step and returns the peak
-bytes of its working set, the quantity the planner (planner.py) bounds:
+bytes of its working set, per phase and over the step: the quantity the planner
+(planner.py) bounds, per layer and over the step:
     the active layer's state (weights, gradients, optimiser state, fixed projection)
   + the activations and temporaries in flight
   + the logical batch's own state (input batch, labels, GAP features, and the heads'
     weights, running statistics and optimiser state).
 Inactive layers' weights, gradients and optimiser state are parked, and are not counted.
 
-How it is measured (``measured_by`` in summary.json):
-- ``cuda-peak-stats``: torch.cuda.max_memory_allocated over the step, less what was
-  allocated before it, plus the batch and the largest device-resident layer's state (with
-  --offload, layers arrive during the step, so the peak already holds the active one).
-  This counts every tensor the caching allocator handed out, cuDNN workspaces included.
-  It has not been run yet (no GPU in the sessions that wrote it).
-- ``cpu-live-tensors``: a TorchDispatchMode sees every tensor that an aten op creates
-  during the step (forward, backward, optimiser) and tracks its storage until the last
-  tensor on it dies; in-place results and views of tensors that predate the step are not
-  new allocations. At each op it adds up the live storages, less the gradients of the
-  layers that are not training (parked), plus the active layer's weights, projection
-  and optimiser state (which predate the step, so they are counted directly from the
-  tensors). Hooks say which layer is active (it runs forward, or its optimiser steps).
-  The peak over the step is reported, plus the batch's own state. Not counted: oneDNN's
-  private scratch buffers, the allocator's free-but-cached memory, and Python objects.
-  So this measures tensor bytes, not the process's resident set size. How much that
-  leaves out is measured by bench/rss_vs_tracked.py: with malloc caching nothing, the
-  resident set grows over a step by the tracked bytes to within 0.3 MB (docs/BENCHMARKS.md).
+The step is measured in phases: layer l's phase runs from its forward (or its
+optimiser's step) to the next layer's, over every micro-batch (layer 1's from the step's
+start: its first work is layer 1's input), and the heads' phase follows the last layer's step. Hooks on the layers, their
+optimisers and the Last head mark the boundaries. Within a phase the parked bytes do not
+change, so each phase's peak is what a counter saw at its highest, less the parked layers'
+gradients, plus the active layer's weights, projection and optimiser state where they
+predate the step on the measured device (the counters see only what the step allocates),
+plus the batch's own state. ``Measurement`` holds the peak of every phase and their
+maximum, the step's peak; train.py writes both into summary.json beside the plan's.
+
+The counters (``measured_by`` in summary.json):
+- ``cuda-peak-stats``: torch.cuda.memory_allocated since the step began, its peak read
+  and reset with torch.cuda peak statistics at each phase boundary (CudaAllocated). This
+  counts every tensor the caching allocator handed out, cuDNN workspaces included. With
+  --offload the layers arrive during the step, so the counter already holds the active
+  one. It has not been run yet (no GPU in the sessions that wrote it); the phase logic
+  around it is the CPU's, which the tests run.
+- ``cpu-live-tensors``: a TorchDispatchMode (LiveTensorBytes) sees every tensor that an
+  aten op creates during the step (forward, backward, optimiser) and tracks its storage
+  until the last tensor on it dies; in-place results and views of tensors that predate
+  the step are not new allocations. Not counted: oneDNN's private scratch buffers, the
+  allocator's free-but-cached memory, and Python objects. So this measures tensor bytes,
+  not the process's resident set size. How much that leaves out is measured by
+  bench/rss_vs_tracked.py: with malloc caching nothing, the resident set grows over a
+  step by the tracked bytes to within 0.3 MB (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from .methods import HEADS
+from .methods import HEADS, StepStats
 
 
 def _nbytes(tensors) -> int:
@@ -68,6 +77,11 @@ class LiveTensorBytes(TorchDispatchMode):
         self.peak = max(self.peak, self.current + self.adjust())
         return out
 
+    def take_peak(self) -> int:
+        """The peak since the last call (or since the start); the next one starts from now."""
+        peak, self.peak = self.peak, self.current + self.adjust()
+        return peak
+
     def _track(self, t: torch.Tensor, inputs: set[int]) -> None:
         storage = t.untyped_storage()
         ptr, n = storage.data_ptr(), storage.nbytes()
@@ -90,6 +104,42 @@ class LiveTensorBytes(TorchDispatchMode):
             self.current -= entry[0]
 
 
+class CudaAllocated:
+    """The CUDA caching allocator's view of the same quantity as LiveTensorBytes: bytes
+    allocated on ``device`` since this object was made, and their peak since the last
+    ``take_peak`` (torch.cuda peak statistics, which need no synchronisation: the allocator
+    counts on the host, as ops are queued)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def __enter__(self) -> "CudaAllocated":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def take_peak(self) -> int:
+        peak = torch.cuda.max_memory_allocated(self.device) - self.base
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return peak
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """The working set of one measured step: its peak, how it was measured, and the peak of
+    each phase: ``layers[i]`` while layer i+1 was the active one (its input, forward,
+    backward and optimiser step, over every micro-batch), ``heads`` in the heads' phase.
+    An end-to-end method (BP) has no phases: ``layers`` is empty and ``heads`` None."""
+
+    peak: int
+    measured_by: str
+    layers: tuple[int, ...] = ()
+    heads: int | None = None
+
+
 def _state(module: torch.nn.Module, opt: torch.optim.Optimizer) -> list[torch.Tensor]:
     """Tensors of ``module`` that exist before a step: weights, buffers (a layer's projection,
     a head's running statistics), and ``opt``'s state for its parameters."""
@@ -97,63 +147,85 @@ def _state(module: torch.nn.Module, opt: torch.optim.Optimizer) -> list[torch.Te
     return [*module.parameters(), *module.buffers(), *state]
 
 
-def measure_step(method, x: torch.Tensor, y: torch.Tensor):
-    """Run ``method.train_step(x, y)``; return (its StepStats, (peak working-set bytes, how measured)).
+def measure_step(method, x: torch.Tensor, y: torch.Tensor) -> tuple[StepStats, Measurement]:
+    """Run ``method.train_step(x, y)``; return its StepStats and the Measurement of its working set.
 
-    For a streaming method (one optimiser per layer) the active layer is tracked with
-    hooks: a layer becomes active when it runs forward or its optimiser steps, and no layer
-    is once its step is done (the heads' phase). The heads' state counts throughout, with
-    the batch's.
-    For an end-to-end method (BP) nothing is parked:
-    every weight and all optimiser state count. Call this after at least one step, so
-    that optimiser state already exists, with gradients cleared (every Method leaves them so).
+    For a streaming method (one optimiser per layer) the phases follow hooks: layer i's
+    begins when it runs forward or its optimiser steps (layer 1's at the step's start), and
+    the heads' when the Last head runs forward. Within a phase the parked bytes (the other
+    layers' gradients) do not change, so each phase's peak is read from the counter when it
+    ends, less them, plus the active layer's state where it predates the step. For an end-to-end method (BP) nothing
+    is parked: every weight and all optimiser state count. Call this after at least one
+    step, so that optimiser state already exists, with gradients cleared (every Method
+    leaves them so).
     """
     net = method.net
     n = len(net.layers)
+    counter = CudaAllocated(x.device) if x.device.type == "cuda" else LiveTensorBytes()
+    how = "cuda-peak-stats" if x.device.type == "cuda" else "cpu-live-tensors"
     streams = all(f"layer{i + 1}" in method.optimizers for i in range(n))
     if not streams:   # end-to-end methods: every weight and all optimiser state stay resident
         state = [v for opt in method.optimizers.values() for st in opt.state.values() for v in st.values()
                  if isinstance(v, torch.Tensor)]
         resident_all = _nbytes([*net.parameters(), *net.buffers(), *state])
-        return _measure_cpu_or_cuda(method, x, y, lambda: resident_all, [], _nbytes([x, y]), resident_all)
-    heads = [net.last_head, net.fusion_head]
-    batch_state = _nbytes([x, y]) + sum(_nbytes(_state(h, method.optimizers[name])) for h, name in zip(heads, HEADS))
-    resident = [_nbytes(_state(net.layers[i], method.optimizers[f"layer{i + 1}"])) for i in range(n)]
-    on_device = [r if net.layers[i].conv.weight.device == x.device else 0 for i, r in enumerate(resident)]
-
-    active = [None]   # index of the training layer; None between a layer's step and the next one's work
-    hooks = []
-    for i, layer in enumerate(net.layers):
-        opt = method.optimizers[f"layer{i + 1}"]
-        hooks.append(layer.register_forward_pre_hook(lambda *_, i=i: active.__setitem__(0, i)))
-        hooks.append(opt.register_step_pre_hook(lambda *_, i=i: active.__setitem__(0, i)))
-        hooks.append(opt.register_step_post_hook(lambda *_: active.__setitem__(0, None)))
+        with counter:
+            stats = method.train_step(x, y)
+        peak = counter.take_peak() + resident_all + _nbytes([x, y])
+        return stats, Measurement(peak, how)
+    batch_state = _nbytes([x, y]) + sum(_nbytes(_state(getattr(net, f"{name}_head"), method.optimizers[name]))
+                                        for name in HEADS)
+    # Each layer's state that predates the step and sits where it is measured: the counter
+    # sees only what the step allocates, so the active layer's is added. With --offload on
+    # a GPU the layers are parked on the host, arrive during the step, and the counter sees them.
+    resident = [_nbytes(_state(layer, method.optimizers[f"layer{i + 1}"]))
+                if layer.conv.weight.device == x.device else 0 for i, layer in enumerate(net.layers)]
     params = [list(layer.parameters()) for layer in net.layers]
 
-    def working_set_adjustment() -> int:
+    def working_set_adjustment(active: int | None) -> int:
         """Leave out the parked layers' gradients; add the active layer's pre-existing state."""
         grads = [_nbytes(p.grad for p in ps) for ps in params]
-        a = active[0]
-        return -(sum(grads) - (grads[a] if a is not None else 0)) + (resident[a] if a is not None else 0)
+        mine = 0 if active is None else resident[active] + grads[active]
+        return mine - sum(grads)
 
-    return _measure_cpu_or_cuda(method, x, y, working_set_adjustment, hooks, batch_state, max(on_device))
-
-
-def _measure_cpu_or_cuda(method, x, y, adjust, hooks, batch_state: int, resident: int):
-    """One step under CUDA peak stats or the live-tensor tracker; removes ``hooks`` after."""
+    phases = _Phases(counter, n, working_set_adjustment)
+    hooks = [net.last_head.register_forward_pre_hook(lambda *_: phases.enter(None))]   # the heads' phase
+    for i, layer in enumerate(net.layers):
+        hooks.append(layer.register_forward_pre_hook(lambda *_, i=i: phases.enter(i)))
+        hooks.append(method.optimizers[f"layer{i + 1}"].register_step_pre_hook(lambda *_, i=i: phases.enter(i)))
     try:
-        if x.device.type == "cuda":
-            torch.cuda.synchronize(x.device)
-            before = torch.cuda.memory_allocated(x.device)
-            torch.cuda.reset_peak_memory_stats(x.device)
+        with counter:
             stats = method.train_step(x, y)
-            torch.cuda.synchronize(x.device)
-            peak = torch.cuda.max_memory_allocated(x.device) - before + batch_state + resident
-            return stats, (peak, "cuda-peak-stats")
-        tracker = LiveTensorBytes(adjust)
-        with tracker:
-            stats = method.train_step(x, y)
-        return stats, (tracker.peak + batch_state, "cpu-live-tensors")
+            phases.close()
     finally:
         for h in hooks:
             h.remove()
+    layers = tuple(p + batch_state for p in phases.layers)
+    heads = phases.heads + batch_state
+    return stats, Measurement(max(*layers, heads), how, layers, heads)
+
+
+class _Phases:
+    """Per-phase peaks of a counter (LiveTensorBytes or CudaAllocated), each less the bytes
+    parked during it (``adjust(active)``, constant within a phase). A step opens in layer
+    1's phase: its first work is layer 1's input."""
+
+    def __init__(self, counter, n: int, adjust: Callable[[int | None], int]):
+        self.counter, self.adjust = counter, adjust
+        self.active: int | None = 0   # None: the heads' phase
+        self.layers = [0] * n
+        self.heads = 0
+
+    def enter(self, active: int | None) -> None:
+        """End the current phase if ``active`` (a layer's index, or None for the heads)
+        begins another."""
+        if active != self.active:
+            self.close()
+            self.active = active
+
+    def close(self) -> None:
+        """Record the current phase's peak; the counter's next peak starts from now."""
+        peak = self.counter.take_peak() + self.adjust(self.active)
+        if self.active is None:
+            self.heads = max(self.heads, peak)
+        else:
+            self.layers[self.active] = max(self.layers[self.active], peak)

@@ -291,8 +291,9 @@ class ASGENet(nn.Module):
 
     def heads(self, feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Last and Fusion logits from the per-layer GAP features, each (B, C_l)."""
+        last = self.last_head(feats[-1])   # B, N; first, so its hook opens the heads' phase (memory.measure_step)
         fused = torch.cat(feats[len(feats) - len(self.fusion_specs):], dim=1)   # B, sum C_l
-        return self.last_head(feats[-1]), self.fusion_head(fused)               # B, N ; B, N
+        return last, self.fusion_head(fused)                                    # B, N ; B, N
 
     def forward(self, x: torch.Tensor) -> NetOutput:
         h = self.normalize(x)                                   # B, C0, H, W

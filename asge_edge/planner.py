@@ -29,9 +29,11 @@ own weights, running statistics and optimiser state.
 Once every layer has stepped, the heads train on the whole logical batch's features
 (methods.ASGEMethod.heads_step), whatever the micro-batch: their phase, ``heads_bytes``,
 is batch_bytes plus the larger of their forward (Fusion's concatenated input, both heads'
-normalised inputs, both logits) and their backward (the normalised inputs that the
-Linear layers saved, five logit-sized tensors of the cross-entropy, the larger head's
-gradient and its optimiser temporaries), all per sample of the logical batch:
+normalised inputs and both logits, per sample of the logical batch, and the batch mean and
+inverse deviation that batch norm returns beside the larger head's output) and their
+backward (the normalised inputs that the Linear layers saved and five logit-sized tensors
+of the cross-entropy, per sample, and the larger head's gradient and its optimiser
+temporaries):
 
     planned peak = max(max_l layer phase_l + batch_bytes, heads_bytes)
 
@@ -42,25 +44,28 @@ Per-sample bytes of layer l. Every layer's input and output are held at the comp
 s (4 bytes in fp32, 2 under bf16/fp16), in which the convs read them (ASGELayer.exit,
 methods.Method.conv_input): ``in`` is C_in*H*W*s, ``act`` is C*H*W elements at width s,
 ``out`` is C*H'*W'*s (``out32`` the same in fp32, as LayerNorm makes it), and
-``g`` is the goodness, C*P*P fp32. Goodness squares and pooling energies are always fp32
+``g`` is the goodness, C*P*P fp32, and ``l`` the projection's N logits, fp32, which stay
+until the layer's backward is done. Goodness squares and pooling energies are always fp32
 (4 bytes); see asge.py. ``up`` is an fp32 copy of a (0 in fp32). The phases of ``ASGELayer.forward``
 (asge.conv_relu_goodness), ``ASGELayer.exit`` and ``ASGEMethod.layer_backward`` are:
-- forward: in + a + g, twice (before and after flattening), plus the 2x2 energy
+- forward: in + a + l + g, twice (before and after flattening), plus the 2x2 energy
   where the RMS pool shares the squares (LayerSpec.energy_window). The ReLU runs in place
   on the conv output. The squares never exist whole: asge.goodness_and_energy makes them
   ``energy_rows`` samples at a time in one buffer (squares_l above), of at most
   ENERGY_CHUNK_BYTES (one sample where a sample is larger), or an ENERGY_CHUNKS-th of
   the micro-batch where that is more.
-- exit (no autograd): where the energy is shared, after backward, in + g + the energy
+- exit (no autograd): where the energy is shared, after backward, in + g + l + the energy
   (each chunk of it becomes the RMS pool in place); otherwise before backward, in + a +
-  g; plus the exit's temporaries: out32 where the energy is shared; otherwise up and what
+  g + l; plus the exit's temporaries: out32 where the energy is shared; otherwise up and what
   the pool makes (pool_temps), then the pool's output beside out32, or up + out32 where
   the layer does not pool. In fp32 the exit is the whole batch's (per_sample_l
   holds it). Under mixed precision it is made rows_l(m) samples at a time: exit_l is the
   above before the temporaries, + out (the s-byte output being filled), and exit_chunk_l
   the temporaries, per sample of the chunk.
 - backward: in + a, which dL/dz overwrites in place, + g + the shared energy, which
-  waits, or else out (the next layer's input, made before) + dL/dg and its scale; plus,
+  waits, or else out (the next layer's input, made before) + dL/dg and its scale; l and
+  three more logit-sized tensors of the cross-entropy (its saved log-softmax, that
+  one's gradient and dL/dl); plus,
   where a later micro-batch adds its weight gradient in slices of channels
   (asge.grad_slice), the contiguous copy of one slice of dL/dz that the conv's weight
   gradient reads. Where P does not divide H and W (adaptive-pool patches), dL/dg is spread
@@ -181,10 +186,15 @@ class Plan:
         micros = sorted({even_micro_batch(self.batch, m) for m in range(1, self.batch + 1)}, reverse=True)
         return [(math.ceil(self.batch / m), m, self.peak_at(m)) for m in micros]
 
+    def layer_peaks(self) -> tuple[int, ...]:
+        """Planned peak of each layer's phase at the planned micro-batch, the batch's state
+        included (the phases memory.measure_step measures)."""
+        return tuple(lm.peak(self.micro_batch) + self.batch_bytes for lm in self.layers)
+
     def peak_layer(self) -> int | None:
         """1-based index of the layer whose phase sets the peak; None where the heads' does."""
-        costs = [lm.peak(self.micro_batch) for lm in self.layers]
-        if self.heads_bytes > max(costs) + self.batch_bytes:
+        costs = self.layer_peaks()
+        if self.heads_bytes > max(costs):
             return None
         return costs.index(max(costs)) + 1
 
@@ -230,7 +240,8 @@ def layer_memory(spec: LayerSpec, precision: str, optimizer: str) -> LayerMemory
     out, out32 = out_elements * s, out_elements * FP32               # the output as held, and as LayerNorm makes it
     good = spec.goodness_dim * FP32
     upcast = act * FP32 if s != FP32 else 0                           # a.float() under mixed precision
-    resident = inp + act * s + good                                   # input, the activation a, its goodness
+    logits = spec.num_classes * FP32                                  # the projection's logits, until the step ends
+    resident = inp + act * s + good + logits                          # input, the activation a, its goodness, logits
     fan_in = spec.in_channels * 9
     shared = out32 if spec.energy_window > 1 else 0                   # the RMS pool's 2x2 energy, from the goodness
     # The exit reads the shared energy (the RMS pool made in place) after backward, when a is
@@ -242,7 +253,7 @@ def layer_memory(spec: LayerSpec, precision: str, optimizer: str) -> LayerMemory
         exit_temps = max(upcast + pool_temps(spec.pool, act * FP32, out32), 2 * out32)
     else:
         exit_temps = upcast + out32
-    exit_base = (inp + good if shared else resident) + shared
+    exit_base = (inp + good + logits if shared else resident) + shared
     if s == FP32:
         transition, exit_, exit_chunk = exit_base + exit_temps, 0, 0
     else:   # a chunk of samples at a time, cast into the s-byte output (ASGELayer.exit)
@@ -250,7 +261,8 @@ def layer_memory(spec: LayerSpec, precision: str, optimizer: str) -> LayerMemory
     piece = grad_slice(spec.channels, fan_in)                         # output channels per gradient slice
     sliced = act * s * piece // spec.channels if piece < spec.channels else 0   # a dL/dz slice, copied
     forward = resident + good + shared
-    backward = resident + (shared or out) + 2 * good + sliced         # the energy waits, or the output
+    backward = (resident + (shared or out) + 2 * good + sliced       # the energy waits, or the output
+                + 3 * logits)                                         # log-softmax (saved), its gradient, dL/dlogits
     spread = 0 if spec.even_patches else act * FP32 + upcast          # adaptive-pool backward's chunk (+ a's cast)
     params = spec.channels * (fan_in + 1)
     half = params * s if s != FP32 else 0                             # the s-byte copy of the weights, saved for backward
@@ -274,7 +286,7 @@ def _batch_and_heads_bytes(specs: Sequence[LayerSpec], input_shape: tuple[int, i
     head_params = (last + 1) * n + (fusion_in + 1) * n
     head_state = head_params * FP32 * (1 + OPTIMIZER_STATE[optimizer]) + 2 * (last + fusion_in) * FP32
     batch_bytes = batch * (math.prod(input_shape) * PIXEL + 8 + feats * FP32) + head_state + SCALAR_BYTES
-    forward = batch * FP32 * (2 * fusion_in + last + 2 * n)
+    forward = batch * FP32 * (2 * fusion_in + last + 2 * n) + 2 * max(fusion_in, last) * FP32
     backward = (batch * FP32 * (fusion_in + last + 5 * n)
                 + (fusion_in + 1) * n * FP32 * (1 + OPTIMIZER_TEMPS[optimizer]))
     return batch_bytes, batch_bytes + max(forward, backward)

@@ -67,6 +67,17 @@ def memory_line(memory: dict[str, Any]) -> str:
             f"micro-batch {memory['micro_batch']} x {memory['accumulation_steps']}")
 
 
+def memory_table(memory: dict[str, Any]) -> str:
+    """summary.json's ``memory`` phases as a table: each phase's planned and measured peak.
+    A record written before phases were measured has none, and gives no table."""
+    lines = [f"{'phase':>8} {'planned':>12} {'measured':>12} {'measured/planned':>17}"]
+    for ph in memory.get("phases", []):
+        planned, measured = ph["planned_peak_bytes"], ph["measured_peak_bytes"]
+        lines.append(f"{ph['phase']:>8} {format_size(planned):>12} {format_size(measured):>12} "
+                     f"{measured / planned:>17.3f}")
+    return "\n".join(lines) if len(lines) > 1 else ""
+
+
 def sweep_table(plan: Plan) -> str:
     """The budget each number of accumulation steps needs (Plan.sweep), the plan's row marked."""
     lines = [f"{'steps':>5} {'micro-batch':>11} {'smallest budget':>31}"]

@@ -43,11 +43,11 @@ from .device import native_precision, resolve_device, resolve_precision, to_devi
 from .errors import Interrupted, UserError
 from .budget import format_size
 from .evaluate import Accuracy, best_layer, evaluate
-from .memory import measure_step
+from .memory import Measurement, measure_step
 from .methods import HEADS, ASGEMethod, Method, make_method
 from .offload import Offloader, make_offloader
 from .planner import BudgetTooSmall, Plan, plan_memory
-from .report import layer_table, memory_line, plot_layer_accuracy, read_metrics, write_metrics
+from .report import layer_table, memory_line, memory_table, plot_layer_accuracy, read_metrics, write_metrics
 from .schedule import cosine_lr
 
 OUTPUTS = (CONFIG_FILE, MODEL_FILE, STATE_FILE, "metrics.jsonl", "summary.json", "layer_accuracy.png")
@@ -134,12 +134,16 @@ def configure_streaming(cfg: RunConfig, method: Method, device: torch.device) ->
     return plan
 
 
-def _memory_record(plan: Plan, measured: tuple[int, str], budget: int | None, precision: str,
+def _memory_record(plan: Plan, measured: Measurement, budget: int | None, precision: str,
                    offload: bool) -> dict[str, Any]:
-    """summary.json's ``memory``: the plan beside the measured peak."""
+    """summary.json's ``memory``: the plan beside the measured peak, over the step and per phase."""
+    phases = [{"phase": f"layer {i + 1}", "planned_peak_bytes": p, "measured_peak_bytes": m}
+              for i, (p, m) in enumerate(zip(plan.layer_peaks(), measured.layers))]
+    phases.append({"phase": "heads", "planned_peak_bytes": plan.heads_bytes, "measured_peak_bytes": measured.heads})
     return {"budget_bytes": budget, "micro_batch": plan.micro_batch, "accumulation_steps": plan.accumulation_steps,
-            "precision": precision, "planned_peak_bytes": plan.planned_peak, "measured_peak_bytes": measured[0],
-            "measured_by": measured[1], "parked_bytes": plan.parked_bytes, "offload": offload}
+            "precision": precision, "planned_peak_bytes": plan.planned_peak, "measured_peak_bytes": measured.peak,
+            "measured_by": measured.measured_by, "parked_bytes": plan.parked_bytes, "offload": offload,
+            "phases": phases}
 
 
 @dataclass
@@ -417,5 +421,5 @@ def finish(out: Path, strategies: tuple[str, ...], history: list[dict[str, Any]]
         print(f"{images} training images in {progress['train_seconds']:.0f}s ({summary['images_per_second']:.0f} img/s); "
               f"outputs in {out}")
         if summary["memory"] is not None:
-            print(memory_line(summary["memory"]))
+            print("\n".join(filter(None, (memory_table(summary["memory"]), memory_line(summary["memory"])))))
     return summary

@@ -69,8 +69,8 @@ class CheckpointedBP(BPMethod):
 def measure(label: str, method, x, y) -> dict:
     """A row: one warm-up step (optimiser state now exists), then the measured peak."""
     method.train_step(x, y)
-    _, (peak, how) = measure_step(method, x, y)
-    return {"label": label, "method": method, "peak": peak, "how": how}
+    _, measured = measure_step(method, x, y)
+    return {"label": label, "method": method, "peak": measured.peak, "how": measured.measured_by}
 
 
 def time_rows(rows: list[dict], x, y, rounds: int) -> None:

@@ -1,10 +1,11 @@
 """Planned vs measured training working set, one streaming ASGE step per budget.
 
 Claim (issue 3): the planner's peak bounds the measured peak, so a run planned within a
-budget stays within it. Prints planned and measured bytes (memory.measure_step) for a
-range of budgets, down to the smallest the planner admits (where the layers' fixed bytes
-dominate, so an error in them shows), on the CPU-sized VGG8 and Fashion-MNIST's input
-shape by default. On the CPU it measures live tensor bytes; with ``--device cuda``, CUDA
+budget stays within it, and so does each phase's plan (each layer's, and the heads') bound
+that phase's measured peak. Prints planned and measured bytes (memory.measure_step), and
+the range of the phases' measured/planned ratios, for a range of budgets, down to the
+smallest the planner admits (where the layers' fixed bytes dominate, so an error in them
+shows), on the CPU-sized VGG8 and Fashion-MNIST's input shape by default. On the CPU it measures live tensor bytes; with ``--device cuda``, CUDA
 peak statistics, which also count what the planner does not model (cuDNN workspaces,
 the caching allocator's rounding): that run would say whether the plan holds on a GPU.
 It has not been run on one (no GPU in the sessions that wrote it). ``--alpha`` sets the
@@ -44,7 +45,8 @@ def main() -> None:
     x, y = to_device(*make_batch(a.batch_size, shape), device)
     method.train_step(x, y)   # optimiser state now exists, as in every later step
     print(f"vgg8 width {a.width}, alpha {a.alpha}, {a.pool} pool, input {a.input_shape}, batch {a.batch_size}, {precision}, {device}")
-    print(f"{'budget':>8} {'micro-batch':>12} {'planned':>10} {'measured':>10} {'measured/planned':>17}")
+    print(f"{'budget':>8} {'micro-batch':>12} {'planned':>10} {'measured':>10} {'measured/planned':>17} "
+          f"{'phases, measured/planned':>25}")
     floor = plan_memory(net.specs, shape, a.batch_size, None, precision).min_budget
     budgets = [(text, None if text == "none" else parse_size(text)) for text in BUDGETS] + [("smallest", floor)]
     for text, budget in budgets:
@@ -54,9 +56,10 @@ def main() -> None:
             print(f"{text:>8} does not fit (smallest budget {format_size(e.min_budget)})")
             continue
         method.micro_batch = plan.micro_batch
-        _, (peak, _) = measure_step(method, x, y)
-        print(f"{text:>8} {plan.micro_batch:>12} {format_size(plan.planned_peak):>10} {format_size(peak):>10} "
-              f"{peak / plan.planned_peak:>17.3f}")
+        _, measured = measure_step(method, x, y)
+        ratios = [m / p for m, p in zip((*measured.layers, measured.heads), (*plan.layer_peaks(), plan.heads_bytes))]
+        print(f"{text:>8} {plan.micro_batch:>12} {format_size(plan.planned_peak):>10} {format_size(measured.peak):>10} "
+              f"{measured.peak / plan.planned_peak:>17.3f} {f'{min(ratios):.3f}-{max(ratios):.3f}':>25}")
 
 
 if __name__ == "__main__":

@@ -175,12 +175,17 @@ def test_measured_peak_stays_within_budget(budget_scale, slice_bytes, precision,
     budget = int(plan_memory(net.specs, shape, 64, None, precision).min_budget * budget_scale)
     plan = plan_memory(net.specs, shape, 64, budget, precision)
     method.micro_batch = plan.micro_batch
-    _, (peak, how) = measure_step(method, x, y)
-    assert how == "cpu-live-tensors"
-    assert peak <= budget
+    _, measured = measure_step(method, x, y)
+    assert measured.measured_by == "cpu-live-tensors"
+    assert measured.peak <= budget
     # The plan is tight as well as safe: these measure 0.93-1.00 of it. Before the exit's
     # pooling was counted per kind, max and average pools planned a third too much.
-    assert peak >= 0.85 * plan.planned_peak
+    assert measured.peak >= 0.85 * plan.planned_peak
+    # It holds phase by phase too, each layer's and the heads'; before the heads' phase was
+    # measured alone, the statistics that batch norm returns went unplanned.
+    assert all(m <= p for m, p in zip(measured.layers, plan.layer_peaks()))
+    assert measured.heads <= plan.heads_bytes
+    assert measured.peak == max(*measured.layers, measured.heads)
 
 
 def test_a_large_logical_batch_is_bounded_by_the_heads_phase():
@@ -200,8 +205,8 @@ def test_a_large_logical_batch_is_bounded_by_the_heads_phase():
         plan_memory(net.specs, shape, batch, floor - 1)
     assert e.value.min_budget == floor
     method.micro_batch = plan.micro_batch
-    _, (peak, _) = measure_step(method, x, y)
-    assert 0.85 * floor <= peak <= floor
+    _, measured = measure_step(method, x, y)
+    assert 0.85 * floor <= measured.peak == measured.heads <= floor
 
 
 def test_sweep_gives_the_smallest_budget_of_every_plan():
@@ -258,7 +263,13 @@ def test_train_with_budget_records_plan_and_measurement(tmp_path, capsys):
     memory = json.loads((out / "summary.json").read_text())["memory"]
     assert memory["budget_bytes"] == budget and memory["micro_batch"] < 64
     assert memory["measured_peak_bytes"] <= budget and memory["measured_by"] == "cpu-live-tensors"
-    last = capsys.readouterr().out.splitlines()[-1]   # the run ends by saying what it measured
+    phases = memory["phases"]   # every layer's phase, then the heads', each within its plan
+    assert [ph["phase"] for ph in phases] == [f"layer {i}" for i in range(1, 8)] + ["heads"]
+    assert all(ph["measured_peak_bytes"] <= ph["planned_peak_bytes"] for ph in phases)
+    assert max(ph["measured_peak_bytes"] for ph in phases) == memory["measured_peak_bytes"]
+    *table, last = capsys.readouterr().out.splitlines()[-10:]   # the run ends with what it measured
+    assert table[0].split() == ["phase", "planned", "measured", "measured/planned"]
+    assert table[-1].split()[0] == "heads" and table[1].split()[:2] == ["layer", "1"]
     assert last.startswith("training working set: measured peak ")
     assert format_size(memory["measured_peak_bytes"]) in last and format_size(budget) in last
 
@@ -320,7 +331,7 @@ def test_asge_working_set_is_smaller_than_bp_at_the_same_batch():
         method = method_cls(net, cfg)
         x, y = torch.rand(32, 1, 28, 28).contiguous(memory_format=torch.channels_last), torch.randint(10, (32,))
         method.train_step(x, y)
-        return measure_step(method, x, y)[1][0]
+        return measure_step(method, x, y)[1].peak
 
     asge, bp = peak(ASGEMethod, TrainConfig()), peak(BPMethod, TrainConfig(method="bp"))
     assert asge < 0.5 * bp   # BP keeps every layer's activations and all state; ASGE one layer's
