@@ -24,7 +24,9 @@ The counters (``measured_by`` in summary.json):
   and reset with torch.cuda peak statistics at each phase boundary (CudaAllocated). This
   counts every tensor the caching allocator handed out, cuDNN workspaces included. With
   --offload the layers arrive during the step, so the counter already holds the active
-  one. It has not been run yet (no GPU in the sessions that wrote it); the phase logic
+  one; a layer's arrival falls in the phase before its own (the hooks see a layer when it
+  runs), which moves those bytes from one phase's figure to another's but leaves the step's
+  peak as it is. It has not been run yet (no GPU in the sessions that wrote it); the phase logic
   around it is the CPU's, which the tests run.
 - ``cpu-live-tensors``: a TorchDispatchMode (LiveTensorBytes) sees every tensor that an
   aten op creates during the step (forward, backward, optimiser) and tracks its storage

@@ -204,6 +204,7 @@ class Plan:
             "precision": self.precision, "budget_bytes": self.budget, "batch_bytes": self.batch_bytes,
             "heads_bytes": self.heads_bytes, "parked_bytes": self.parked_bytes, "planned_peak_bytes": self.planned_peak,
             "min_budget_bytes": self.min_budget, "peak_layer": self.peak_layer(),
+            "layer_peak_bytes": list(self.layer_peaks()),
             "layers": [lm.__dict__ for lm in self.layers],
             "sweep": [{"accumulation_steps": k, "micro_batch": m, "planned_peak_bytes": peak} for k, m, peak in self.sweep()],
         }

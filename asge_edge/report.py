@@ -33,13 +33,14 @@ def layer_table(specs: Sequence[LayerSpec], val: Sequence[float], test: Sequence
 
 
 def plan_table(plan: Plan) -> str:
-    """The memory plan as a table: per-sample bytes of every layer, its fixed bytes and its
-    squares' chunk at the planned micro-batch, then the totals."""
+    """The memory plan as a table: per-sample bytes of every layer, its fixed bytes, its
+    squares' chunk and its phase's peak (the batch's state included) at the planned
+    micro-batch, then the totals."""
     lines = [f"{'layer':>5} {'input/sample':>13} {'output/sample':>14} {'saved/sample':>13} {'peak/sample':>12} "
-             f"{'fixed':>11} {'squares':>10}"]
-    for lm in plan.layers:
+             f"{'fixed':>11} {'squares':>10} {'phase peak':>12}"]
+    for lm, phase in zip(plan.layers, plan.layer_peaks()):
         lines.append(f"{lm.index:>5} {lm.input:>13,} {lm.output:>14,} {lm.saved:>13,} {lm.per_sample:>12,} "
-                     f"{lm.fixed:>11,} {lm.chunk(plan.micro_batch):>10,}")
+                     f"{lm.fixed:>11,} {lm.chunk(plan.micro_batch):>10,} {phase:>12,}")
     budget = "none" if plan.budget is None else f"{plan.budget:,} B ({format_size(plan.budget)})"
     lines += [
         "",

@@ -46,7 +46,7 @@ def main() -> None:
     method.train_step(x, y)   # optimiser state now exists, as in every later step
     print(f"vgg8 width {a.width}, alpha {a.alpha}, {a.pool} pool, input {a.input_shape}, batch {a.batch_size}, {precision}, {device}")
     print(f"{'budget':>8} {'micro-batch':>12} {'planned':>10} {'measured':>10} {'measured/planned':>17} "
-          f"{'phases, measured/planned':>25}")
+          f"{'phases, measured/planned':>25} {'every phase within its plan':>28}")
     floor = plan_memory(net.specs, shape, a.batch_size, None, precision).min_budget
     budgets = [(text, None if text == "none" else parse_size(text)) for text in BUDGETS] + [("smallest", floor)]
     for text, budget in budgets:
@@ -59,7 +59,8 @@ def main() -> None:
         _, measured = measure_step(method, x, y)
         ratios = [m / p for m, p in zip((*measured.layers, measured.heads), (*plan.layer_peaks(), plan.heads_bytes))]
         print(f"{text:>8} {plan.micro_batch:>12} {format_size(plan.planned_peak):>10} {format_size(measured.peak):>10} "
-              f"{measured.peak / plan.planned_peak:>17.3f} {f'{min(ratios):.3f}-{max(ratios):.3f}':>25}")
+              f"{measured.peak / plan.planned_peak:>17.3f} {f'{min(ratios):.3f}-{max(ratios):.3f}':>25} "
+              f"{'yes' if max(ratios) <= 1 else 'NO':>28}")
 
 
 if __name__ == "__main__":

@@ -246,6 +246,8 @@ def test_plan_command_json(capsys):
     plan = json.loads(capsys.readouterr().out)
     assert plan["budget_bytes"] == 64_000_000 and plan["planned_peak_bytes"] <= 64_000_000
     assert plan["micro_batch"] * plan["accumulation_steps"] >= 128 and len(plan["layers"]) == 7
+    phases = plan["layer_peak_bytes"]   # each layer's phase; the largest of them and the heads' is the peak
+    assert max(*phases, plan["heads_bytes"]) == plan["planned_peak_bytes"] == phases[plan["peak_layer"] - 1]
 
 
 def test_plan_command_too_small_gives_the_minimum(capsys):
