@@ -142,6 +142,13 @@ class Measurement:
     heads: int | None = None
 
 
+def _counter(device: torch.device):
+    """The counter of the bytes a step allocates on ``device``, and its name for summary.json."""
+    if device.type == "cuda":
+        return CudaAllocated(device), "cuda-peak-stats"
+    return LiveTensorBytes(), "cpu-live-tensors"
+
+
 def _state(module: torch.nn.Module, opt: torch.optim.Optimizer) -> list[torch.Tensor]:
     """Tensors of ``module`` that exist before a step: weights, buffers (a layer's projection,
     a head's running statistics), and ``opt``'s state for its parameters."""
@@ -163,8 +170,7 @@ def measure_step(method, x: torch.Tensor, y: torch.Tensor) -> tuple[StepStats, M
     """
     net = method.net
     n = len(net.layers)
-    counter = CudaAllocated(x.device) if x.device.type == "cuda" else LiveTensorBytes()
-    how = "cuda-peak-stats" if x.device.type == "cuda" else "cpu-live-tensors"
+    counter, how = _counter(x.device)
     streams = all(f"layer{i + 1}" in method.optimizers for i in range(n))
     if not streams:   # end-to-end methods: every weight and all optimiser state stay resident
         state = [v for opt in method.optimizers.values() for st in opt.state.values() for v in st.values()

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from asge_edge import asge
+from asge_edge import asge, memory
 from asge_edge.budget import format_size, parse_size
 from asge_edge.cli import main
 from asge_edge.config import ModelConfig, TrainConfig
@@ -186,6 +186,42 @@ def test_measured_peak_stays_within_budget(budget_scale, slice_bytes, precision,
     assert all(m <= p for m, p in zip(measured.layers, plan.layer_peaks()))
     assert measured.heads <= plan.heads_bytes
     assert measured.peak == max(*measured.layers, measured.heads)
+
+
+def test_the_cuda_counter_reads_what_the_cpu_tracker_reads(monkeypatch):
+    """measure_step's CUDA path (CudaAllocated), on the CUDA allocator's statistics faked
+    from the CPU tracker, as no GPU is here: whatever the allocator held before the step,
+    every phase reads as the CPU's does."""
+    tracker = memory.LiveTensorBytes()
+    held = 12_345_678   # what the allocator holds before the step: the model, the batch...
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: held + tracker.current)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: held + tracker.peak)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: setattr(tracker, "peak", tracker.current))
+
+    class Allocated(memory.CudaAllocated):
+        def __enter__(self):
+            tracker.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            tracker.__exit__(*exc)
+
+    measured = {}
+    for counter in ("cpu", "cuda"):
+        if counter == "cuda":
+            monkeypatch.setattr(memory, "_counter", lambda device: (Allocated(device), "cuda-peak-stats"))
+        net = ASGENet(ModelConfig(width=0.25), (1, 28, 28), 10, (0.5,), (0.25,), seed=0).to(
+            memory_format=torch.channels_last)
+        method = ASGEMethod(net, TrainConfig())
+        g = torch.Generator().manual_seed(0)
+        x = torch.randint(256, (64, 1, 28, 28), generator=g, dtype=torch.uint8)
+        y = torch.randint(10, (64,), generator=g)
+        method.train_step(x, y)
+        method.micro_batch = 16   # four micro-batches: every layer's gradient lives across them
+        measured[counter] = measure_step(method, x, y)[1]
+    assert measured["cuda"].measured_by == "cuda-peak-stats"
+    assert (measured["cuda"].peak, measured["cuda"].layers, measured["cuda"].heads) == (
+        measured["cpu"].peak, measured["cpu"].layers, measured["cpu"].heads)
 
 
 def test_a_large_logical_batch_is_bounded_by_the_heads_phase():
