@@ -11,8 +11,8 @@ Inactive layers' weights, gradients and optimiser state are parked, and are not 
 
 The step is measured in phases: layer l's phase runs from its forward (or its
 optimiser's step) to the next layer's, over every micro-batch (layer 1's from the step's
-start: its first work is layer 1's input), and the heads' phase follows the last layer's step. Hooks on the layers, their
-optimisers and the Last head mark the boundaries. Within a phase the parked bytes do not
+start: its first work is layer 1's input), and the heads' phase follows the last layer's
+step. Hooks on the layers, their optimisers and the Last head mark the boundaries. Within a phase the parked bytes do not
 change, so each phase's peak is what a counter saw at its highest, less the parked layers'
 gradients, plus the active layer's weights, projection and optimiser state where they
 predate the step on the measured device (the counters see only what the step allocates),
@@ -26,8 +26,9 @@ The counters (``measured_by`` in summary.json):
   --offload the layers arrive during the step, so the counter already holds the active
   one; a layer's arrival falls in the phase before its own (the hooks see a layer when it
   runs), which moves those bytes from one phase's figure to another's but leaves the step's
-  peak as it is. It has not been run yet (no GPU in the sessions that wrote it); the phase logic
-  around it is the CPU's, which the tests run.
+  peak as it is. It has not run on a GPU yet (none in the sessions that wrote it); the
+  tests run it on allocator statistics faked from the CPU tracker, and the phase logic
+  around it is the CPU's.
 - ``cpu-live-tensors``: a TorchDispatchMode (LiveTensorBytes) sees every tensor that an
   aten op creates during the step (forward, backward, optimiser) and tracks its storage
   until the last tensor on it dies; in-place results and views of tensors that predate
@@ -163,10 +164,10 @@ def measure_step(method, x: torch.Tensor, y: torch.Tensor) -> tuple[StepStats, M
     begins when it runs forward or its optimiser steps (layer 1's at the step's start), and
     the heads' when the Last head runs forward. Within a phase the parked bytes (the other
     layers' gradients) do not change, so each phase's peak is read from the counter when it
-    ends, less them, plus the active layer's state where it predates the step. For an end-to-end method (BP) nothing
-    is parked: every weight and all optimiser state count. Call this after at least one
-    step, so that optimiser state already exists, with gradients cleared (every Method
-    leaves them so).
+    ends, less them, plus the active layer's state where it predates the step. For an
+    end-to-end method (BP) nothing is parked: every weight and all optimiser state count.
+    Call this after at least one step, so that optimiser state already exists, with
+    gradients cleared (every Method leaves them so).
     """
     net = method.net
     n = len(net.layers)

@@ -81,7 +81,9 @@ micro-batch. That is one slice of output channels (asge.grad_slice) and the bias
 where the gradient is one slice under mixed precision, the whole gradient in s bytes and
 its fp32 cast at once. Under mixed precision, the first micro-batch's gradient also
 exists in s bytes beside its fp32 cast, which is a third candidate for the larger. Measured peaks
-(memory.measure_step) stay within the plan on the CPU; tests/test_streaming.py pins that.
+(memory.measure_step) stay within the plan on the CPU, phase by phase (each layer's
+within lm.peak(m) + batch_bytes, Plan.layer_peaks; the heads' within heads_bytes);
+tests/test_streaming.py pins that.
 """
 
 from __future__ import annotations
