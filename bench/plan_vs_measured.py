@@ -5,9 +5,10 @@ budget stays within it, and so does each phase's plan (each layer's, and the hea
 that phase's measured peak. Prints planned and measured bytes (memory.measure_step), and
 the range of the phases' measured/planned ratios, for a range of budgets, down to the
 smallest the planner admits (where the layers' fixed bytes dominate, so an error in them
-shows), on the CPU-sized VGG8 and Fashion-MNIST's input shape by default. On the CPU it measures live tensor bytes; with ``--device cuda``, CUDA
-peak statistics, which also count what the planner does not model (cuDNN workspaces,
-the caching allocator's rounding): that run would say whether the plan holds on a GPU.
+shows), on the CPU-sized VGG8 and Fashion-MNIST's input shape by default. On the CPU it
+measures live tensor bytes; with ``--device cuda``, CUDA peak statistics, phase by phase,
+which also count what the planner does not model (cuDNN workspaces, the caching
+allocator's rounding): that run would say whether the plan holds on a GPU.
 It has not been run on one (no GPU in the sessions that wrote it). ``--alpha`` sets the
 partitions (at 1.5 the first layers' patches do not divide their maps: uneven patches),
 and ``--pool`` the pooling, as in ``asge-edge train``.

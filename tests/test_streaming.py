@@ -181,8 +181,9 @@ def test_measured_peak_stays_within_budget(budget_scale, slice_bytes, precision,
     # The plan is tight as well as safe: these measure 0.93-1.00 of it. Before the exit's
     # pooling was counted per kind, max and average pools planned a third too much.
     assert measured.peak >= 0.85 * plan.planned_peak
-    # It holds phase by phase too, each layer's and the heads'; before the heads' phase was
-    # measured alone, the statistics that batch norm returns went unplanned.
+    # It holds phase by phase too, each layer's and the heads'. Before phases were measured
+    # one by one, two things went unplanned: the statistics that batch norm returns in the
+    # heads' phase, and each layer's logits and its cross-entropy's tensors.
     assert all(m <= p for m, p in zip(measured.layers, plan.layer_peaks()))
     assert measured.heads <= plan.heads_bytes
     assert measured.peak == max(*measured.layers, measured.heads)
