@@ -296,7 +296,8 @@ def _cmd_plan(a: argparse.Namespace) -> int:
         plan = plan_memory(specs, a.input_shape, a.batch_size, a.memory_budget,
                            "fp32" if a.amp == "off" else a.amp, a.optimizer)
     except BudgetTooSmall as e:
-        raise UserError(e.advice(a.model, a.width, a.input_shape)) from None
+        raise UserError(e.advice(ModelConfig(arch=a.model, width=a.width, alpha=a.alpha, pool=a.pool), a.input_shape,
+                                 a.num_classes, a.batch_size, "fp32" if a.amp == "off" else a.amp, a.optimizer)) from None
     except ValueError as e:
         raise UserError(str(e)) from None
     if a.json:

@@ -94,7 +94,8 @@ from typing import Sequence
 
 from .asge import energy_rows, grad_slice
 from .budget import format_size
-from .models import LayerSpec
+from .config import ModelConfig
+from .models import LayerSpec, layer_specs
 
 FP32 = 4
 PIXEL = 1   # a raw input pixel, uint8 (data.batches)
@@ -106,6 +107,7 @@ OPTIMIZER_TEMPS = {"adamw": 0, "sgd": 1}
 # Scalar tensors that every phase holds (losses, counts, the optimisers' step counters): a
 # few dozen bytes, measured; counted once, in the batch's state.
 SCALAR_BYTES = 256
+WIDTH_STEP = 0.01   # the grid on which widest_width looks for a narrower net that fits
 
 
 @dataclass(frozen=True)
@@ -219,12 +221,28 @@ class BudgetTooSmall(ValueError):
         super().__init__(f"memory budget {budget} B is too small: even a micro-batch of 1 needs {min_budget} B")
         self.budget, self.min_budget = budget, min_budget
 
-    def advice(self, arch: str, width: float, input_shape: tuple[int, ...]) -> str:
-        """One line for the user: the budget is too small for this model and input, and the
-        smallest that works."""
-        what = f"{arch} x{width} at {'x'.join(map(str, input_shape))}"
+    def advice(self, cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes: int, batch: int,
+               precision: str, optimizer: str) -> str:
+        """One line for the user: the budget is too small for this model and input, the
+        smallest that works, and the widest --width that works within it (widest_width)."""
+        what = f"{cfg.arch} x{cfg.width} at {'x'.join(map(str, input_shape))}"
+        narrower = widest_width(cfg, input_shape, num_classes, batch, self.budget, precision, optimizer)
+        instead = "" if narrower is None else f", or --width {narrower:g} within this budget"
         return (f"--memory-budget {self.budget} B ({format_size(self.budget)}) is too small for {what}; "
-                f"the smallest that works is {self.min_budget} B ({format_size(self.min_budget)})")
+                f"the smallest that works is {self.min_budget} B ({format_size(self.min_budget)}){instead}")
+
+
+def widest_width(cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes: int, batch: int,
+                 budget: int, precision: str = "fp32", optimizer: str = "adamw") -> float | None:
+    """The widest ``--width`` below ``cfg.width``, in steps of WIDTH_STEP, whose smallest
+    budget fits ``budget``, all else as it is; None where none does (say, where the logical
+    batch's heads phase alone outgrows it)."""
+    for k in range(math.ceil(round(cfg.width / WIDTH_STEP, 6)) - 1, 0, -1):
+        width = round(k * WIDTH_STEP, 6)
+        specs = layer_specs(replace(cfg, width=width), input_shape, num_classes)
+        if plan_memory(specs, input_shape, batch, None, precision, optimizer).min_budget <= budget:
+            return width
+    return None
 
 
 def pool_temps(kind: str, act_bytes: int, out_bytes: int) -> int:

@@ -129,7 +129,8 @@ def configure_streaming(cfg: RunConfig, method: Method, device: torch.device) ->
         plan = plan_memory(method.net.specs, cfg.info.input_shape, cfg.train.batch_size, cfg.train.memory_budget,
                            method.precision, cfg.train.optimizer)
     except BudgetTooSmall as e:
-        raise UserError(e.advice(cfg.model.arch, cfg.model.width, cfg.info.input_shape)) from None
+        raise UserError(e.advice(cfg.model, cfg.info.input_shape, cfg.info.num_classes, cfg.train.batch_size,
+                                 method.precision, cfg.train.optimizer)) from None
     method.micro_batch = plan.micro_batch
     return plan
 

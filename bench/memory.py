@@ -41,7 +41,7 @@ from asge_edge.device import to_device
 from asge_edge.memory import measure_step
 from asge_edge.methods import ASGEMethod, BPMethod
 from asge_edge.models import ASGENet, gap, layer_specs
-from asge_edge.planner import BudgetTooSmall, plan_memory
+from asge_edge.planner import BudgetTooSmall, plan_memory, widest_width
 from rounds import alternate
 from workload import NUM_CLASSES, add_args, add_device_args, device_and_precision, make_batch, make_net
 
@@ -111,8 +111,10 @@ def main() -> None:
         try:
             plan = plan_memory(specs, shape, a.batch_size, budget, precision)
         except BudgetTooSmall as e:
+            narrower = widest_width(cfg, shape, NUM_CLASSES, a.batch_size, budget, precision)
             notes.append(f"ASGE at {text}: does not fit; the smallest budget is {format_size(e.min_budget)} "
-                         f"({e.min_budget} B), set by one layer's weights, gradient and AdamW state")
+                         f"({e.min_budget} B), set by one layer's weights, gradient and AdamW state; "
+                         + ("no narrower VGG8 fits" if narrower is None else f"VGG8 fits it up to --width {narrower:g}"))
             continue
         method = ASGEMethod(net(), TrainConfig(), precision)
         method.micro_batch = plan.micro_batch

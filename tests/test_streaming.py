@@ -287,6 +287,23 @@ def test_plan_command_json(capsys):
     assert max(*phases, plan["heads_bytes"]) == plan["planned_peak_bytes"] == phases[plan["peak_layer"] - 1]
 
 
+def test_a_budget_too_small_names_the_widest_width_within_it(capsys):
+    assert main(["plan", "--input-shape", "3x32x32", "--memory-budget", "16MB"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "the smallest that works is 42272320 B" in err
+    width = float(err.split("--width ")[1].split()[0])
+
+    def fits(w: float) -> bool:
+        specs = layer_specs(ModelConfig(width=w), (3, 32, 32), 10)
+        return plan_memory(specs, (3, 32, 32), 128, None).min_budget <= 16_000_000
+
+    assert 0 < width < 1 and fits(width) and not fits(round(width + 0.01, 2))
+    assert main(["plan", "--input-shape", "3x32x32", "--memory-budget", "16MB", "--width", str(width)]) == 0
+    capsys.readouterr()
+    assert main(["plan", "--memory-budget", "1KB"]) == 2   # not even the narrowest net: no width to give
+    assert "--width" not in capsys.readouterr().err
+
+
 def test_plan_command_too_small_gives_the_minimum(capsys):
     assert main(["plan", "--memory-budget", "1MB"]) == 2
     err = capsys.readouterr().err.strip()
