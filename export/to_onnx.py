@@ -2,7 +2,11 @@
 
 Contract: ``export_onnx`` writes one self-contained .onnx file (no external data),
 atomically, whose first input dimension is named ``batch`` and every other dimension is
-static; ``metadata_props`` carries the given string map; the file passes
+static; ``metadata_props`` carries the given string map; no node carries the exporter's
+Python stack trace, which names the exporting machine's source files by their absolute
+paths (so the file leaks no paths, and the same module exports to the same bytes from any
+checkout; the exporter's other node metadata, module names and op names, stays for
+Netron and the like); the file passes
 ``onnx.checker.check_model(full_check=True)`` or nothing is written. ``read_metadata``
 only parses the protobuf: nothing in a model file is ever evaluated.
 """
@@ -23,6 +27,7 @@ from asge_edge.errors import UserError
 DEFAULT_OPSET = 18
 MIN_OPSET = 17      # LayerNormalization's first opset
 EXAMPLE_BATCH = 2   # the traced example; torch.export would specialise a batch of 1
+STACK_TRACE = "pkg.torch.onnx.stack_trace"   # node metadata: the source line, by its absolute path
 
 
 def export_onnx(module: torch.nn.Module, example_shape: tuple[int, ...], path: Path, input_name: str,
@@ -58,6 +63,10 @@ def export_onnx(module: torch.nn.Module, example_shape: tuple[int, ...], path: P
     if made != opset:
         raise UserError(f"--opset {opset}: the exporter could not convert the graph to it and made opset {made}; "
                         f"use --opset {made}")
+    for node in model.graph.node:
+        keep = [p for p in node.metadata_props if p.key != STACK_TRACE]
+        del node.metadata_props[:]
+        node.metadata_props.extend(keep)
     onnx.helper.set_model_props(model, {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
     onnx.checker.check_model(model, full_check=True)
     atomic_write(path, model.SerializeToString())

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -13,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from asge_edge.checkpoint import load_run
 from asge_edge.cli import main
 from asge_edge.data import load_splits
+from export import to_onnx
 from export.cascade import NEVER, Cascade, calibrate
 from export.tensorrt import compatibility_problems, trtexec_command
 from export.verify import HALF_RTOL, ONNX_RTOL, logit_scale
@@ -56,6 +58,17 @@ def test_early_exit_onnx_is_checked_self_contained_and_dynamic_in_batch(tiny_run
     assert float(meta["val_accuracy"]) == summary["layer_val_accuracy"][summary["best_layer"] - 1]
     assert {"asge_edge_version", "alpha"} <= set(meta)
     assert compatibility_problems(model) == []
+
+
+def test_the_onnx_file_names_no_path_of_the_machine_that_exported_it(exit_model):
+    """torch.onnx records each node's Python stack trace, with the source files' absolute
+    paths; export drops them, so a model ships without the build machine's paths, and the
+    same run exports to the same bytes from any checkout."""
+    root = str(Path(to_onnx.__file__).resolve().parents[1]).encode()
+    assert root not in exit_model.read_bytes()
+    model = onnx.load(str(exit_model))
+    assert model.graph.node and not any(p.key == to_onnx.STACK_TRACE for n in model.graph.node for p in n.metadata_props)
+    assert any(p.key == "namespace" for p in model.graph.node[0].metadata_props)   # the rest of its metadata stays
 
 
 @pytest.mark.parametrize("half", [False, True])
