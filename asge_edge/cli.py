@@ -291,13 +291,13 @@ def _cmd_plan(a: argparse.Namespace) -> int:
     from .planner import BudgetTooSmall, plan_memory
     from .report import plan_table, sweep_table
 
+    model = ModelConfig(arch=a.model, width=a.width, alpha=a.alpha, pool=a.pool)
+    precision = "fp32" if a.amp == "off" else a.amp
     try:
-        specs = layer_specs(ModelConfig(arch=a.model, width=a.width, alpha=a.alpha, pool=a.pool), a.input_shape, a.num_classes)
-        plan = plan_memory(specs, a.input_shape, a.batch_size, a.memory_budget,
-                           "fp32" if a.amp == "off" else a.amp, a.optimizer)
+        specs = layer_specs(model, a.input_shape, a.num_classes)
+        plan = plan_memory(specs, a.input_shape, a.batch_size, a.memory_budget, precision, a.optimizer)
     except BudgetTooSmall as e:
-        raise UserError(e.advice(ModelConfig(arch=a.model, width=a.width, alpha=a.alpha, pool=a.pool), a.input_shape,
-                                 a.num_classes, a.batch_size, "fp32" if a.amp == "off" else a.amp, a.optimizer)) from None
+        raise UserError(e.advice(model, a.input_shape, a.num_classes, a.batch_size, precision, a.optimizer)) from None
     except ValueError as e:
         raise UserError(str(e)) from None
     if a.json:

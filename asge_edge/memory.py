@@ -52,7 +52,8 @@ from torch.utils._pytree import tree_leaves
 from .methods import HEADS, StepStats
 
 
-def _nbytes(tensors) -> int:
+def nbytes(tensors) -> int:
+    """Storage bytes of ``tensors`` (None entries skipped)."""
     return sum(t.untyped_storage().nbytes() for t in tensors if t is not None)
 
 
@@ -157,6 +158,13 @@ def _state(module: torch.nn.Module, opt: torch.optim.Optimizer) -> list[torch.Te
     return [*module.parameters(), *module.buffers(), *state]
 
 
+def batch_state_bytes(method, x: torch.Tensor, y: torch.Tensor) -> int:
+    """The logical batch's own bytes that predate a step: its input and labels, and the
+    weights, buffers and optimiser state of the heads that ``method`` trains."""
+    heads = [(getattr(method.net, f"{name}_head"), method.optimizers[name]) for name in HEADS if name in method.optimizers]
+    return nbytes([x, y]) + sum(nbytes(_state(head, opt)) for head, opt in heads)
+
+
 def measure_step(method, x: torch.Tensor, y: torch.Tensor) -> tuple[StepStats, Measurement]:
     """Run ``method.train_step(x, y)``; return its StepStats and the Measurement of its working set.
 
@@ -176,23 +184,22 @@ def measure_step(method, x: torch.Tensor, y: torch.Tensor) -> tuple[StepStats, M
     if not streams:   # end-to-end methods: every weight and all optimiser state stay resident
         state = [v for opt in method.optimizers.values() for st in opt.state.values() for v in st.values()
                  if isinstance(v, torch.Tensor)]
-        resident_all = _nbytes([*net.parameters(), *net.buffers(), *state])
+        resident_all = nbytes([*net.parameters(), *net.buffers(), *state])
         with counter:
             stats = method.train_step(x, y)
-        peak = counter.take_peak() + resident_all + _nbytes([x, y])
+        peak = counter.take_peak() + resident_all + nbytes([x, y])
         return stats, Measurement(peak, how)
-    batch_state = _nbytes([x, y]) + sum(_nbytes(_state(getattr(net, f"{name}_head"), method.optimizers[name]))
-                                        for name in HEADS)
+    batch_state = batch_state_bytes(method, x, y)
     # Each layer's state that predates the step and sits where it is measured: the counter
     # sees only what the step allocates, so the active layer's is added. With --offload on
     # a GPU the layers are parked on the host, arrive during the step, and the counter sees them.
-    resident = [_nbytes(_state(layer, method.optimizers[f"layer{i + 1}"]))
+    resident = [nbytes(_state(layer, method.optimizers[f"layer{i + 1}"]))
                 if layer.conv.weight.device == x.device else 0 for i, layer in enumerate(net.layers)]
     params = [list(layer.parameters()) for layer in net.layers]
 
     def working_set_adjustment(active: int | None) -> int:
         """Leave out the parked layers' gradients; add the active layer's pre-existing state."""
-        grads = [_nbytes(p.grad for p in ps) for ps in params]
+        grads = [nbytes(p.grad for p in ps) for ps in params]
         mine = 0 if active is None else resident[active] + grads[active]
         return mine - sum(grads)
 

@@ -295,9 +295,9 @@ class ASGEMethod(Method):
     def _layer_major_step(self, x: torch.Tensor, y: torch.Tensor, off: Offloader) -> StepStats:
         """The same update, layer by layer: layer l is loaded, trains on every micro-batch,
         steps (its optimiser state loaded for the step alone) and is parked before layer l+1
-        is loaded. The micro-batches' inputs and outputs
-        wait on the parking device between layers, so each layer crosses to the compute
-        device once per logical batch, not once per micro-batch."""
+        is loaded. The micro-batches' inputs and outputs wait on the parking device between
+        layers, so each layer crosses to the compute device once per logical batch, not once
+        per micro-batch."""
         n, total, size = len(self.net.layers), self._total(len(y)), self.micro_batch or len(y)
         losses = torch.zeros(n, device=x.device)
         correct = torch.zeros(n, device=x.device)

@@ -126,7 +126,6 @@ class Offloader:
                 h.remove()
 
 
-
 def make_offloader(offload: bool, device: torch.device) -> Offloader | None:
     """The run's Offloader for ``--offload`` on ``device`` (host memory parks), or None.
 

@@ -48,18 +48,14 @@ import torch.nn.functional as F
 from asge_edge.budget import format_size
 from asge_edge.cli import parse_shape
 from asge_edge.config import ModelConfig, TrainConfig
-from asge_edge.memory import LiveTensorBytes
-from asge_edge.methods import HEADS, ASGEMethod, Method, StepStats, make_optimizer
+from asge_edge.memory import LiveTensorBytes, batch_state_bytes, nbytes
+from asge_edge.methods import ASGEMethod, Method, StepStats, make_optimizer
 from asge_edge.models import ASGENet, gap
 from asge_edge.offload import Offloader, host_tensors
 from rounds import alternate
 from workload import add_args, make_batch, make_net
 
 CPU = torch.device("cpu")
-
-
-def _storage_bytes(tensors) -> int:
-    return sum(t.untyped_storage().nbytes() for t in tensors if t is not None)
 
 
 def _module_tensors(module: nn.Module) -> list[torch.Tensor]:
@@ -86,19 +82,19 @@ class SimulatedOffloader(Offloader):
         self.parked = 0          # bytes of tensors created in the step that now wait on the host
 
     def load(self, module):
-        n = _storage_bytes(_module_tensors(module))
+        n = nbytes(_module_tensors(module))
         self.moved += n
         self.loaded[id(module)] = n
         super().load(module)
 
     def load_state(self, module, optimizer):
-        n = _storage_bytes(_state_tensors(module, optimizer))
+        n = nbytes(_state_tensors(module, optimizer))
         self.moved += n
         self.loaded[id(module)] += n
         super().load_state(module, optimizer)
 
     def park(self, module, optimizer=None):
-        self.moved += _storage_bytes(_module_tensors(module) + _state_tensors(module, optimizer))
+        self.moved += nbytes(_module_tensors(module) + _state_tensors(module, optimizer))
         self.loaded.pop(id(module))
         super().park(module, optimizer)
 
@@ -183,12 +179,6 @@ class OffloadedBP(Method):
                          torch.stack([head_loss, torch.tensor(float("nan"))]))
 
 
-def batch_state(method: Method, x: torch.Tensor, y: torch.Tensor) -> int:
-    """The logical batch's own bytes: input, labels, and the heads' weights, buffers and state."""
-    heads = [(getattr(method.net, f"{n}_head"), method.optimizers[n]) for n in HEADS if n in method.optimizers]
-    return _storage_bytes([x, y]) + sum(_storage_bytes(_module_tensors(h) + _state_tensors(h, opt)) for h, opt in heads)
-
-
 def measure(label: str, method: Method, off: SimulatedOffloader, x, y) -> dict:
     """A row: a warm-up step (optimiser state now exists), then one step's device peak and bytes moved."""
     method.train_step(x, y)
@@ -196,7 +186,7 @@ def measure(label: str, method: Method, off: SimulatedOffloader, x, y) -> dict:
     tracker = LiveTensorBytes(off.device_adjustment)
     with tracker:
         method.train_step(x, y)
-    return {"label": label, "method": method, "peak": tracker.peak + batch_state(method, x, y), "moved": off.moved}
+    return {"label": label, "method": method, "peak": tracker.peak + batch_state_bytes(method, x, y), "moved": off.moved}
 
 
 def main() -> None:

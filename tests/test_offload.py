@@ -59,7 +59,7 @@ def test_a_move_converts_weights_buffers_and_optimiser_state_and_keeps_identity(
 
 
 class _Recorder(Offloader):
-    """Records the order of loads, forwards and parks."""
+    """Records loads, state loads, parks (and whether they take optimiser state) and drops."""
 
     def __init__(self):
         super().__init__(CPU, CPU)
@@ -69,8 +69,12 @@ class _Recorder(Offloader):
         self.events.append(("load", module.spec.index))
         super().load(module)
 
+    def load_state(self, module, optimizer):
+        self.events.append(("state", module.spec.index))
+        super().load_state(module, optimizer)
+
     def park(self, module, optimizer=None):
-        self.events.append(("park", module.spec.index))
+        self.events.append(("park", module.spec.index, optimizer is not None))
         super().park(module, optimizer)
 
     def drop(self, module, host):
@@ -111,29 +115,9 @@ def test_dropping_a_copy_made_under_inference_mode_leaves_the_layer_trainable():
     method.train_step(x, y)   # after a park: "Inference tensors cannot be saved for backward"
 
 
-class _StateRecorder(Offloader):
-    """Records loads, state loads, forwards and parks (and whether they take optimiser state)."""
-
-    def __init__(self):
-        super().__init__(CPU, CPU)
-        self.events = []
-
-    def load(self, module):
-        self.events.append(("load", module.spec.index))
-        super().load(module)
-
-    def load_state(self, module, optimizer):
-        self.events.append(("state", module.spec.index))
-        super().load_state(module, optimizer)
-
-    def park(self, module, optimizer=None):
-        self.events.append(("park", module.spec.index, optimizer is not None))
-        super().park(module, optimizer)
-
-
 def test_training_brings_a_layers_optimiser_state_for_its_step_only():
     net = _net()
-    rec = _StateRecorder()
+    rec = _Recorder()
     method = ASGEMethod(net, TrainConfig())
     method.micro_batch, method.offloader = 7, rec
     for layer in net.layers:
