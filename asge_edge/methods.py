@@ -84,6 +84,9 @@ class Method(ABC):
     ``precision`` is fp32, bf16 or fp16: the convs run under autocast in that dtype, while
     goodness, squares, pooling energy, LayerNorm and the projection stay fp32 (asge.py).
     fp16 steps each optimiser through its own GradScaler, since every layer has its own loss.
+    ``device_type`` is where the steps run (the scalers' device); by default, where ``net``'s
+    parameters are now. The trainer names it, since it makes the method before it places the
+    net, and --offload parks the layers in host memory.
     """
 
     name: ClassVar[str]
@@ -91,10 +94,11 @@ class Method(ABC):
     layer_losses: ClassVar[bool]            # whether every layer has a loss of its own
     select: ClassVar[str]                   # the strategy whose validation accuracy picks the checkpoint
 
-    def __init__(self, net: ASGENet, cfg: TrainConfig, precision: str = "fp32"):
+    def __init__(self, net: ASGENet, cfg: TrainConfig, precision: str = "fp32", device_type: str | None = None):
         self.net = net
         self.cfg = cfg
         self.precision = precision
+        self.device_type = device_type or next(net.parameters()).device.type
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.scalers: dict[str, torch.amp.GradScaler] = {}
         self.offloader: Offloader | None = None   # --offload (streaming methods): layers parked in host memory
@@ -102,8 +106,7 @@ class Method(ABC):
 
     def _add_scalers(self, names) -> None:
         if self.precision == "fp16":
-            device = next(self.net.parameters()).device.type
-            self.scalers = {name: torch.amp.GradScaler(device) for name in names}
+            self.scalers = {name: torch.amp.GradScaler(self.device_type) for name in names}
 
     def autocast(self, device_type: str):
         """Autocast in the run's precision (a no-op in fp32)."""
@@ -195,8 +198,8 @@ class ASGEMethod(Method):
     layer_losses = True
     select = "fusion"
 
-    def __init__(self, net: ASGENet, cfg: TrainConfig, precision: str = "fp32"):
-        super().__init__(net, cfg, precision)
+    def __init__(self, net: ASGENet, cfg: TrainConfig, precision: str = "fp32", device_type: str | None = None):
+        super().__init__(net, cfg, precision, device_type)
         for i, layer in enumerate(net.layers):
             self.optimizers[f"layer{i + 1}"] = make_optimizer(layer.conv.parameters(), cfg)
         for name in HEADS:
@@ -332,8 +335,8 @@ class BPMethod(Method):
     layer_losses = False
     select = "last"
 
-    def __init__(self, net: ASGENet, cfg: TrainConfig, precision: str = "fp32"):
-        super().__init__(net, cfg, precision)
+    def __init__(self, net: ASGENet, cfg: TrainConfig, precision: str = "fp32", device_type: str | None = None):
+        super().__init__(net, cfg, precision, device_type)
         params = [p for layer in net.layers for p in layer.conv.parameters()]
         self.optimizers["net"] = make_optimizer(params + list(net.last_head.parameters()), cfg)
         self._add_scalers(["net"])
@@ -359,8 +362,9 @@ class BPMethod(Method):
 METHODS: dict[str, type[Method]] = {m.name: m for m in (ASGEMethod, BPMethod)}
 
 
-def make_method(net: ASGENet, cfg: TrainConfig, precision: str = "fp32") -> Method:
-    """The method named by ``cfg.method``, ready to train ``net`` in ``precision``."""
+def make_method(net: ASGENet, cfg: TrainConfig, precision: str = "fp32", device_type: str | None = None) -> Method:
+    """The method named by ``cfg.method``, ready to train ``net`` in ``precision`` on
+    ``device_type`` (by default, where ``net`` is now)."""
     if cfg.method not in METHODS:
         raise ValueError(f"unknown method {cfg.method!r}: choose one of {', '.join(METHODS)}")
-    return METHODS[cfg.method](net, cfg, precision)
+    return METHODS[cfg.method](net, cfg, precision, device_type)

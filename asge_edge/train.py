@@ -279,7 +279,7 @@ def _train(cfg: RunConfig, opts: RunOptions, device: torch.device, world: World 
     cfg = replace(cfg, info=splits.info, version=__version__)
     net = build_net(cfg)
     precision = resolve_precision(cfg.train.amp, device)
-    method = make_method(net, cfg.train, precision)
+    method = make_method(net, cfg.train, precision, device.type)
     method.world = world
     plan = configure_streaming(cfg, method, device)
     off = method.offloader
