@@ -2,8 +2,9 @@
 
 Contract: ``evaluate`` runs the network once over a split without autograd and
 returns per-layer goodness-projection accuracy and the Last and Fusion accuracies;
-it never changes the network. ``best_layer`` picks the exit by validation accuracy
-(never test), breaking ties towards the shallower, cheaper layer.
+it never changes the network. ``trained_predictors`` keeps only what a method trains
+(the rest reads at chance and is reported as None). ``best_layer`` picks the exit by
+validation accuracy (never test), breaking ties towards the shallower, cheaper layer.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from dataclasses import dataclass
 import torch
 
 from .checkpoint import load_run
+from .config import STRATEGIES
 from .data import Split, batches, load_splits
 from .device import resolve_device, to_device
 from .errors import UserError
-from .methods import METHODS
+from .methods import METHODS, Method
 from .models import ASGENet, LayerSpec
 from .offload import Offloader, make_offloader
 
@@ -26,16 +28,28 @@ EVAL_BATCH = 512   # inference holds no gradients, so a larger batch fits the sa
 
 @dataclass
 class Accuracy:
-    """Fractions in [0, 1] over ``n`` images."""
+    """Fractions in [0, 1] over ``n`` images; None for a predictor the run did not train."""
 
-    layers: list[float]
-    last: float
-    fusion: float
+    layers: list[float] | None
+    last: float | None
+    fusion: float | None
     n: int
 
-    def strategy(self, name: str, best_layer: int) -> float:
-        """Accuracy of a strategy; Best reads layer ``best_layer`` (1-based)."""
-        return self.layers[best_layer - 1] if name == "best" else getattr(self, name)
+    def strategy(self, name: str, best_layer: int | None) -> float | None:
+        """Accuracy of a strategy (None where it was not trained); Best reads layer
+        ``best_layer`` (1-based)."""
+        if name != "best":
+            return getattr(self, name)
+        return None if self.layers is None or best_layer is None else self.layers[best_layer - 1]
+
+
+def trained_predictors(acc: Accuracy, method: type[Method]) -> Accuracy:
+    """``acc`` with None for what ``method`` does not train: each layer's fixed projection
+    unless every layer learns through it (BP trains none, so they read at chance), and each
+    head outside ``method.strategies`` (BP's Fusion head stays at its random init)."""
+    return Accuracy(acc.layers if method.layer_losses else None,
+                    acc.last if "last" in method.strategies else None,
+                    acc.fusion if "fusion" in method.strategies else None, acc.n)
 
 
 @torch.inference_mode()
@@ -58,8 +72,11 @@ def evaluate(net: ASGENet, split: Split, device: torch.device, batch_size: int =
     return Accuracy(acc[:-2], acc[-2], acc[-1], len(split))
 
 
-def best_layer(layer_val_accuracy: list[float]) -> int:
-    """1-based index of the most accurate layer on validation (shallowest on ties)."""
+def best_layer(layer_val_accuracy: list[float] | None) -> int | None:
+    """1-based index of the most accurate layer on validation (shallowest on ties); None
+    where the layers' accuracies are (a method that does not train their projections)."""
+    if layer_val_accuracy is None:
+        return None
     best = max(layer_val_accuracy)
     return layer_val_accuracy.index(best) + 1
 
@@ -77,27 +94,30 @@ def evaluate_run(run_dir, device_name: str = "auto", strategy: str | None = None
 
     Returns:
         ({"test_accuracy": {strategy: fraction or None}, "best_layer": k or None,
-          "layer_test_accuracy": [...], "layer_val_accuracy": [...]}, the net's layer specs,
-        which the per-layer table shows beside the accuracies).
+          "layer_test_accuracy": [...] or None, "layer_val_accuracy": [...] or None}, the net's
+        layer specs, which the per-layer table shows beside the accuracies). What the run's
+        method did not train is None (trained_predictors).
 
     Raises:
         UserError: ``strategy`` is one the run's method did not train (Best or Fusion of a BP run).
     """
     device = resolve_device(device_name)
     cfg, net, _ = load_run(run_dir, data_root)
-    trained = METHODS[cfg.train.method].strategies
+    method = METHODS[cfg.train.method]
+    trained = method.strategies
     if strategy is not None and strategy not in trained:
         raise UserError(f"--strategy {strategy}: this {cfg.train.method} run has no {strategy} predictor; "
                         f"use {' or '.join(trained)}")
     off = make_offloader(cfg.train.offload and device.type != "cpu", device)
     net = net.place(device, off.park_device if off else None)
     splits = load_splits(cfg.data)
-    val, test = (evaluate(net, s, device, offloader=off, workers=workers) for s in (splits.val, splits.test))
+    val, test = (trained_predictors(evaluate(net, s, device, offloader=off, workers=workers), method)
+                 for s in (splits.val, splits.test))
     best = best_layer(val.layers)
-    names = (strategy,) if strategy else ("fusion", "last", "best")
+    names = (strategy,) if strategy else STRATEGIES
     return {
-        "test_accuracy": {s: (test.strategy(s, best) if s in trained else None) for s in names},
-        "best_layer": best if "best" in trained else None,
+        "test_accuracy": {s: test.strategy(s, best) for s in names},
+        "best_layer": best,
         "layer_val_accuracy": val.layers,
         "layer_test_accuracy": test.layers,
     }, net.specs

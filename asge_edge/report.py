@@ -16,15 +16,20 @@ from .models import LayerSpec
 from .planner import Plan
 
 
-def layer_table(specs: Sequence[LayerSpec], val: Sequence[float], test: Sequence[float],
+def layer_table(specs: Sequence[LayerSpec], val: Sequence[float] | None, test: Sequence[float] | None,
                 strategies: dict[str, float | None], best: int | None) -> str:
     """The per-layer accuracy table and the strategy lines, as printed after training;
-    ``best`` is None for a method without Best-Pred (BP)."""
+    ``best`` is None, and so are the layers' accuracies, for a method that does not train
+    the layers' projections (BP): its table gives the layers' shapes, and n/a."""
     lines = [f"{'layer':>5} {'channels':>8} {'conv HxW':>8} {'P':>3} {'goodness':>8} {'val acc':>8} {'test acc':>8}"]
-    for s, v, t in zip(specs, val, test):
+    percent = lambda acc: f"{'n/a':>8}" if acc is None else f"{100 * acc:>7.2f}%"   # noqa: E731
+    for i, s in enumerate(specs):
         mark = "  <- best" if s.index == best else ""
+        v, t = (None if accs is None else accs[i] for accs in (val, test))
         lines.append(f"{s.index:>5} {s.channels:>8} {f'{s.height}x{s.width}':>8} {s.partition:>3} "
-                     f"{s.goodness_dim:>8} {100 * v:>7.2f}% {100 * t:>7.2f}%{mark}")
+                     f"{s.goodness_dim:>8} {percent(v)} {percent(t)}{mark}")
+    if val is None:
+        lines.append("(no layer accuracies: this method does not train the layers' goodness projections)")
     lines.append("")
     for name, acc in strategies.items():
         label = f"{name} (layer {best})" if name == "best" and best is not None else name
@@ -103,7 +108,9 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def plot_layer_accuracy(history: Sequence[dict[str, Any]], path: Path, title: str = "") -> None:
-    """Validation accuracy of every layer over the epochs (the paper's Figure 3)."""
+    """Validation accuracy of every layer over the epochs (the paper's Figure 3), and of the
+    heads; what the run's method does not train (None in metrics.jsonl's latest line: a run
+    resumed from an older version may have numbers for it in earlier ones) is left out."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,12 +118,13 @@ def plot_layer_accuracy(history: Sequence[dict[str, Any]], path: Path, title: st
     from matplotlib.ticker import MaxNLocator
 
     epochs = [r["epoch"] for r in history]
-    n_layers = len(history[0]["val_layer_accuracy"])
+    latest = history[-1]
+    n_layers = len(latest["val_layer_accuracy"] or ())
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for i in range(n_layers):
         ax.plot(epochs, [100 * r["val_layer_accuracy"][i] for r in history], marker="o", ms=3, label=f"layer {i + 1}")
     for key, style in (("val_fusion_accuracy", "k--"), ("val_last_accuracy", "k:")):
-        if history[0].get(key) is not None:
+        if latest.get(key) is not None:
             ax.plot(epochs, [100 * r[key] for r in history], style, marker="x", ms=3, label=key.split("_")[1])
     ax.set_xlim(epochs[0] - 0.5, epochs[-1] + 0.5)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))   # whole epochs only, even for one

@@ -36,15 +36,15 @@ from tqdm import tqdm
 from . import __version__
 from .checkpoint import (CONFIG_FILE, MODEL_FILE, STATE_FILE, build_net, load_run, load_state, read_config,
                          save_model, save_state, write_json)
-from .config import RunConfig, resumed
+from .config import STRATEGIES, RunConfig, resumed
 from .data import load_splits, batches
 from .distributed import World
 from .device import native_precision, resolve_device, resolve_precision, to_device
 from .errors import Interrupted, UserError
 from .budget import format_size
-from .evaluate import Accuracy, best_layer, evaluate
+from .evaluate import Accuracy, best_layer, evaluate, trained_predictors
 from .memory import Measurement, measure_step
-from .methods import HEADS, ASGEMethod, Method, make_method
+from .methods import HEADS, METHODS, ASGEMethod, Method, make_method
 from .offload import Offloader, make_offloader
 from .planner import BudgetTooSmall, Plan, plan_memory
 from .report import layer_table, memory_line, memory_table, plot_layer_accuracy, read_metrics, write_metrics
@@ -99,11 +99,13 @@ def _progress_postfix(loss_sum: torch.Tensor, head_sum: torch.Tensor, seen: int)
 
 def _epoch_record(epoch: int, lr: float, seconds: float, images: int, loss_sum: torch.Tensor,
                   correct: torch.Tensor, head_sum: torch.Tensor, val: Accuracy) -> dict[str, Any]:
+    """metrics.jsonl's line for an epoch. ``val`` holds None for what the method does not
+    train (evaluate.trained_predictors), and so do the layers' training accuracies then."""
     nan_to_none = lambda xs: [None if math.isnan(v) else v for v in xs]   # noqa: E731 (JSON has no NaN)
     return {
         "epoch": epoch, "lr": lr, "seconds": seconds, "images": images,
         "train_layer_loss": nan_to_none((loss_sum / images).tolist()),
-        "train_layer_accuracy": (correct / images).tolist(),
+        "train_layer_accuracy": None if val.layers is None else (correct / images).tolist(),
         "train_last_loss": nan_to_none([head_sum[0].item() / images])[0],
         "train_fusion_loss": nan_to_none([head_sum[1].item() / images])[0],
         "val_layer_accuracy": val.layers, "val_last_accuracy": val.last, "val_fusion_accuracy": val.fusion,
@@ -360,7 +362,7 @@ def _train(cfg: RunConfig, opts: RunOptions, device: torch.device, world: World 
             if not writer:   # rank 0 evaluates, selects and writes; the weights are the same everywhere
                 progress = {**progress, "epoch": epoch, "step": step, "partial": None}
                 continue
-            val = evaluate(net, splits.val, device, offloader=off, workers=opts.workers)
+            val = trained_predictors(evaluate(net, splits.val, device, offloader=off, workers=opts.workers), type(method))
             record = _epoch_record(epoch, lr, seconds, ep.seen, ep.loss_sum, ep.correct, ep.head_sum, val)
             score = val.strategy(method.select, best_layer(val.layers))
             progress = {"epoch": epoch, "step": step, "train_seconds": progress["train_seconds"] + seconds,
@@ -374,28 +376,30 @@ def _train(cfg: RunConfig, opts: RunOptions, device: torch.device, world: World 
             save_state(out, net, method.state_dict(), progress)
             plot_layer_accuracy(history, out / "layer_accuracy.png", f"{tc.method} {cfg.model.arch} on {cfg.data.dataset}")
             if not opts.quiet:
-                layers = " ".join(f"{100 * a:.1f}" for a in val.layers)
-                heads = " ".join(f"{h} {100 * getattr(val, h):.2f}" for h in HEADS if h in method.strategies)
-                print(f"epoch {epoch}/{tc.epochs} {seconds:.0f}s {ep.seen / seconds:.0f} img/s | val layers {layers} | "
-                      f"{heads}{' *' if progress['best_epoch'] == epoch else ''}")
+                parts = [f"epoch {epoch}/{tc.epochs} {seconds:.0f}s {ep.seen / seconds:.0f} img/s"]
+                if val.layers is not None:
+                    parts.append("val layers " + " ".join(f"{100 * a:.1f}" for a in val.layers))
+                parts.append(" ".join(f"{h} {100 * getattr(val, h):.2f}" for h in HEADS if getattr(val, h) is not None))
+                print(" | ".join(parts) + (" *" if progress["best_epoch"] == epoch else ""))
 
     if not writer:
         return {}
-    return finish(out, method.strategies, history, progress, device, splits, off, quiet=opts.quiet, workers=opts.workers)
+    return finish(out, history, progress, device, splits, off, quiet=opts.quiet, workers=opts.workers)
 
 
-def finish(out: Path, strategies: tuple[str, ...], history: list[dict[str, Any]], progress: dict[str, Any],
-           device: torch.device, splits, offloader: Offloader | None = None, quiet: bool = False,
-           workers: int = 0) -> dict[str, Any]:
+def finish(out: Path, history: list[dict[str, Any]], progress: dict[str, Any], device: torch.device, splits,
+           offloader: Offloader | None = None, quiet: bool = False, workers: int = 0) -> dict[str, Any]:
     """Evaluate the selected checkpoint on test (``workers``: DataLoader workers for folder
-    datasets), write summary.json, print the table."""
+    datasets), write summary.json, print the table. What the run's method does not train
+    is None throughout (evaluate.trained_predictors)."""
     cfg, net, _ = load_run(out)
     net = net.place(device, offloader.park_device if offloader else None)
+    method = METHODS[cfg.train.method]
     chosen = history[progress["best_epoch"] - 1]
-    layer_val = chosen["val_layer_accuracy"]
-    val = Accuracy(layer_val, chosen["val_last_accuracy"], chosen["val_fusion_accuracy"], len(splits.val))
-    best = best_layer(layer_val)
-    test = evaluate(net, splits.test, device, offloader=offloader, workers=workers)
+    val = trained_predictors(Accuracy(chosen["val_layer_accuracy"], chosen["val_last_accuracy"],
+                                      chosen["val_fusion_accuracy"], len(splits.val)), method)
+    best = best_layer(val.layers)
+    test = trained_predictors(evaluate(net, splits.test, device, offloader=offloader, workers=workers), method)
     images = sum(r["images"] for r in history)
     summary = {
         "version": __version__,
@@ -407,10 +411,10 @@ def finish(out: Path, strategies: tuple[str, ...], history: list[dict[str, Any]]
         "torch": torch.__version__,
         "epochs": cfg.train.epochs,
         "best_epoch": progress["best_epoch"],
-        "test_accuracy": {s: (test.strategy(s, best) if s in strategies else None) for s in ("fusion", "last", "best")},
-        "val_accuracy": {s: (val.strategy(s, best) if s in strategies else None) for s in ("fusion", "last", "best")},
-        "best_layer": best if "best" in strategies else None,
-        "layer_val_accuracy": layer_val,
+        "test_accuracy": {s: test.strategy(s, best) for s in STRATEGIES},
+        "val_accuracy": {s: val.strategy(s, best) for s in STRATEGIES},
+        "best_layer": best,
+        "layer_val_accuracy": val.layers,
         "layer_test_accuracy": test.layers,
         "train_seconds": progress["train_seconds"],
         "images_per_second": images / max(progress["train_seconds"], 1e-9),
@@ -418,7 +422,7 @@ def finish(out: Path, strategies: tuple[str, ...], history: list[dict[str, Any]]
     }
     write_json(out / "summary.json", summary)
     if not quiet:
-        print(layer_table(net.specs, layer_val, test.layers, summary["test_accuracy"], summary["best_layer"]))
+        print(layer_table(net.specs, val.layers, test.layers, summary["test_accuracy"], summary["best_layer"]))
         print(f"{images} training images in {progress['train_seconds']:.0f}s ({summary['images_per_second']:.0f} img/s); "
               f"outputs in {out}")
         if summary["memory"] is not None:

@@ -76,10 +76,24 @@ def test_bp_baseline_runs_and_reports_last_only(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["test_accuracy"]["last"] > 0.6
     assert summary["test_accuracy"]["fusion"] is None and summary["best_layer"] is None
-    printed = capsys.readouterr().out   # no Best layer marked, no untrained Fusion head's accuracy
-    epochs = [line for line in printed.splitlines() if "val layers" in line]
-    assert epochs and not any("fusion" in line for line in epochs)
+    # BP trains neither the layers' fixed projections nor the Fusion head: they read at
+    # chance, so no file and no line reports them as accuracies
+    assert summary["layer_val_accuracy"] is None and summary["layer_test_accuracy"] is None
+    assert summary["val_accuracy"] == {"fusion": None, "last": summary["val_accuracy"]["last"], "best": None}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        assert record["val_layer_accuracy"] is None and record["train_layer_accuracy"] is None
+        assert record["val_fusion_accuracy"] is None and record["val_last_accuracy"] > 0.1
+    printed = capsys.readouterr().out
+    epochs = [line for line in printed.splitlines() if line.startswith("epoch ")]
+    assert epochs and all("last" in line and "fusion" not in line and "val layers" not in line for line in epochs)
+    rows = [r for r in map(str.split, printed.splitlines()) if len(r) == 7 and r[0].isdigit()]   # the layer table
+    assert len(rows) == 7 and all(r[-2:] == ["n/a", "n/a"] for r in rows)
     assert "<- best" not in printed and "(layer" not in printed
+    assert main(["eval", str(out), "--device", "cpu", "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["layer_test_accuracy"] is None and again["best_layer"] is None
+    assert again["test_accuracy"]["last"] == summary["test_accuracy"]["last"]
 
 
 @pytest.mark.parametrize("amp", ["bf16", "off"])
