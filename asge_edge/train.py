@@ -215,7 +215,9 @@ def _run_epoch(method: Method, cfg: RunConfig, splits, device, epoch: int, step:
         if pbar is not None:
             pbar.update(1)
             if ep.batches == 1 or step % PROGRESS_EVERY == 0:   # from each epoch's first step on
-                pbar.set_postfix_str(_progress_postfix(ep.loss_sum, ep.head_sum, ep.seen), refresh=False)
+                # drawn now on the first step, at the next update after it: a short epoch may
+                # end within tqdm's refresh interval, and its bar would never show the losses
+                pbar.set_postfix_str(_progress_postfix(ep.loss_sum, ep.head_sum, ep.seen), refresh=ep.batches == 1)
     return step, lr, measured
 
 
