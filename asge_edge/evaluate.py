@@ -74,7 +74,7 @@ def evaluate(net: ASGENet, split: Split, device: torch.device, batch_size: int =
 
 def best_layer(layer_val_accuracy: list[float] | None) -> int | None:
     """1-based index of the most accurate layer on validation (shallowest on ties); None
-    where the layers' accuracies are (a method that does not train their projections)."""
+    where the layers have no accuracies (a method that does not train their projections)."""
     if layer_val_accuracy is None:
         return None
     best = max(layer_val_accuracy)
