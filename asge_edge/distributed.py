@@ -94,9 +94,14 @@ class World:
     def barrier(self) -> None:
         dist.barrier()
 
-    def close(self) -> None:
-        """Leave the process group. Each rank calls this once it is done, rank 0 after
-        writing the outputs. Without it, gloo's threads are still running at interpreter
-        exit, and 1 run in 15 of tests/test_distributed.py's command died with "terminate
-        called without an active exception" (SIGABRT)."""
+    def close(self, finished: bool) -> None:
+        """Leave the process group. Each rank calls this once it is done. A ``finished`` run
+        first waits at a barrier until every rank is done (rank 0 last: it evaluates on test
+        and writes the outputs), so that all leave the group together; a failed one leaves
+        at once (torchrun stops the other ranks). A rank that left while another still
+        worked, or that left no group at all, died at exit, 1 run in 5 to 15 of
+        tests/test_distributed.py's command, with "terminate called without an active
+        exception" (SIGABRT): gloo's threads were still running."""
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()

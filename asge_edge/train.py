@@ -261,11 +261,14 @@ def train(cfg: RunConfig, opts: RunOptions) -> dict[str, Any]:
     """
     device = resolve_device(cfg.train.device)
     world = World.from_env(device)
+    finished = False
     try:
-        return _train(cfg, opts, device, world)
+        summary = _train(cfg, opts, device, world)
+        finished = True
+        return summary
     finally:
         if world is not None:
-            world.close()
+            world.close(finished)
 
 
 def _train(cfg: RunConfig, opts: RunOptions, device: torch.device, world: World | None) -> dict[str, Any]:
