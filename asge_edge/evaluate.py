@@ -1,9 +1,9 @@
 """Evaluation: accuracy of every layer and every prediction strategy on a split.
 
 Contract: ``evaluate`` runs the network once over a split without autograd and
-returns per-layer goodness-projection accuracy and the Last and Fusion accuracies;
-it never changes the network. ``trained_predictors`` keeps only what a method trains
-(the rest reads at chance and is reported as None). ``best_layer`` picks the exit by
+returns per-layer goodness-projection accuracy and the Last and Fusion accuracies of
+what the run's method trains (``trained_predictors``: the rest reads at chance and is
+None); it never changes the network. ``best_layer`` picks the exit by
 validation accuracy (never test), breaking ties towards the shallower, cheaper layer.
 """
 
@@ -53,11 +53,11 @@ def trained_predictors(acc: Accuracy, method: type[Method]) -> Accuracy:
 
 
 @torch.inference_mode()
-def evaluate(net: ASGENet, split: Split, device: torch.device, batch_size: int = EVAL_BATCH,
+def evaluate(net: ASGENet, split: Split, device: torch.device, method: type[Method], batch_size: int = EVAL_BATCH,
              offloader: Offloader | None = None, workers: int = 0) -> Accuracy:
-    """Accuracy of every layer and of the Last and Fusion heads on ``split``; with an
-    ``offloader``, each layer visits the device only while it runs. ``workers``: DataLoader
-    workers for folder datasets (data.batches)."""
+    """Accuracy of every layer and of the Last and Fusion heads on ``split``, None for what
+    ``method`` does not train; with an ``offloader``, each layer visits the device only
+    while it runs. ``workers``: DataLoader workers for folder datasets (data.batches)."""
     was_training = net.training
     net.eval()
     correct = torch.zeros(len(net.layers) + 2, device=device)
@@ -69,7 +69,7 @@ def evaluate(net: ASGENet, split: Split, device: torch.device, batch_size: int =
             correct += (preds == y).sum(1)
     net.train(was_training)
     acc = (correct / max(1, len(split))).tolist()
-    return Accuracy(acc[:-2], acc[-2], acc[-1], len(split))
+    return trained_predictors(Accuracy(acc[:-2], acc[-2], acc[-1], len(split)), method)
 
 
 def best_layer(layer_val_accuracy: list[float] | None) -> int | None:
@@ -111,8 +111,7 @@ def evaluate_run(run_dir, device_name: str = "auto", strategy: str | None = None
     off = make_offloader(cfg.train.offload and device.type != "cpu", device)
     net = net.place(device, off.park_device if off else None)
     splits = load_splits(cfg.data)
-    val, test = (trained_predictors(evaluate(net, s, device, offloader=off, workers=workers), method)
-                 for s in (splits.val, splits.test))
+    val, test = (evaluate(net, s, device, method, offloader=off, workers=workers) for s in (splits.val, splits.test))
     best = best_layer(val.layers)
     names = (strategy,) if strategy else STRATEGIES
     return {

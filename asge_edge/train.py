@@ -215,8 +215,8 @@ def _run_epoch(method: Method, cfg: RunConfig, splits, device, epoch: int, step:
         if pbar is not None:
             pbar.update(1)
             if ep.batches == 1 or step % PROGRESS_EVERY == 0:   # from each epoch's first step on
-                # drawn now on the first step, at the next update after it: a short epoch may
-                # end within tqdm's refresh interval, and its bar would never show the losses
+                # the first step's losses are drawn at once, later ones at the next update: an
+                # epoch shorter than tqdm's refresh interval would otherwise never show any
                 pbar.set_postfix_str(_progress_postfix(ep.loss_sum, ep.head_sum, ep.seen), refresh=ep.batches == 1)
     return step, lr, measured
 
@@ -367,7 +367,7 @@ def _train(cfg: RunConfig, opts: RunOptions, device: torch.device, world: World 
             if not writer:   # rank 0 evaluates, selects and writes; the weights are the same everywhere
                 progress = {**progress, "epoch": epoch, "step": step, "partial": None}
                 continue
-            val = trained_predictors(evaluate(net, splits.val, device, offloader=off, workers=opts.workers), type(method))
+            val = evaluate(net, splits.val, device, type(method), offloader=off, workers=opts.workers)
             record = _epoch_record(epoch, lr, seconds, ep.seen, ep.loss_sum, ep.correct, ep.head_sum, val)
             score = val.strategy(method.select, best_layer(val.layers))
             progress = {"epoch": epoch, "step": step, "train_seconds": progress["train_seconds"] + seconds,
@@ -401,10 +401,11 @@ def finish(out: Path, history: list[dict[str, Any]], progress: dict[str, Any], d
     net = net.place(device, offloader.park_device if offloader else None)
     method = METHODS[cfg.train.method]
     chosen = history[progress["best_epoch"] - 1]
+    # masked again: an older version's metrics lines carry numbers for what the method does not train
     val = trained_predictors(Accuracy(chosen["val_layer_accuracy"], chosen["val_last_accuracy"],
                                       chosen["val_fusion_accuracy"], len(splits.val)), method)
     best = best_layer(val.layers)
-    test = trained_predictors(evaluate(net, splits.test, device, offloader=offloader, workers=workers), method)
+    test = evaluate(net, splits.test, device, method, offloader=offloader, workers=workers)
     images = sum(r["images"] for r in history)
     summary = {
         "version": __version__,
