@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -52,6 +53,7 @@ from .schedule import cosine_lr
 
 OUTPUTS = (CONFIG_FILE, MODEL_FILE, STATE_FILE, "metrics.jsonl", "summary.json", "layer_accuracy.png")
 PROGRESS_EVERY = 10   # steps between progress-bar refreshes (each one syncs the device)
+LOG_INTERVAL = 30.0   # seconds between progress-bar redraws where stderr is a log, not a terminal
 
 
 @dataclass(frozen=True)
@@ -221,6 +223,15 @@ def _run_epoch(method: Method, cfg: RunConfig, splits, device, epoch: int, step:
     return step, lr, measured
 
 
+def _progress_bar(total: int, initial: int, desc: str) -> tqdm:
+    """An epoch's progress bar on stderr. On a terminal it redraws at tqdm's own rate; into a
+    file or a pipe, where every redraw stays in the log as a line of its own, at most every
+    LOG_INTERVAL seconds (the first step's and each epoch's line are drawn either way)."""
+    interval = 0.1 if sys.stderr.isatty() else LOG_INTERVAL   # 0.1: tqdm's default
+    return tqdm(total=total, initial=initial, unit="batch", desc=desc, dynamic_ncols=True, leave=False,
+                mininterval=interval)
+
+
 def _global_batch(world: World | None, batch_size: int) -> int:
     """Images per step: --batch-size, or its sum over the processes under torchrun."""
     return world.global_batch(batch_size) if world is not None else batch_size
@@ -328,8 +339,7 @@ def _train(cfg: RunConfig, opts: RunOptions, device: torch.device, world: World 
             partial = progress.get("partial")
             ep = (EpochProgress.from_dict(partial, device) if partial else
                   EpochProgress.start(len(net.layers), device))
-            pbar = None if opts.quiet else tqdm(total=steps_per_epoch, initial=ep.batches, unit="batch",
-                                                desc=f"epoch {epoch}/{tc.epochs}", dynamic_ncols=True, leave=False)
+            pbar = None if opts.quiet else _progress_bar(steps_per_epoch, ep.batches, f"epoch {epoch}/{tc.epochs}")
             t0 = time.perf_counter()
 
             def check_finite(ep: EpochProgress, step: int, epoch=epoch) -> None:

@@ -1,6 +1,7 @@
 """End to end through the CLI: a short synthetic run learns, writes its outputs, and reloads."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -113,6 +114,23 @@ def test_progress_bar_shows_the_layer_losses_from_the_first_step(tmp_path, capsy
     assert main(["train", *args, "--out", str(tmp_path / "run")]) == 0
     bar = capsys.readouterr().err.replace("\r", "\n")
     assert "loss " in bar and "| fusion" in bar
+
+
+def test_progress_bar_into_a_log_redraws_rarely(tmp_path, capsys, monkeypatch):
+    """Into a file or pipe every redraw stays in the log: steps slower than tqdm's terminal
+    rate must not each add one."""
+    from asge_edge.methods import ASGEMethod
+    real = ASGEMethod.train_step
+
+    def slow_step(self, x, y):
+        time.sleep(0.15)   # longer than tqdm's 0.1 s terminal interval
+        return real(self, x, y)
+
+    monkeypatch.setattr(ASGEMethod, "train_step", slow_step)
+    loud = [a for a in TINY_RUN if a != "--quiet"]
+    assert main(["train", *loud, "--epochs", "1", "--train-size", "512", "--out", str(tmp_path / "run")]) == 0   # 8 steps
+    redraws = capsys.readouterr().err.count("epoch 1/1:")
+    assert 1 <= redraws <= 3   # the first step's, and the bar's opening and closing lines at most
 
 
 def _interrupted_in_epoch_2(monkeypatch, args, out):
