@@ -184,6 +184,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     e.add_argument("--workers", type=_non_negative_int, default=default_workers(),
                    help="imagefolder: DataLoader workers (default: one per CPU core, at most 4)")
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
 
     x = sub.add_parser("export", help="export a run: Best-Pred early exit or Fusion net to ONNX/TensorRT, or a cascade")
     x.add_argument("run_dir", type=Path)
@@ -277,7 +278,7 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     from .evaluate import evaluate_run
     from .report import layer_table
 
-    result, specs = evaluate_run(a.run_dir, a.device, a.strategy, a.workers, a.data_root)
+    result, specs = evaluate_run(a.run_dir, a.device, a.strategy, a.workers, a.data_root, a.quiet)
     if a.json:
         print(json.dumps(result, indent=2))
     else:

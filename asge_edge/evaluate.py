@@ -9,6 +9,7 @@ validation accuracy (never test), breaking ties towards the shallower, cheaper l
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ from .errors import UserError
 from .methods import METHODS, Method
 from .models import ASGENet, LayerSpec
 from .offload import Offloader, make_offloader
+from .report import progress_bar
 
 EVAL_BATCH = 512   # inference holds no gradients, so a larger batch fits the same memory
 
@@ -54,15 +56,19 @@ def trained_predictors(acc: Accuracy, method: type[Method]) -> Accuracy:
 
 @torch.inference_mode()
 def evaluate(net: ASGENet, split: Split, device: torch.device, method: type[Method], batch_size: int = EVAL_BATCH,
-             offloader: Offloader | None = None, workers: int = 0) -> Accuracy:
+             offloader: Offloader | None = None, workers: int = 0, label: str | None = None) -> Accuracy:
     """Accuracy of every layer and of the Last and Fusion heads on ``split``, None for what
     ``method`` does not train; with an ``offloader``, each layer visits the device only
-    while it runs. ``workers``: DataLoader workers for folder datasets (data.batches)."""
+    while it runs. ``workers``: DataLoader workers for folder datasets (data.batches).
+    ``label``: show a progress bar by that name (None: none)."""
     was_training = net.training
     net.eval()
     correct = torch.zeros(len(net.layers) + 2, device=device)
     with offloader.streaming(net.layers) if offloader is not None else nullcontext():
-        for x, y in batches(split, batch_size, workers=workers):
+        loader = batches(split, batch_size, workers=workers)
+        if label is not None:
+            loader = progress_bar(math.ceil(len(split) / batch_size), label, iterable=loader)
+        for x, y in loader:
             x, y = to_device(x, y, device)
             out = net(x)
             preds = torch.stack([lg.argmax(1) for lg in (*out.layer_logits, out.last, out.fusion)])   # L+2, B
@@ -82,7 +88,7 @@ def best_layer(layer_val_accuracy: list[float] | None) -> int | None:
 
 
 def evaluate_run(run_dir, device_name: str = "auto", strategy: str | None = None, workers: int = 0,
-                 data_root: str | None = None) -> tuple[dict, tuple[LayerSpec, ...]]:
+                 data_root: str | None = None, quiet: bool = False) -> tuple[dict, tuple[LayerSpec, ...]]:
     """Re-evaluate a finished run: the best layer is re-derived on validation, then test.
 
     Args:
@@ -91,6 +97,7 @@ def evaluate_run(run_dir, device_name: str = "auto", strategy: str | None = None
         strategy: one of fusion, last, best; None for every strategy the method trained.
         workers: DataLoader workers for folder datasets.
         data_root: the dataset's root, where it is not the run's (None: the run's).
+        quiet: no progress bars.
 
     Returns:
         ({"test_accuracy": {strategy: fraction or None}, "best_layer": k or None,
@@ -111,7 +118,8 @@ def evaluate_run(run_dir, device_name: str = "auto", strategy: str | None = None
     off = make_offloader(cfg.train.offload and device.type != "cpu", device)
     net = net.place(device, off.park_device if off else None)
     splits = load_splits(cfg.data)
-    val, test = (evaluate(net, s, device, method, offloader=off, workers=workers) for s in (splits.val, splits.test))
+    val, test = (evaluate(net, s, device, method, offloader=off, workers=workers, label=None if quiet else name)
+                 for name, s in (("validation", splits.val), ("test", splits.test)))
     best = best_layer(val.layers)
     names = (strategy,) if strategy else STRATEGIES
     return {

@@ -1,19 +1,35 @@
-"""Human-facing output: the per-layer table, the layer-accuracy plot, metrics lines.
+"""Human-facing output: the per-layer table, the layer-accuracy plot, metrics lines, progress bars.
 
 Contract: pure formatting (``layer_table``) is kept apart from file writing
 (``append_metrics``, ``plot_layer_accuracy``). The plot follows the paper's Figure 3:
-validation accuracy of each layer against the epoch. Nothing here touches tensors.
+validation accuracy of each layer against the epoch. ``progress_bar`` is the one kind of
+bar every loop shows, on stderr. Nothing here touches tensors.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
+
+from tqdm import tqdm
 
 from .budget import format_size
 from .models import LayerSpec
 from .planner import Plan
+
+LOG_INTERVAL = 30.0   # seconds between progress-bar redraws where stderr is a log, not a terminal
+
+
+def progress_bar(total: int, desc: str, initial: int = 0, iterable: Iterable | None = None) -> tqdm:
+    """A progress bar on stderr over ``total`` batches (of ``iterable``, where given), gone
+    when it closes. On a terminal it redraws at tqdm's own rate; into a file or a pipe, where
+    every redraw stays in the log as a line of its own, at most every LOG_INTERVAL seconds
+    (a forced refresh draws at once either way)."""
+    interval = 0.1 if sys.stderr.isatty() else LOG_INTERVAL   # 0.1: tqdm's default
+    return tqdm(iterable, total=total, initial=initial, unit="batch", desc=desc, dynamic_ncols=True, leave=False,
+                mininterval=interval)
 
 
 def layer_table(specs: Sequence[LayerSpec], val: Sequence[float] | None, test: Sequence[float] | None,

@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 import os
 import signal
-import sys
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -32,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from . import __version__
 from .checkpoint import (CONFIG_FILE, MODEL_FILE, STATE_FILE, build_net, load_run, load_state, read_config,
@@ -48,12 +46,12 @@ from .memory import Measurement, measure_step
 from .methods import HEADS, METHODS, ASGEMethod, Method, make_method
 from .offload import Offloader, make_offloader
 from .planner import BudgetTooSmall, Plan, plan_memory
-from .report import layer_table, memory_line, memory_table, plot_layer_accuracy, read_metrics, write_metrics
+from .report import (layer_table, memory_line, memory_table, plot_layer_accuracy, progress_bar, read_metrics,
+                     write_metrics)
 from .schedule import cosine_lr
 
 OUTPUTS = (CONFIG_FILE, MODEL_FILE, STATE_FILE, "metrics.jsonl", "summary.json", "layer_accuracy.png")
 PROGRESS_EVERY = 10   # steps between progress-bar refreshes (each one syncs the device)
-LOG_INTERVAL = 30.0   # seconds between progress-bar redraws where stderr is a log, not a terminal
 
 
 @dataclass(frozen=True)
@@ -223,15 +221,6 @@ def _run_epoch(method: Method, cfg: RunConfig, splits, device, epoch: int, step:
     return step, lr, measured
 
 
-def _progress_bar(total: int, initial: int, desc: str) -> tqdm:
-    """An epoch's progress bar on stderr. On a terminal it redraws at tqdm's own rate; into a
-    file or a pipe, where every redraw stays in the log as a line of its own, at most every
-    LOG_INTERVAL seconds (the first step's and each epoch's line are drawn either way)."""
-    interval = 0.1 if sys.stderr.isatty() else LOG_INTERVAL   # 0.1: tqdm's default
-    return tqdm(total=total, initial=initial, unit="batch", desc=desc, dynamic_ncols=True, leave=False,
-                mininterval=interval)
-
-
 def _global_batch(world: World | None, batch_size: int) -> int:
     """Images per step: --batch-size, or its sum over the processes under torchrun."""
     return world.global_batch(batch_size) if world is not None else batch_size
@@ -339,7 +328,7 @@ def _train(cfg: RunConfig, opts: RunOptions, device: torch.device, world: World 
             partial = progress.get("partial")
             ep = (EpochProgress.from_dict(partial, device) if partial else
                   EpochProgress.start(len(net.layers), device))
-            pbar = None if opts.quiet else _progress_bar(steps_per_epoch, ep.batches, f"epoch {epoch}/{tc.epochs}")
+            pbar = None if opts.quiet else progress_bar(steps_per_epoch, f"epoch {epoch}/{tc.epochs}", ep.batches)
             t0 = time.perf_counter()
 
             def check_finite(ep: EpochProgress, step: int, epoch=epoch) -> None:
@@ -377,7 +366,8 @@ def _train(cfg: RunConfig, opts: RunOptions, device: torch.device, world: World 
             if not writer:   # rank 0 evaluates, selects and writes; the weights are the same everywhere
                 progress = {**progress, "epoch": epoch, "step": step, "partial": None}
                 continue
-            val = evaluate(net, splits.val, device, type(method), offloader=off, workers=opts.workers)
+            val = evaluate(net, splits.val, device, type(method), offloader=off, workers=opts.workers,
+                           label=None if opts.quiet else "validation")
             record = _epoch_record(epoch, lr, seconds, ep.seen, ep.loss_sum, ep.correct, ep.head_sum, val)
             score = val.strategy(method.select, best_layer(val.layers))
             progress = {"epoch": epoch, "step": step, "train_seconds": progress["train_seconds"] + seconds,
@@ -415,7 +405,8 @@ def finish(out: Path, history: list[dict[str, Any]], progress: dict[str, Any], d
     val = trained_predictors(Accuracy(chosen["val_layer_accuracy"], chosen["val_last_accuracy"],
                                       chosen["val_fusion_accuracy"], len(splits.val)), method)
     best = best_layer(val.layers)
-    test = evaluate(net, splits.test, device, method, offloader=offloader, workers=workers)
+    test = evaluate(net, splits.test, device, method, offloader=offloader, workers=workers,
+                    label=None if quiet else "test")
     images = sum(r["images"] for r in history)
     summary = {
         "version": __version__,

@@ -58,6 +58,15 @@ def test_eval_reproduces_the_summary(tiny_run, capsys):
         assert result["test_accuracy"][k] == pytest.approx(v, abs=1e-6)
 
 
+def test_eval_shows_progress_on_stderr_unless_quiet(tiny_run, capsys):
+    assert main(["eval", str(tiny_run), "--json", "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    json.loads(out)   # the bars stay out of the JSON
+    assert "validation:" in err and "test:" in err
+    assert main(["eval", str(tiny_run), "--json", "--device", "cpu", "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+
+
 def test_eval_prints_the_per_layer_table_of_the_run(tiny_run, capsys):
     assert main(["eval", str(tiny_run), "--device", "cpu"]) == 0
     printed = capsys.readouterr().out.splitlines()
@@ -114,6 +123,7 @@ def test_progress_bar_shows_the_layer_losses_from_the_first_step(tmp_path, capsy
     assert main(["train", *args, "--out", str(tmp_path / "run")]) == 0
     bar = capsys.readouterr().err.replace("\r", "\n")
     assert "loss " in bar and "| fusion" in bar
+    assert "validation:" in bar and "test:" in bar   # the evaluations' bars
 
 
 def test_progress_bar_into_a_log_redraws_rarely(tmp_path, capsys, monkeypatch):
