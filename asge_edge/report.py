@@ -28,8 +28,10 @@ def progress_bar(total: int, desc: str, initial: int = 0, iterable: Iterable | N
     every redraw stays in the log as a line of its own, at most every LOG_INTERVAL seconds
     (a forced refresh draws at once either way)."""
     interval = 0.1 if sys.stderr.isatty() else LOG_INTERVAL   # 0.1: tqdm's default
+    # tqdm's monitor thread also redraws a bar that has not drawn for maxinterval seconds
+    # (10 by default), which would halve LOG_INTERVAL for slow steps: keep it no shorter.
     return tqdm(iterable, total=total, initial=initial, unit="batch", desc=desc, dynamic_ncols=True, leave=False,
-                mininterval=interval)
+                mininterval=interval, maxinterval=max(interval, 10.0))
 
 
 def layer_table(specs: Sequence[LayerSpec], val: Sequence[float] | None, test: Sequence[float] | None,

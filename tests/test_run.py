@@ -1,6 +1,8 @@
 """End to end through the CLI: a short synthetic run learns, writes its outputs, and reloads."""
 
+import io
 import json
+import sys
 import time
 
 import pytest
@@ -141,6 +143,19 @@ def test_progress_bar_into_a_log_redraws_rarely(tmp_path, capsys, monkeypatch):
     assert main(["train", *loud, "--epochs", "1", "--train-size", "512", "--out", str(tmp_path / "run")]) == 0   # 8 steps
     redraws = capsys.readouterr().err.count("epoch 1/1:")
     assert 1 <= redraws <= 3   # the first step's, and the bar's opening and closing lines at most
+
+
+def test_progress_bar_into_a_log_is_not_redrawn_by_tqdms_monitor(monkeypatch):
+    """tqdm's monitor thread redraws a bar idle for ``maxinterval`` seconds (10 by default),
+    so a bar with slow steps drew every 10-20 s into a log, not every LOG_INTERVAL."""
+    from asge_edge.report import LOG_INTERVAL, progress_bar
+    monkeypatch.setattr(sys, "stderr", io.StringIO())   # a log, not a terminal
+    bar = progress_bar(10, "epoch 1/1")
+    try:
+        assert bar.mininterval == LOG_INTERVAL
+        assert bar.maxinterval >= LOG_INTERVAL
+    finally:
+        bar.close()
 
 
 def _interrupted_in_epoch_2(monkeypatch, args, out):
