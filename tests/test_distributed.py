@@ -23,7 +23,8 @@ def test_two_gloo_processes_equal_one_at_the_doubled_batch(tmp_path):
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                            "--master-port", "29517", "-m", "asge_edge", "train", *RUN, "--batch-size", "32",
                            "--device", "cpu", "--out", str(two)], capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    # torchrun's own summary alone is about 2,000 characters: keep the ranks' messages before it
+    assert done.returncode == 0, done.stderr[-8000:]
     a, b = load_file(one / "state.safetensors"), load_file(two / "state.safetensors")
     assert a.keys() == b.keys()
     worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
