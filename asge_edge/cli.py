@@ -135,8 +135,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     o.add_argument("--batch-size", type=_positive_int, default=TrainConfig.batch_size)
     o.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS)
     o.add_argument("--lr", type=_positive_float, default=None,
-                   help="initial lr (default for AdamW: 2e-4 * clamp(100/epochs, 1, 15), i.e. the paper's 2e-4 "
-                   "from 100 epochs on and 3e-3 at 3 epochs; SGD: 0.05; see docs/RESULTS.md)")
+                   help="initial lr (default for AdamW: 2e-4 * clamp(100/epochs, 1, cap), the cap 15 up to "
+                   "--width 0.25 and 3.75/width above it, i.e. the paper's 2e-4 from 100 epochs on, and at 3 "
+                   "epochs 3e-3 at width 0.25 and 7.5e-4 at width 1; SGD: 0.05; see docs/RESULTS.md)")
     o.add_argument("--lr-min", type=_positive_float, default=None, help="final lr of the cosine (default 1e-5)")
     o.add_argument("--weight-decay", type=_non_negative_float, default=None, help="default 1e-3 (AdamW), 1e-4 (SGD)")
     o.add_argument("--momentum", type=_momentum, default=TrainConfig.momentum, help="SGD momentum")

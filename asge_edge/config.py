@@ -9,11 +9,15 @@ Defaults and where they come from:
 - AdamW, weight decay 1e-3, batch 128, lr cosine-annealed to 1e-5: the paper's
   recipe for MNIST/F-MNIST/CIFAR ("Experiments").
 - lr: the paper's 2e-4 is tuned for 100-400 epochs and leaves a 3-epoch run far from
-  convergence. With ``lr=None`` (the default) the run uses ``auto_lr(epochs)``: the
-  paper's lr scaled by 100/epochs (constant lr x epochs), clamped to [1, 15] x 2e-4. So
-  100 epochs or more get the paper's 2e-4, 10 epochs 2e-3, 3 epochs 3e-3. The cap 3e-3
-  is the largest lr measured stable: at 1e-2 layers 5-7 collapse to 45-66% after one
-  epoch. docs/RESULTS.md has the runs behind these figures.
+  convergence. With ``lr=None`` (the default) the run uses ``auto_lr(epochs, optimizer,
+  width)``: the paper's lr scaled by 100/epochs (constant lr x epochs), clamped to
+  [1, cap] x 2e-4. The cap is 15 (3e-3) up to width 0.25, the largest lr measured stable
+  there: at 1e-2 layers 5-7 collapse to 45-66% after one epoch. Above width 0.25 it
+  shrinks as 1/width, to no less than 1: under AdamW each weight moves by about the lr
+  whatever its fan-in, so a conv with k times the input channels moves its outputs about
+  k times as much per step. So 100 epochs or more get the paper's 2e-4 at any width. At
+  width 0.25, 10 epochs get 2e-3 and 3 epochs 3e-3; at width 1, both get 7.5e-4.
+  docs/RESULTS.md has the runs behind these figures.
 - head_lr_scale: the Last and Fusion heads step at 3x the layers' lr. They chase features
   that move until the end of training; at 1x, Fusion ended 2.3 points below the best layer
   in a 3-epoch run, and a head refitted on the final features recovered 2.6 points, so the
@@ -33,7 +37,8 @@ PAPER_EPOCHS = 100          # the schedule length PAPER_LR was tuned for
 PAPER_LR_MIN = 1e-5
 PAPER_WEIGHT_DECAY = 1e-3
 PAPER_BATCH = 128
-MAX_LR_SCALE = 15.0         # 15 x 2e-4 = 3e-3, the largest lr measured stable (docs/RESULTS.md)
+MAX_LR_SCALE = 15.0         # 15 x 2e-4 = 3e-3, the largest lr measured stable (docs/RESULTS.md)...
+MAX_LR_SCALE_WIDTH = 0.25   # ...at this width and below; wider nets get MAX_LR_SCALE x this / width
 HEAD_LR_SCALE = 3.0         # heads' lr / layers' lr, chosen on validation (docs/RESULTS.md)
 SGD_LR, SGD_LR_MIN, SGD_MOMENTUM, SGD_WEIGHT_DECAY = 0.05, 5e-4, 0.9, 1e-4   # paper, ImageNet
 
@@ -47,14 +52,16 @@ STRATEGIES = ("fusion", "last", "best")
 RESUMABLE = ("root", "download", "device", "memory_budget", "offload")
 
 
-def auto_lr(epochs: int, optimizer: str = "adamw") -> float:
-    """Initial learning rate for a schedule of ``epochs`` epochs (see module docstring).
+def auto_lr(epochs: int, optimizer: str, width: float) -> float:
+    """Initial learning rate for a schedule of ``epochs`` epochs of a net of ``width`` (see
+    module docstring).
 
     SGD keeps the paper's ImageNet lr (0.05) whatever the length: it was tuned for 45 epochs.
     """
     if optimizer == "sgd":
         return SGD_LR
-    return PAPER_LR * min(MAX_LR_SCALE, max(1.0, PAPER_EPOCHS / max(1, epochs)))
+    cap = min(MAX_LR_SCALE, max(1.0, MAX_LR_SCALE * MAX_LR_SCALE_WIDTH / width))
+    return PAPER_LR * min(cap, max(1.0, PAPER_EPOCHS / max(1, epochs)))
 
 
 @dataclass(frozen=True)
@@ -92,7 +99,7 @@ class TrainConfig:
     epochs: int = 3
     batch_size: int = PAPER_BATCH
     optimizer: str = "adamw"
-    lr: float | None = None           # None: auto_lr(epochs, optimizer)
+    lr: float | None = None           # None: auto_lr(epochs, optimizer, the model's width)
     lr_min: float | None = None       # None: 1e-5 (AdamW) or 5e-4 (SGD)
     weight_decay: float | None = None  # None: 1e-3 (AdamW) or 1e-4 (SGD)
     momentum: float = SGD_MOMENTUM
@@ -103,22 +110,21 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
 
-    @property
-    def resolved_lr(self) -> float:
-        return self.lr if self.lr is not None else auto_lr(self.epochs, self.optimizer)
+    def lr_range(self, width: float) -> tuple[float, float]:
+        """(initial, final) lr of the cosine for a net of ``width``: --lr, else auto_lr; and
+        --lr-min, else the optimiser's default capped at the initial lr (a small --lr alone
+        must not anneal upwards).
 
-    def __post_init__(self):
-        if self.lr_min is not None and self.lr_min > self.resolved_lr:
-            raise ValueError(f"--lr-min {self.lr_min:g} is above the initial lr {self.resolved_lr:g}, so the "
-                             f"cosine would anneal upwards; give a --lr-min of at most {self.resolved_lr:g}")
-
-    @property
-    def resolved_lr_min(self) -> float:
-        """The cosine's final lr: as given, else the optimiser's default, capped at the initial lr
-        (a small --lr alone must not anneal upwards)."""
-        if self.lr_min is not None:
-            return self.lr_min
-        return min(SGD_LR_MIN if self.optimizer == "sgd" else PAPER_LR_MIN, self.resolved_lr)
+        Raises:
+            ValueError: --lr-min is above the initial lr.
+        """
+        lr = self.lr if self.lr is not None else auto_lr(self.epochs, self.optimizer, width)
+        if self.lr_min is None:
+            return lr, min(SGD_LR_MIN if self.optimizer == "sgd" else PAPER_LR_MIN, lr)
+        if self.lr_min > lr:
+            raise ValueError(f"--lr-min {self.lr_min:g} is above the initial lr {lr:g}, so the "
+                             f"cosine would anneal upwards; give a --lr-min of at most {lr:g}")
+        return lr, self.lr_min
 
     @property
     def resolved_weight_decay(self) -> float:
@@ -147,6 +153,14 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     info: DataInfo | None = None      # filled in once the dataset is loaded
     version: str = ""
+
+    def __post_init__(self):
+        self.train.lr_range(self.model.width)   # raises ValueError where --lr-min is above the initial lr
+
+    @property
+    def lr_range(self) -> tuple[float, float]:
+        """(initial, final) lr of the run's cosine (TrainConfig.lr_range at the model's width)."""
+        return self.train.lr_range(self.model.width)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

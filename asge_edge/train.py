@@ -189,13 +189,14 @@ def _run_epoch(method: Method, cfg: RunConfig, splits, device, epoch: int, step:
     Returns (global step, last lr, memory measurement or None).
     """
     tc = cfg.train
-    lr, measured = tc.resolved_lr, None
+    lr0, lr_min = cfg.lr_range
+    lr, measured = lr0, None
     gen = _epoch_generator(tc.seed, epoch)
     size = _global_batch(world, tc.batch_size)
     for b, (x, y) in enumerate(batches(splits.train, size, gen, cfg.data.augment, workers)):
         if b < ep.batches:
             continue
-        lr = cosine_lr(step, total, tc.resolved_lr, tc.resolved_lr_min)
+        lr = cosine_lr(step, total, lr0, lr_min)
         method.set_lr(lr)
         n = len(y)
         if world is not None:
@@ -306,9 +307,11 @@ def _train(cfg: RunConfig, opts: RunOptions, device: torch.device, world: World 
     history = read_metrics(out / "metrics.jsonl")[: progress["epoch"]]
 
     if not opts.quiet:
+        lr0, lr_min = cfg.lr_range
         print(f"asge-edge {__version__}: {tc.method} {cfg.model.arch} x{cfg.model.width} on {cfg.data.dataset} "
               f"({len(splits.train)}/{len(splits.val)}/{len(splits.test)} train/val/test), {device} {precision}, "
-              f"lr {tc.resolved_lr:.3g} -> {tc.resolved_lr_min:.3g}, batch {tc.batch_size}, {tc.epochs} epoch{'s' if tc.epochs > 1 else ''}")
+              f"lr {lr0:.3g}{' (auto)' if tc.lr is None else ''} -> {lr_min:.3g}, batch {tc.batch_size}, "
+              f"{tc.epochs} epoch{'s' if tc.epochs > 1 else ''}")
         if not native_precision(precision, device):
             print(f"note: this CPU has no native {precision} kernels, so torch emulates them and --amp {precision} "
                   f"trains several times slower than fp32 here; it saves activation memory only (--amp off: fp32)")

@@ -133,8 +133,8 @@ class OffloadedBP(Method):
         super().__init__(net, cfg)
         self.micro_batch, self.offloader = micro_batch, offloader
         for i, layer in enumerate(net.layers):
-            self.optimizers[f"layer{i + 1}"] = make_optimizer(layer.conv.parameters(), cfg)
-        self.optimizers["last"] = make_optimizer(net.last_head.parameters(), cfg)
+            self.optimizers[f"layer{i + 1}"] = make_optimizer(layer.conv.parameters(), cfg, net.cfg.width)
+        self.optimizers["last"] = make_optimizer(net.last_head.parameters(), cfg, net.cfg.width)
         self.host_grads = [[torch.zeros_like(p, device=offloader.park_device) for p in layer.conv.parameters()]
                            for layer in net.layers]   # gradients accumulate here, on the host
 

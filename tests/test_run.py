@@ -119,6 +119,14 @@ def test_run_says_when_the_cpu_emulates_its_precision(tmp_path, capsys, amp):
     assert ("note: this CPU has no native bf16 kernels" in capsys.readouterr().out) == emulated
 
 
+def test_run_takes_the_auto_lr_of_its_width(tmp_path, capsys):
+    # 1 epoch: the short-run boost, capped at 15 / (width / 0.25) = 7.5x at width 0.5
+    loud = [a for a in TINY_RUN if a != "--quiet"]
+    args = [*loud, "--width", "0.5", "--epochs", "1", "--train-size", "128"]
+    assert main(["train", *args, "--out", str(tmp_path / "run")]) == 0
+    assert "lr 0.0015 (auto) -> 1e-05," in capsys.readouterr().out
+
+
 def test_progress_bar_shows_the_layer_losses_from_the_first_step(tmp_path, capsys):
     loud = [a for a in TINY_RUN if a != "--quiet"]
     args = [*loud, "--epochs", "1", "--train-size", "256"]   # 4 steps, fewer than PROGRESS_EVERY

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from asge_edge.config import ModelConfig, TrainConfig
+from asge_edge.config import ModelConfig, RunConfig, TrainConfig, auto_lr
 from asge_edge.methods import ASGEMethod, BPMethod, make_method
 from asge_edge.models import ASGENet
 from asge_edge.schedule import cosine_lr
@@ -108,10 +108,31 @@ def test_cosine_schedule_endpoints():
 
 
 def test_default_final_lr_never_exceeds_a_small_initial_lr():
-    assert TrainConfig(lr=1e-3).resolved_lr_min == pytest.approx(1e-5)           # AdamW's default
-    assert TrainConfig(optimizer="sgd", lr=1e-4).resolved_lr_min == pytest.approx(1e-4)   # not SGD's 5e-4
+    assert TrainConfig(lr=1e-3).lr_range(1.0) == pytest.approx((1e-3, 1e-5))           # AdamW's default
+    assert TrainConfig(optimizer="sgd", lr=1e-4).lr_range(1.0) == pytest.approx((1e-4, 1e-4))   # not SGD's 5e-4
     with pytest.raises(ValueError, match="--lr-min"):
-        TrainConfig(lr=1e-3, lr_min=1e-2)
+        RunConfig(train=TrainConfig(lr=1e-3, lr_min=1e-2))
+    with pytest.raises(ValueError, match="at most 0.00075"):   # the auto lr at width 1, 3 epochs
+        RunConfig(model=ModelConfig(width=1.0), train=TrainConfig(epochs=3, lr_min=1e-3))
+
+
+@pytest.mark.parametrize("method", [ASGEMethod, BPMethod])
+def test_optimisers_start_at_the_auto_lr_of_the_nets_width(method):
+    net = ASGENet(ModelConfig(width=0.5), (1, 16, 16), 4, (0.5,), (0.25,))
+    optimizers = method(net, TrainConfig(method=method.name, epochs=3)).optimizers
+    lrs = [opt.param_groups[0]["lr"] for opt in optimizers.values()]
+    assert lrs and lrs == pytest.approx([1.5e-3] * len(lrs))   # 15 / (0.5 / 0.25) = 7.5x the paper's lr
+
+
+def test_auto_lr_keeps_the_papers_lr_for_long_runs_and_shrinks_the_short_run_boost_with_width():
+    assert auto_lr(100, "adamw", 1.0) == pytest.approx(2e-4)      # the paper's recipe, at any width
+    assert auto_lr(400, "adamw", 0.25) == pytest.approx(2e-4)
+    assert auto_lr(3, "adamw", 0.25) == pytest.approx(3e-3)       # the demo: the cap, measured stable
+    assert auto_lr(3, "adamw", 0.125) == pytest.approx(3e-3)      # narrower: no higher than measured
+    assert auto_lr(3, "adamw", 1.0) == pytest.approx(7.5e-4)      # 4x the fan-in, a quarter the cap
+    assert auto_lr(10, "adamw", 0.5) == pytest.approx(1.5e-3)
+    assert auto_lr(3, "adamw", 8.0) == pytest.approx(2e-4)        # never below the paper's lr
+    assert auto_lr(3, "sgd", 1.0) == pytest.approx(0.05)          # SGD: the paper's ImageNet lr
 
 
 def test_each_layer_hands_on_what_its_whole_path_computes(device):
