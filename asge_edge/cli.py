@@ -266,10 +266,11 @@ def _cmd_train(a: argparse.Namespace) -> int:
 
     try:
         cfg = _run_config(a)
+        if a.resume:
+            cfg = _resume_config(a, cfg)
+        cfg.lr_range   # raises ValueError where --lr-min is above the initial lr
     except ValueError as e:
         raise UserError(str(e)) from None
-    if a.resume:
-        cfg = _resume_config(a, cfg)
     train(cfg, RunOptions(out=a.out, quiet=a.quiet, force=a.force, resume=a.resume, workers=a.workers,
                                      checkpoint_every=a.checkpoint_every or 0))
     return 0
