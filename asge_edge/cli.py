@@ -17,7 +17,8 @@ from . import __version__
 from .config import (METHODS, OPTIMIZERS, POOLS, RESUMABLE, STRATEGIES, DataConfig, ModelConfig, RunConfig,
                      TrainConfig, setting_changes, with_settings)
 from .budget import parse_size
-from .data import DATASETS, default_workers
+from .data import (DATASETS, FOLDER_IMAGE_SIZE, SYNTHETIC_CLASSES, SYNTHETIC_SHAPE, SYNTHETIC_TRAIN_SIZE,
+                   default_workers)
 from .device import AMP_MODES, DEVICES
 from .errors import Interrupted, UserError
 from .models import PRESETS
@@ -118,10 +119,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     d.add_argument("--val-size", type=_positive_int, default=None, help="validation images held out of train "
                    "(default 10000 for MNIST/F-MNIST, 5000 for CIFAR, 10%% otherwise)")
     d.add_argument("--augment", action="store_true", help="random crop (pad 4) and horizontal flip (CIFAR)")
-    d.add_argument("--input-shape", type=parse_shape, default=DataConfig.input_shape, help="synthetic: CxHxW")
-    d.add_argument("--num-classes", type=_positive_int, default=DataConfig.num_classes, help="synthetic: classes")
-    d.add_argument("--train-size", type=_positive_int, default=DataConfig.train_size, help="synthetic: training images")
-    d.add_argument("--image-size", type=_positive_int, default=DataConfig.image_size, help="imagefolder: side in pixels")
+    d.add_argument("--input-shape", type=parse_shape, default=None,
+                   help="synthetic only: CxHxW (default {})".format("x".join(map(str, SYNTHETIC_SHAPE))))
+    d.add_argument("--num-classes", type=_positive_int, default=None,
+                   help=f"synthetic only: classes (default {SYNTHETIC_CLASSES})")
+    d.add_argument("--train-size", type=_positive_int, default=None,
+                   help=f"synthetic only: training images (default {SYNTHETIC_TRAIN_SIZE})")
+    d.add_argument("--image-size", type=_positive_int, default=None,
+                   help=f"imagefolder only: side in pixels (default {FOLDER_IMAGE_SIZE})")
     d.add_argument("--workers", type=_non_negative_int, default=default_workers(),
                    help="imagefolder: DataLoader workers (default: one per CPU core, at most 4)")
     m = t.add_argument_group("model")

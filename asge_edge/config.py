@@ -50,6 +50,9 @@ STRATEGIES = ("fusion", "last", "best")
 # update is the same: micro-batches accumulate to the logical batch, and LayerNorm is per
 # sample). Field names, unique across ModelConfig, DataConfig and TrainConfig.
 RESUMABLE = ("root", "download", "device", "memory_budget", "offload")
+# The data settings that one dataset alone reads (None elsewhere): setting -> that dataset.
+DATASET_ONLY = {"input_shape": "synthetic", "num_classes": "synthetic", "train_size": "synthetic",
+                "image_size": "imagefolder"}
 
 
 def auto_lr(epochs: int, optimizer: str, width: float) -> float:
@@ -83,12 +86,18 @@ class DataConfig:
     val_size: int | None = None       # None: 10k (MNIST/F-MNIST), 5k (CIFAR), 10% (others)
     augment: bool = False             # random crop (pad 4) + horizontal flip, for CIFAR
     download: bool = False
-    # synthetic only
-    input_shape: tuple[int, int, int] = (1, 16, 16)
-    num_classes: int = 4
-    train_size: int = 1024
-    # imagefolder only
-    image_size: int = 64
+    # DATASET_ONLY: None for the other datasets, and the default of their own (data.py's
+    # SYNTHETIC_SHAPE, SYNTHETIC_CLASSES, SYNTHETIC_TRAIN_SIZE and FOLDER_IMAGE_SIZE)
+    input_shape: tuple[int, int, int] | None = None   # synthetic: C, H, W
+    num_classes: int | None = None                    # synthetic
+    train_size: int | None = None                     # synthetic: training images
+    image_size: int | None = None                     # imagefolder: side in pixels
+
+    def __post_init__(self):
+        for name, dataset in DATASET_ONLY.items():
+            if getattr(self, name) is not None and self.dataset != dataset:
+                raise ValueError(f"--{name.replace('_', '-')} applies to --dataset {dataset} only, and "
+                                 f"{self.dataset} sets its own; drop it")
 
 
 @dataclass(frozen=True)
@@ -166,8 +175,11 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
-        data = dict(d["data"])
-        data["input_shape"] = tuple(data["input_shape"])
+        # Configs written before DATASET_ONLY held every dataset's defaults: those that the
+        # run's dataset does not read are dropped.
+        data = {k: v for k, v in d["data"].items() if DATASET_ONLY.get(k, d["data"]["dataset"]) == d["data"]["dataset"]}
+        if data.get("input_shape") is not None:
+            data["input_shape"] = tuple(data["input_shape"])
         info = d.get("info")
         if info is not None:
             info = DataInfo(

@@ -58,6 +58,9 @@ DEFAULT_VAL = {"fashion-mnist": 10_000, "mnist": 10_000, "cifar10": 5_000, "cifa
 AUGMENT_PAD = 4   # CIFAR's standard random-crop padding
 MAX_DEFAULT_WORKERS = 4
 TENSOR_CHUNK = 256   # images per batch that split_tensors reads
+# The defaults of the settings that one dataset alone reads (config.DATASET_ONLY).
+SYNTHETIC_SHAPE, SYNTHETIC_CLASSES, SYNTHETIC_TRAIN_SIZE = (1, 16, 16), 4, 1024
+FOLDER_IMAGE_SIZE = 64
 
 
 @dataclass
@@ -174,13 +177,18 @@ def folder_transform(size: int):
     return T.Compose([T.PILToTensor(), T.Resize(size, antialias=True), T.CenterCrop(size)])
 
 
+def _folder_side(cfg: DataConfig) -> int:
+    """The side, in pixels, to which imagefolder's images are resized and cropped."""
+    return cfg.image_size or FOLDER_IMAGE_SIZE
+
+
 def _imagefolder(cfg: DataConfig, root: Path) -> tuple[Split, Split, tuple[str, ...]]:
     import torchvision.datasets as tvd
 
     for sub in ("train", "val"):
         if not (root / sub).is_dir():
             raise UserError(f"imagefolder needs {root}/{sub}/<class>/<images>; pass --data-root")
-    tf = folder_transform(cfg.image_size)
+    tf = folder_transform(_folder_side(cfg))
     try:
         train_ds, test_ds = (tvd.ImageFolder(str(root / s), transform=tf, loader=read_image) for s in ("train", "val"))
     except FileNotFoundError as e:   # a class folder without images
@@ -216,19 +224,21 @@ def synthetic(cfg: DataConfig) -> tuple[Split, Split, tuple[str, ...]]:
 
     Each class template is a 4x4 Gaussian field upsampled to H x W; a sample is
     sigmoid(2 * template + N(0, 1)) quantised to uint8. Train has ``train_size``
-    images, test ``max(1, train_size // 4)``.
+    images, test ``max(1, train_size // 4)``. Unset settings take the SYNTHETIC_ defaults.
     """
-    c, h, w = cfg.input_shape
+    c, h, w = cfg.input_shape or SYNTHETIC_SHAPE
+    k = cfg.num_classes or SYNTHETIC_CLASSES
+    n_train = cfg.train_size or SYNTHETIC_TRAIN_SIZE
     gen = torch.Generator().manual_seed(SYNTHETIC_SEED)
-    templates = torch.randn(cfg.num_classes, c, 4, 4, generator=gen)                 # K, C, 4, 4
+    templates = torch.randn(k, c, 4, 4, generator=gen)                                   # K, C, 4, 4
     templates = F.interpolate(templates, size=(h, w), mode="bilinear", align_corners=False)   # K, C, H, W
 
     def make(n: int) -> Split:
-        y = torch.randint(cfg.num_classes, (n,), generator=gen)                          # n
+        y = torch.randint(k, (n,), generator=gen)                                        # n
         x = torch.sigmoid(2 * templates[y] + torch.randn(n, c, h, w, generator=gen))    # n, C, H, W
         return Split((x * 255).round().to(torch.uint8), y)
 
-    return make(cfg.train_size), make(max(1, cfg.train_size // 4)), tuple(f"class{i}" for i in range(cfg.num_classes))
+    return make(n_train), make(max(1, n_train // 4)), tuple(f"class{i}" for i in range(k))
 
 
 # ---------------------------------------------------------------- splits
@@ -258,7 +268,8 @@ def load_splits(cfg: DataConfig) -> Splits:
         raise UserError(f"unknown dataset {cfg.dataset!r}: choose one of {', '.join(DATASETS)}")
     if cfg.dataset == "synthetic":
         train, test, names = synthetic(cfg)
-        mean, std = (0.5,) * cfg.input_shape[0], (0.25,) * cfg.input_shape[0]
+        c = train.images.shape[1]
+        mean, std = (0.5,) * c, (0.25,) * c
     else:
         default_root = FASHION_MNIST_ROOT if cfg.dataset == "fashion-mnist" else None
         if cfg.root is None and default_root is None:
@@ -284,7 +295,7 @@ def load_splits(cfg: DataConfig) -> Splits:
         raise UserError(f"--val-size must be between 1 and {n - 1} for {cfg.dataset}, got {val_size}")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
     val, train = _subset(train, perm[:val_size]), _subset(train, perm[val_size:].sort().values)
-    shape = tuple(train.images.shape[1:]) if train.images is not None else (3, cfg.image_size, cfg.image_size)
+    shape = tuple(train.images.shape[1:]) if train.images is not None else (3, _folder_side(cfg), _folder_side(cfg))
     info = DataInfo(input_shape=shape, num_classes=len(names), class_names=names, mean=mean, std=std)
     return Splits(train, val, test, info)
 

@@ -28,6 +28,8 @@ def _one_line_error(capsys, argv, needle):
     (["train", "--lr", "1e-3", "--lr-min", "1e-2"], "at most 0.001"),
     (["train", "--width", "1", "--lr-min", "1e-3"], "at most 0.00075"),   # the auto lr at full width
     (["train", "--optimizer", "sgd", "--momentum", "2"], "momentum in [0, 1)"),
+    (["train", "--input-shape", "3x32x32"], "--input-shape applies to --dataset synthetic only"),
+    (["train", "--dataset", "cifar10", "--image-size", "32"], "--image-size applies to --dataset imagefolder only"),
     (["infer", "model.onnx", "--images", "x.npy", "--threshold", "2"], "(0, 1]"),
     (["train", "--no-such-flag"], "unrecognized"),
     (["frobnicate"], "invalid choice"),

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from asge_edge.config import DataConfig
+from asge_edge.config import DATASET_ONLY, DataConfig, RunConfig
 from asge_edge.data import FASHION_MNIST_ROOT, Split, augment, batches, load_splits, read_idx, split_tensors, spread
 from asge_edge.errors import UserError
 
@@ -64,6 +64,24 @@ def test_synthetic_shapes_follow_the_flags():
     s = load_splits(DataConfig(dataset="synthetic", input_shape=(3, 12, 10), num_classes=6, train_size=100))
     assert s.info.input_shape == (3, 12, 10) and s.info.num_classes == 6
     assert s.train.images.shape[1:] == (3, 12, 10) and int(s.train.labels.max()) < 6
+
+
+def test_synthetic_defaults_apply_where_the_flags_are_not_given():
+    s = load_splits(DataConfig(dataset="synthetic"))
+    assert s.info.input_shape == (1, 16, 16) and s.info.num_classes == 4
+    assert len(s.train) + len(s.val) == 1024
+
+
+def test_dataset_only_settings_are_refused_elsewhere_and_dropped_from_old_configs():
+    with pytest.raises(ValueError, match="--num-classes applies to --dataset synthetic only"):
+        DataConfig(dataset="mnist", num_classes=10)
+    cfg = RunConfig()   # fashion-mnist: no synthetic or imagefolder settings to save
+    assert {k: cfg.to_dict()["data"][k] for k in DATASET_ONLY} == dict.fromkeys(DATASET_ONLY)
+    old = cfg.to_dict()   # as written before: every dataset's defaults, whatever the run's
+    old["data"].update(input_shape=[1, 16, 16], num_classes=4, train_size=1024, image_size=64)
+    assert RunConfig.from_dict(old) == cfg
+    synthetic = RunConfig(data=DataConfig(dataset="synthetic", input_shape=(3, 8, 8)))
+    assert RunConfig.from_dict(synthetic.to_dict()) == synthetic
 
 
 def test_batches_cover_the_split_once_in_range():
