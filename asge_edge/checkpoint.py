@@ -134,6 +134,8 @@ def load_weights(net: ASGENet, tensors: dict[str, torch.Tensor], path: Path) -> 
 
 def read_config(run_dir: Path) -> RunConfig:
     """The RunConfig in ``run_dir``'s config.json; a UserError if it is missing or not one."""
+    if Path(run_dir).is_file():   # a file of the run, as model.safetensors, given for its directory
+        raise UserError(f"{run_dir} is a file; pass the run directory that holds it and its {CONFIG_FILE}")
     path = Path(run_dir) / CONFIG_FILE
     raw = read_json(path)
     try:

@@ -38,6 +38,12 @@ def test_bad_flags(capsys, argv, needle):
     _one_line_error(capsys, argv, needle)
 
 
+def test_a_runs_file_given_for_its_directory_is_named(capsys, tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    for command in (["eval"], ["export"], ["simulate", "--ram", "256KB"]):
+        _one_line_error(capsys, [*command, str(tmp_path / "model.safetensors")], "is a file; pass the run directory")
+
+
 def test_missing_dataset_root_names_the_fix(capsys, tmp_path):
     _one_line_error(capsys, ["train", "--data-root", str(tmp_path / "nope"), "--out", str(tmp_path / "o")],
                     "apt-get install dataset-fashion-mnist")
