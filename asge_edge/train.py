@@ -272,6 +272,42 @@ def train(cfg: RunConfig, opts: RunOptions) -> dict[str, Any]:
             world.close(finished)
 
 
+def _run_header(cfg: RunConfig, splits, device: torch.device, precision: str, plan: Plan | None, offload: bool,
+                resume: tuple[Path, dict[str, Any]] | None) -> str:
+    """The lines a run prints before its first step: what trains on what, at which lr; a
+    precision this CPU only emulates; where a resumed run (``resume``: its directory and
+    progress) goes on from; and the memory plan under a budget."""
+    tc = cfg.train
+    lr0, lr_min = cfg.lr_range
+    lines = [f"asge-edge {__version__}: {tc.method} {cfg.model.arch} x{cfg.model.width} on {cfg.data.dataset} "
+             f"({len(splits.train)}/{len(splits.val)}/{len(splits.test)} train/val/test), {device} {precision}, "
+             f"lr {lr0:.3g}{' (auto)' if tc.lr is None else ''} -> {lr_min:.3g}, batch {tc.batch_size}, "
+             f"{tc.epochs} epoch{'s' if tc.epochs > 1 else ''}"]
+    if not native_precision(precision, device):
+        lines.append(f"note: this CPU has no native {precision} kernels, so torch emulates them and --amp {precision} "
+                     f"trains several times slower than fp32 here; it saves activation memory only (--amp off: fp32)")
+    if resume is not None:
+        out, progress = resume
+        lines.append(f"resuming {out} after epoch {progress['epoch']}, step {progress['step']}, "
+                     f"with the settings in its {CONFIG_FILE} (device {tc.device}, memory budget "
+                     f"{'none' if tc.memory_budget is None else format_size(tc.memory_budget)})")
+    if plan is not None and tc.memory_budget is not None:
+        lines.append(f"memory plan: micro-batch {plan.micro_batch} x {plan.accumulation_steps} steps, planned peak "
+                     f"{format_size(plan.planned_peak)} within {format_size(tc.memory_budget)}"
+                     f"{'; inactive layers offloaded to host memory' if offload else ''}")
+    return "\n".join(lines)
+
+
+def _epoch_line(epoch: str, seconds: float, images: int, val: Accuracy, best: bool) -> str:
+    """An epoch's line: time, speed, each layer's and head's validation accuracy, and a star
+    where the epoch is the best so far."""
+    parts = [f"epoch {epoch} {seconds:.0f}s {images / seconds:.0f} img/s"]
+    if val.layers is not None:
+        parts.append("val layers " + " ".join(f"{100 * a:.1f}" for a in val.layers))
+    parts.append(" ".join(f"{h} {100 * getattr(val, h):.2f}" for h in HEADS if getattr(val, h) is not None))
+    return " | ".join(parts) + (" *" if best else "")
+
+
 def _train(cfg: RunConfig, opts: RunOptions, device: torch.device, world: World | None) -> dict[str, Any]:
     """train() once the process group (if any) is joined; every rank but 0 returns {}."""
     out = Path(opts.out)
@@ -307,22 +343,8 @@ def _train(cfg: RunConfig, opts: RunOptions, device: torch.device, world: World 
     history = read_metrics(out / "metrics.jsonl")[: progress["epoch"]]
 
     if not opts.quiet:
-        lr0, lr_min = cfg.lr_range
-        print(f"asge-edge {__version__}: {tc.method} {cfg.model.arch} x{cfg.model.width} on {cfg.data.dataset} "
-              f"({len(splits.train)}/{len(splits.val)}/{len(splits.test)} train/val/test), {device} {precision}, "
-              f"lr {lr0:.3g}{' (auto)' if tc.lr is None else ''} -> {lr_min:.3g}, batch {tc.batch_size}, "
-              f"{tc.epochs} epoch{'s' if tc.epochs > 1 else ''}")
-        if not native_precision(precision, device):
-            print(f"note: this CPU has no native {precision} kernels, so torch emulates them and --amp {precision} "
-                  f"trains several times slower than fp32 here; it saves activation memory only (--amp off: fp32)")
-        if opts.resume:
-            print(f"resuming {out} after epoch {progress['epoch']}, step {progress['step']}, "
-                  f"with the settings in its {CONFIG_FILE} (device {tc.device}, memory budget "
-                  f"{'none' if tc.memory_budget is None else format_size(tc.memory_budget)})")
-        if plan is not None and tc.memory_budget is not None:
-            print(f"memory plan: micro-batch {plan.micro_batch} x {plan.accumulation_steps} steps, planned peak "
-                  f"{format_size(plan.planned_peak)} within {format_size(tc.memory_budget)}"
-                  f"{'; inactive layers offloaded to host memory' if off is not None else ''}")
+        print(_run_header(cfg, splits, device, precision, plan, off is not None,
+                          (out, progress) if opts.resume else None))
     # Memory is measured on a real step once optimiser state exists: the second step of a
     # fresh run, or the first after a resume.
     measure_at = None if plan is None else progress["step"] + (1 if progress["step"] == 0 else 0)
@@ -384,11 +406,7 @@ def _train(cfg: RunConfig, opts: RunOptions, device: torch.device, world: World 
             save_state(out, net, method.state_dict(), progress)
             plot_layer_accuracy(history, out / "layer_accuracy.png", f"{tc.method} {cfg.model.arch} on {cfg.data.dataset}")
             if not opts.quiet:
-                parts = [f"epoch {epoch}/{tc.epochs} {seconds:.0f}s {ep.seen / seconds:.0f} img/s"]
-                if val.layers is not None:
-                    parts.append("val layers " + " ".join(f"{100 * a:.1f}" for a in val.layers))
-                parts.append(" ".join(f"{h} {100 * getattr(val, h):.2f}" for h in HEADS if getattr(val, h) is not None))
-                print(" | ".join(parts) + (" *" if progress["best_epoch"] == epoch else ""))
+                print(_epoch_line(f"{epoch}/{tc.epochs}", seconds, ep.seen, val, progress["best_epoch"] == epoch))
 
     if not writer:
         return {}
