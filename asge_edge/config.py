@@ -177,7 +177,8 @@ class RunConfig:
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
         # Configs written before DATASET_ONLY held every dataset's defaults: those that the
         # run's dataset does not read are dropped.
-        data = {k: v for k, v in d["data"].items() if DATASET_ONLY.get(k, d["data"]["dataset"]) == d["data"]["dataset"]}
+        dataset = d["data"]["dataset"]
+        data = {k: v for k, v in d["data"].items() if DATASET_ONLY.get(k, dataset) == dataset}
         if data.get("input_shape") is not None:
             data["input_shape"] = tuple(data["input_shape"])
         info = d.get("info")
