@@ -295,7 +295,7 @@ def load_splits(cfg: DataConfig) -> Splits:
         raise UserError(f"--val-size must be between 1 and {n - 1} for {cfg.dataset}, got {val_size}")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
     val, train = _subset(train, perm[:val_size]), _subset(train, perm[val_size:].sort().values)
-    shape = tuple(train.images.shape[1:]) if train.images is not None else (3, _folder_side(cfg), _folder_side(cfg))
+    shape = tuple(train.images.shape[1:]) if train.images is not None else (3,) + (_folder_side(cfg),) * 2
     info = DataInfo(input_shape=shape, num_classes=len(names), class_names=names, mean=mean, std=std)
     return Splits(train, val, test, info)
 
