@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -66,8 +67,12 @@ class RunOptions:
     checkpoint_every: int = 0    # also save state.safetensors every N steps (0: at epoch ends only)
 
 
-def prepare_out_dir(out: Path, force: bool, resume: bool) -> None:
-    """Create ``out``; refuse to overwrite a run unless --force or --resume."""
+def check_out_dir(out: Path, force: bool, resume: bool) -> None:
+    """Create ``out``; refuse to overwrite a run unless --force or --resume.
+
+    It deletes nothing: ``clear_outputs`` does that once the new run is set up, so that a
+    --force run refused for its flags, its data or its budget leaves the old run whole.
+    """
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -78,11 +83,16 @@ def prepare_out_dir(out: Path, force: bool, resume: bool) -> None:
         if not (out / STATE_FILE).is_file():
             raise UserError(f"nothing to resume in {out} (no {STATE_FILE}); drop --resume to start a new run")
         return
-    if any(out.iterdir()):
-        if not force:
-            raise UserError(f"{out} is not empty; pass --resume to continue that run or --force to overwrite it")
-        for name in OUTPUTS:
-            (out / name).unlink(missing_ok=True)
+    if any(out.iterdir()) and not force:
+        raise UserError(f"{out} is not empty; pass --resume to continue that run or --force to overwrite it")
+
+
+def clear_outputs(out: Path) -> list[str]:
+    """Delete a previous run's outputs from ``out`` (--force), before the new run writes its
+    own; return the names of what else is there (its exports, say), which stay."""
+    for name in OUTPUTS:
+        (out / name).unlink(missing_ok=True)
+    return sorted(f.name + ("/" if f.is_dir() else "") for f in out.iterdir())
 
 
 def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -313,7 +323,7 @@ def _train(cfg: RunConfig, opts: RunOptions, device: torch.device, world: World 
     out = Path(opts.out)
     writer = world is None or world.is_main
     if writer:
-        prepare_out_dir(out, opts.force, opts.resume)
+        check_out_dir(out, opts.force, opts.resume)
     if world is not None:
         device = world.device
         world.barrier()   # the output directory is ready
@@ -339,6 +349,10 @@ def _train(cfg: RunConfig, opts: RunOptions, device: torch.device, world: World 
         method.load_state_dict(opt_states)
         method.load_scaler_state(progress.get("scalers", {}))
     if writer:   # a resumed run's too: its run-time settings may have changed
+        kept = [] if opts.resume else clear_outputs(out)   # only now that data, net and plan are ready
+        if kept:
+            print(f"asge-edge: note: {out} keeps {', '.join(kept)}, made before this run: export again "
+                  "where they came from the old model", file=sys.stderr)
         write_json(out / CONFIG_FILE, cfg.to_dict())
     history = read_metrics(out / "metrics.jsonl")[: progress["epoch"]]
 

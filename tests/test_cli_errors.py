@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from asge_edge.cli import main
+from asge_edge.report import read_metrics
 from conftest import TINY_RUN
 
 
@@ -108,6 +109,31 @@ def test_non_empty_out_is_not_overwritten(capsys, tmp_path):
     (tmp_path / "keep.txt").write_text("precious")
     _one_line_error(capsys, ["train", *TINY_RUN, "--out", str(tmp_path)], "--force")
     assert (tmp_path / "keep.txt").read_text() == "precious"
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--val-size", "100000"], "--val-size must be between"),   # refused by the data
+    (["--input-shape", "1x4x4"], "input 4x4 is too small"),     # by the model
+    (["--memory-budget", "1KB"], "the smallest that works"),    # by the planner
+])
+def test_force_refused_later_leaves_the_old_run_whole(capsys, tiny_run, tmp_path, flags, needle):
+    import shutil
+
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    before = {f.name: f.read_bytes() for f in run.iterdir()}
+    _one_line_error(capsys, ["train", *TINY_RUN, *flags, "--force", "--out", str(run)], needle)
+    assert {f.name: f.read_bytes() for f in run.iterdir()} == before
+
+
+def test_force_keeps_other_files_and_names_them(capsys, tiny_run, tmp_path):
+    import shutil
+
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    (run / "model_exit3.onnx").write_bytes(b"old export")
+    assert main(["train", *TINY_RUN, "--epochs", "1", "--force", "--out", str(run)]) == 0
+    assert "keeps model_exit3.onnx, made before this run: export again" in capsys.readouterr().err
+    assert (run / "model_exit3.onnx").read_bytes() == b"old export"
+    assert len(read_metrics(run / "metrics.jsonl")) == 1   # the old run's 3 epochs are gone
 
 
 def test_resume_refuses_a_flag_that_would_change_the_run(capsys, tiny_run):
