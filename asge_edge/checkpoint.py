@@ -32,6 +32,8 @@ from .errors import UserError
 from .models import ASGENet
 
 MODEL_FILE, CONFIG_FILE, STATE_FILE = "model.safetensors", "config.json", "state.safetensors"
+# Every file that training writes in a run directory (train.py); nothing else writes them.
+RUN_FILES = (CONFIG_FILE, MODEL_FILE, STATE_FILE, "metrics.jsonl", "summary.json", "layer_accuracy.png")
 FORMAT = "asge-edge"
 FORMAT_VERSION = 1   # bumped when the layout of checkpoints changes; others are refused
 

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from . import __version__
-from .checkpoint import (CONFIG_FILE, MODEL_FILE, STATE_FILE, build_net, load_run, load_state, read_config,
+from .checkpoint import (CONFIG_FILE, RUN_FILES, STATE_FILE, build_net, load_run, load_state, read_config,
                          save_model, save_state, write_json)
 from .config import STRATEGIES, RunConfig, resumed
 from .data import load_splits, batches
@@ -51,7 +51,6 @@ from .report import (layer_table, memory_line, memory_table, plot_layer_accuracy
                      write_metrics)
 from .schedule import cosine_lr
 
-OUTPUTS = (CONFIG_FILE, MODEL_FILE, STATE_FILE, "metrics.jsonl", "summary.json", "layer_accuracy.png")
 PROGRESS_EVERY = 10   # steps between progress-bar refreshes (each one syncs the device)
 
 
@@ -90,7 +89,7 @@ def check_out_dir(out: Path, force: bool, resume: bool) -> None:
 def clear_outputs(out: Path) -> list[str]:
     """Delete a previous run's outputs from ``out`` (--force), before the new run writes its
     own; return the names of what else is there (its exports, say), which stay."""
-    for name in OUTPUTS:
+    for name in RUN_FILES:
         (out / name).unlink(missing_ok=True)
     return sorted(f.name + ("/" if f.is_dir() else "") for f in out.iterdir())
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 from asge_edge import __version__
-from asge_edge.checkpoint import load_run, read_json, write_json
+from asge_edge.checkpoint import RUN_FILES, load_run, read_json, write_json
 from asge_edge.data import default_workers, load_splits, split_tensors, spread
 from asge_edge.errors import UserError
 
@@ -123,6 +123,9 @@ def export_run(run_dir: Path, opts: ExportOptions) -> dict[str, Any]:
     path = Path(opts.out) if opts.out else Path(run_dir) / default
     if path.is_dir() or str(opts.out).endswith("/"):   # a folder to put the model in, as --format c's --out is
         path = path / default
+    if path.resolve() in {(Path(run_dir) / name).resolve() for name in RUN_FILES}:
+        raise UserError(f"--out {path} is the run's own {path.name}, which the ONNX file would overwrite; "
+                        f"give another name, such as {Path(run_dir) / default}")
     _make_dir(path.parent)
     t0 = time.perf_counter()
     model = export_onnx(module, shape, path, "images", ["logits"], opts.opset, meta)

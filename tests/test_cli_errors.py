@@ -1,10 +1,13 @@
 """User errors: one line on stderr, exit code 2, no traceback, nothing overwritten."""
 
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from asge_edge.checkpoint import RUN_FILES
 from asge_edge.cli import main
 from asge_edge.report import read_metrics
 from conftest import TINY_RUN
@@ -111,24 +114,28 @@ def test_non_empty_out_is_not_overwritten(capsys, tmp_path):
     assert (tmp_path / "keep.txt").read_text() == "precious"
 
 
+def _copy_run(run: Path, to: Path) -> Path:
+    """The files that training wrote in ``run`` (not what other tests exported into it), in ``to``."""
+    to.mkdir()
+    for name in RUN_FILES:
+        shutil.copy(run / name, to / name)
+    return to
+
+
 @pytest.mark.parametrize("flags,needle", [
     (["--val-size", "100000"], "--val-size must be between"),   # refused by the data
     (["--input-shape", "1x4x4"], "input 4x4 is too small"),     # by the model
     (["--memory-budget", "1KB"], "the smallest that works"),    # by the planner
 ])
 def test_force_refused_later_leaves_the_old_run_whole(capsys, tiny_run, tmp_path, flags, needle):
-    import shutil
-
-    run = shutil.copytree(tiny_run, tmp_path / "run")
+    run = _copy_run(tiny_run, tmp_path / "run")
     before = {f.name: f.read_bytes() for f in run.iterdir()}
     _one_line_error(capsys, ["train", *TINY_RUN, *flags, "--force", "--out", str(run)], needle)
     assert {f.name: f.read_bytes() for f in run.iterdir()} == before
 
 
 def test_force_keeps_other_files_and_names_them(capsys, tiny_run, tmp_path):
-    import shutil
-
-    run = shutil.copytree(tiny_run, tmp_path / "run")
+    run = _copy_run(tiny_run, tmp_path / "run")
     (run / "model_exit3.onnx").write_bytes(b"old export")
     assert main(["train", *TINY_RUN, "--epochs", "1", "--force", "--out", str(run)]) == 0
     assert "keeps model_exit3.onnx, made before this run: export again" in capsys.readouterr().err

@@ -152,6 +152,16 @@ def test_bad_export_arguments_exit_2_with_one_line(tiny_run, capsys, args, needl
     assert "\n" not in err and needle in err
 
 
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json", "state.safetensors"])
+def test_export_never_writes_over_the_runs_own_files(tiny_run, tmp_path, capsys, name):
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    before = (run / name).read_bytes()
+    assert main(["export", str(run), "--early-exit", "--out", str(run / name)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"is the run's own {name}" in err
+    assert (run / name).read_bytes() == before
+
+
 def test_tensorrt_without_tensorrt_prints_the_trtexec_command(tiny_run, tmp_path, capsys):
     out = tmp_path / "m.onnx"
     assert main(["export", str(tiny_run), "--early-exit", "--format", "tensorrt", "--out", str(out)]) == 2
