@@ -3,7 +3,8 @@
 Contract: no logic lives here beyond turning flags into configs. ``main(argv)``
 returns the exit code: 0 on success, 2 on any user error (bad flag, missing data,
 unreadable checkpoint), printed as one line ``asge-edge: error: ...`` on stderr with
-no traceback. Tests call ``main([...])`` in-process.
+no traceback, and 130 or 143 where SIGINT or SIGTERM stopped a run that saved its state.
+Tests call ``main([...])`` in-process.
 """
 
 from __future__ import annotations
@@ -164,7 +165,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "with the settings saved in its config.json; --data-root, --device, --memory-budget and "
                    "--offload may change, another flag that would change a setting is refused")
     r.add_argument("--checkpoint-every", type=_positive_int, default=None, metavar="N",
-                   help="also save the state every N steps (default: at each epoch's end; Ctrl-C always saves)")
+                   help="also save the state every N steps (default: at each epoch's end; Ctrl-C and SIGTERM always save)")
     r.add_argument("--quiet", action="store_true", help="no progress bar or tables")
 
     pl = sub.add_parser("plan", help="show the memory plan of a streaming run (no data needed)")
@@ -397,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Interrupted as e:
         print(f"asge-edge: {e}", file=sys.stderr)
-        return 130
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("asge-edge: interrupted", file=sys.stderr)
         return 130

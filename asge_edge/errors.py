@@ -12,4 +12,9 @@ class UserError(Exception):
 
 
 class Interrupted(Exception):
-    """The user stopped a run (SIGINT) and its state was saved; the message says how to go on."""
+    """A signal stopped a run (SIGINT or SIGTERM) and its state was saved; the message says how
+    to go on. The CLI exits 128 + ``signum``, as a shell reports a process that the signal ended."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum

@@ -6,7 +6,7 @@ Contract: ``train(cfg, opts)`` runs a ``Method`` (methods.py) over the data for
   accuracy of the method's selection strategy (Fusion for ASGE, Last for BP);
 - ``state.safetensors``: for ``--resume``: the weights, every optimiser's state and the
   progress (epoch, global step, and mid-epoch the epoch's running sums), saved at each
-  epoch's end, every ``checkpoint_every`` steps, and on SIGINT (then the run stops with
+  epoch's end, every ``checkpoint_every`` steps, and on SIGINT or SIGTERM (then the run stops with
   ``Interrupted``). The lr schedule is a function of the step and the data order of
   (seed, epoch), so nothing else needs saving: no global RNG drives training;
 - ``metrics.jsonl``: one line per epoch (per-layer loss and accuracy, lr, seconds);
@@ -237,25 +237,32 @@ def _global_batch(world: World | None, batch_size: int) -> int:
 
 
 class _Interrupt:
-    """Turns SIGINT into a flag that the training loop reads at the next step boundary."""
+    """Turns SIGINT (Ctrl-C) and SIGTERM (a scheduler's preemption, ``docker stop``) into a
+    flag that the training loop reads at the next step boundary; a second signal stops at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
-        self.requested = False
-        self._previous = None
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
 
     def __enter__(self) -> "_Interrupt":
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
-    def _handle(self, _signum, _frame) -> None:
-        if self.requested:   # a second Ctrl-C: stop at once
+    def _handle(self, signum, _frame) -> None:
+        if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
+        self.signum = signum
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
 
 
 def train(cfg: RunConfig, opts: RunOptions) -> dict[str, Any]:
@@ -388,8 +395,9 @@ def _train(cfg: RunConfig, opts: RunOptions, device: torch.device, world: World 
                     save_state(out, net, method.state_dict(), {**progress, "step": step, "partial": now.to_dict(),
                                                                 "scalers": method.scaler_state()})
                     if interrupt.requested:
-                        raise Interrupted(f"interrupted at epoch {epoch}, step {step}; the state is saved in {out}: "
-                                          f"continue with --resume --out {out}")
+                        raise Interrupted(f"interrupted ({signal.Signals(interrupt.signum).name}) at epoch {epoch}, "
+                                          f"step {step}; the state is saved in {out}: continue with --resume --out {out}",
+                                          interrupt.signum)
 
             step, lr, measured = _run_epoch(method, cfg, splits, device, epoch, progress["step"], total, pbar, ep,
                                             after_step, measure_at, opts.workers, world)

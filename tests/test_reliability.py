@@ -1,4 +1,4 @@
-"""Crash safety and bad input: SIGKILL and SIGINT mid-epoch, NaN losses, refused inputs."""
+"""Crash safety and bad input: SIGKILL, SIGINT and SIGTERM mid-epoch, NaN losses, refused inputs."""
 
 import json
 import os
@@ -82,14 +82,15 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(uninterrupted
     _same_run(out, uninterrupted)
 
 
-def test_sigint_saves_and_exits_cleanly_then_resumes(uninterrupted, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])   # Ctrl-C; preemption
+def test_a_signal_saves_and_exits_cleanly_then_resumes(uninterrupted, tmp_path, signum):
     out = tmp_path / "run"
     proc = _start(out, "--checkpoint-every", "1")
     _wait_mid_epoch(proc, out)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    assert "Traceback" not in err and "continue with --resume" in err
+    assert proc.returncode == 128 + signum, err
+    assert "Traceback" not in err and f"({signum.name})" in err and "continue with --resume" in err
     assert _progress(out)["partial"] is not None
     assert main(["train", "--resume", "--out", str(out), "--quiet"]) == 0
     _same_run(out, uninterrupted)
