@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
+from typing import Callable
 from dataclasses import dataclass
 
 import torch
@@ -54,26 +55,36 @@ def trained_predictors(acc: Accuracy, method: type[Method]) -> Accuracy:
                     acc.fusion if "fusion" in method.strategies else None, acc.n)
 
 
+class Stopped(Exception):
+    """``evaluate``'s ``stop`` asked it to end before its last batch."""
+
+
 @torch.inference_mode()
 def evaluate(net: ASGENet, split: Split, device: torch.device, method: type[Method], batch_size: int = EVAL_BATCH,
-             offloader: Offloader | None = None, workers: int = 0, label: str | None = None) -> Accuracy:
+             offloader: Offloader | None = None, workers: int = 0, label: str | None = None,
+             stop: Callable[[], bool] | None = None) -> Accuracy:
     """Accuracy of every layer and of the Last and Fusion heads on ``split``, None for what
     ``method`` does not train; with an ``offloader``, each layer visits the device only
     while it runs. ``workers``: DataLoader workers for folder datasets (data.batches).
-    ``label``: show a progress bar by that name (None: none)."""
+    ``label``: show a progress bar by that name (None: none). ``stop``: asked before each
+    batch; where it says so, evaluation ends with ``Stopped``."""
     was_training = net.training
     net.eval()
     correct = torch.zeros(len(net.layers) + 2, device=device)
-    with offloader.streaming(net.layers) if offloader is not None else nullcontext():
-        loader = batches(split, batch_size, workers=workers)
-        if label is not None:
-            loader = progress_bar(math.ceil(len(split) / batch_size), label, iterable=loader)
-        for x, y in loader:
-            x, y = to_device(x, y, device)
-            out = net(x)
-            preds = torch.stack([lg.argmax(1) for lg in (*out.layer_logits, out.last, out.fusion)])   # L+2, B
-            correct += (preds == y).sum(1)
-    net.train(was_training)
+    try:
+        with offloader.streaming(net.layers) if offloader is not None else nullcontext():
+            loader = batches(split, batch_size, workers=workers)
+            if label is not None:
+                loader = progress_bar(math.ceil(len(split) / batch_size), label, iterable=loader)
+            for x, y in loader:
+                if stop is not None and stop():
+                    raise Stopped
+                x, y = to_device(x, y, device)
+                out = net(x)
+                preds = torch.stack([lg.argmax(1) for lg in (*out.layer_logits, out.last, out.fusion)])   # L+2, B
+                correct += (preds == y).sum(1)
+    finally:
+        net.train(was_training)
     acc = (correct / max(1, len(split))).tolist()
     return trained_predictors(Accuracy(acc[:-2], acc[-2], acc[-1], len(split)), method)
 

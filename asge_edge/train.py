@@ -6,9 +6,11 @@ Contract: ``train(cfg, opts)`` runs a ``Method`` (methods.py) over the data for
   accuracy of the method's selection strategy (Fusion for ASGE, Last for BP);
 - ``state.safetensors``: for ``--resume``: the weights, every optimiser's state and the
   progress (epoch, global step, and mid-epoch the epoch's running sums), saved at each
-  epoch's end, every ``checkpoint_every`` steps, and on SIGINT or SIGTERM (then the run stops with
-  ``Interrupted``). The lr schedule is a function of the step and the data order of
-  (seed, epoch), so nothing else needs saving: no global RNG drives training;
+  epoch's end, every ``checkpoint_every`` steps, and on SIGINT or SIGTERM, at the next
+  step or before the next validation batch (then the run stops with ``Interrupted``; an
+  epoch stopped in its validation is saved trained, and ``--resume`` validates it). The lr
+  schedule is a function of the step and the data order of (seed, epoch), so nothing else
+  needs saving: no global RNG drives training;
 - ``metrics.jsonl``: one line per epoch (per-layer loss and accuracy, lr, seconds);
 - ``layer_accuracy.png``: per-layer validation accuracy over the epochs;
 - ``summary.json``: test accuracy of every strategy, the best layer (chosen on
@@ -42,7 +44,7 @@ from .distributed import World
 from .device import native_precision, resolve_device, resolve_precision, to_device
 from .errors import Interrupted, UserError
 from .budget import format_size
-from .evaluate import Accuracy, best_layer, evaluate, trained_predictors
+from .evaluate import Accuracy, Stopped, best_layer, evaluate, trained_predictors
 from .memory import Measurement, measure_step
 from .methods import HEADS, METHODS, ASGEMethod, Method, make_method
 from .offload import Offloader, make_offloader
@@ -199,7 +201,7 @@ def _run_epoch(method: Method, cfg: RunConfig, splits, device, epoch: int, step:
     """
     tc = cfg.train
     lr0, lr_min = cfg.lr_range
-    lr, measured = lr0, None
+    lr, measured = cosine_lr(max(step - 1, 0), total, lr0, lr_min), None   # the last step's, where none is left
     gen = _epoch_generator(tc.seed, epoch)
     size = _global_batch(world, tc.batch_size)
     for b, (x, y) in enumerate(batches(splits.train, size, gen, cfg.data.augment, workers)):
@@ -385,19 +387,25 @@ def _train(cfg: RunConfig, opts: RunOptions, device: torch.device, world: World 
                     raise UserError(f"the loss of {', '.join(bad)} became non-finite in epoch {epoch} by step {step}; "
                                     f"stopped, and the last good checkpoint in {out} is kept (try a lower --lr)")
 
-            def after_step(ep: EpochProgress, step: int, epoch=epoch, t0=t0) -> None:
+            def save_partial(ep: EpochProgress, step: int, seconds: float) -> None:
+                """The state mid-epoch: ``ep``'s batches done, in ``seconds`` of training."""
+                now = EpochProgress(ep.batches, ep.seen, ep.loss_sum, ep.correct, ep.head_sum, seconds)
+                save_state(out, net, method.state_dict(), {**progress, "step": step, "partial": now.to_dict(),
+                                                            "scalers": method.scaler_state()})
+
+            def interrupted(step: int, epoch=epoch) -> Interrupted:
+                return Interrupted(f"interrupted ({signal.Signals(interrupt.signum).name}) at epoch {epoch}, step "
+                                   f"{step}; the state is saved in {out}: continue with --resume --out {out}",
+                                   interrupt.signum)
+
+            def after_step(ep: EpochProgress, step: int, t0=t0) -> None:
                 every = opts.checkpoint_every and step % opts.checkpoint_every == 0
                 if every or interrupt.requested or step % PROGRESS_EVERY == 0:
                     check_finite(ep, step)
                 if writer and (every or interrupt.requested):
-                    now = EpochProgress(ep.batches, ep.seen, ep.loss_sum, ep.correct, ep.head_sum,
-                                        ep.seconds + time.perf_counter() - t0)
-                    save_state(out, net, method.state_dict(), {**progress, "step": step, "partial": now.to_dict(),
-                                                                "scalers": method.scaler_state()})
+                    save_partial(ep, step, ep.seconds + time.perf_counter() - t0)
                     if interrupt.requested:
-                        raise Interrupted(f"interrupted ({signal.Signals(interrupt.signum).name}) at epoch {epoch}, "
-                                          f"step {step}; the state is saved in {out}: continue with --resume --out {out}",
-                                          interrupt.signum)
+                        raise interrupted(step)
 
             step, lr, measured = _run_epoch(method, cfg, splits, device, epoch, progress["step"], total, pbar, ep,
                                             after_step, measure_at, opts.workers, world)
@@ -412,8 +420,12 @@ def _train(cfg: RunConfig, opts: RunOptions, device: torch.device, world: World 
             if not writer:   # rank 0 evaluates, selects and writes; the weights are the same everywhere
                 progress = {**progress, "epoch": epoch, "step": step, "partial": None}
                 continue
-            val = evaluate(net, splits.val, device, type(method), offloader=off, workers=opts.workers,
-                           label=None if opts.quiet else "validation")
+            try:
+                val = evaluate(net, splits.val, device, type(method), offloader=off, workers=opts.workers,
+                               label=None if opts.quiet else "validation", stop=lambda: interrupt.requested)
+            except Stopped:   # a signal during validation: the epoch's training is kept, --resume validates
+                save_partial(ep, step, seconds)
+                raise interrupted(step) from None
             record = _epoch_record(epoch, lr, seconds, ep.seen, ep.loss_sum, ep.correct, ep.head_sum, val)
             score = val.strategy(method.select, best_layer(val.layers))
             progress = {"epoch": epoch, "step": step, "train_seconds": progress["train_seconds"] + seconds,
@@ -428,6 +440,8 @@ def _train(cfg: RunConfig, opts: RunOptions, device: torch.device, world: World 
             plot_layer_accuracy(history, out / "layer_accuracy.png", f"{tc.method} {cfg.model.arch} on {cfg.data.dataset}")
             if not opts.quiet:
                 print(_epoch_line(f"{epoch}/{tc.epochs}", seconds, ep.seen, val, progress["best_epoch"] == epoch))
+            if interrupt.requested:   # during validation's last batch: the epoch's state is saved
+                raise interrupted(step)
 
     if not writer:
         return {}

@@ -19,7 +19,7 @@ from asge_edge.cli import main
 from asge_edge.methods import ASGEMethod
 from conftest import TINY_RUN
 
-# A run long enough to be stopped mid-epoch: 24 steps per epoch.
+# A run long enough to be stopped mid-epoch: 22 steps per epoch (1,536 images less 10% for validation).
 LONG = [*TINY_RUN, "--train-size", "1536", "--epochs", "2"]
 
 
@@ -65,7 +65,7 @@ def _same_run(a, b):
     ma = [json.loads(line) for line in (a / "metrics.jsonl").read_text().splitlines()]
     mb = [json.loads(line) for line in (b / "metrics.jsonl").read_text().splitlines()]
     for ra, rb in zip(ma, mb):
-        for key in ("train_layer_loss", "train_layer_accuracy", "val_layer_accuracy", "val_fusion_accuracy"):
+        for key in ("lr", "train_layer_loss", "train_layer_accuracy", "val_layer_accuracy", "val_fusion_accuracy"):
             assert ra[key] == rb[key], key
     assert len(ma) == len(mb) == 2
 
@@ -77,7 +77,7 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(uninterrupted
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    assert p["step"] % 3 == 0 and 0 < p["partial"]["batches"] < 24   # a mid-epoch checkpoint
+    assert p["step"] % 3 == 0 and 0 < p["partial"]["batches"] < 22   # a mid-epoch checkpoint
     assert main(["train", "--resume", "--out", str(out), "--quiet"]) == 0
     _same_run(out, uninterrupted)
 
@@ -92,6 +92,26 @@ def test_a_signal_saves_and_exits_cleanly_then_resumes(uninterrupted, tmp_path, 
     assert proc.returncode == 128 + signum, err
     assert "Traceback" not in err and f"({signum.name})" in err and "continue with --resume" in err
     assert _progress(out)["partial"] is not None
+    assert main(["train", "--resume", "--out", str(out), "--quiet"]) == 0
+    _same_run(out, uninterrupted)
+
+
+def test_a_signal_during_validation_keeps_the_epochs_training(uninterrupted, tmp_path, monkeypatch, capsys):
+    import asge_edge.train as trainer
+
+    real = trainer.evaluate
+
+    def signalled(*args, **kwargs):   # Ctrl-C as validation starts
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "evaluate", signalled)
+    out = tmp_path / "run"
+    assert main(["train", *LONG, "--out", str(out)]) == 130
+    assert "interrupted (SIGINT) at epoch 1, step 22" in capsys.readouterr().err
+    p = _progress(out)
+    assert p["epoch"] == 0 and p["partial"]["batches"] == 22   # trained whole, not yet validated
+    monkeypatch.undo()
     assert main(["train", "--resume", "--out", str(out), "--quiet"]) == 0
     _same_run(out, uninterrupted)
 
