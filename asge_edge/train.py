@@ -29,6 +29,7 @@ import signal
 import sys
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ from .memory import Measurement, measure_step
 from .methods import HEADS, METHODS, ASGEMethod, Method, make_method
 from .offload import Offloader, make_offloader
 from .planner import BudgetTooSmall, Plan, plan_memory
+from .runlock import LOCK_FILE, run_lock
 from .report import (layer_table, memory_line, memory_table, plot_layer_accuracy, progress_bar, read_metrics,
                      write_metrics)
 from .schedule import cosine_lr
@@ -68,23 +70,28 @@ class RunOptions:
     checkpoint_every: int = 0    # also save state.safetensors every N steps (0: at epoch ends only)
 
 
-def check_out_dir(out: Path, force: bool, resume: bool) -> None:
-    """Create ``out``; refuse to overwrite a run unless --force or --resume.
-
-    It deletes nothing: ``clear_outputs`` does that once the new run is set up, so that a
-    --force run refused for its flags, its data or its budget leaves the old run whole.
-    """
+def make_out_dir(out: Path) -> None:
+    """Create ``out`` where it is missing; refuse one that cannot be written."""
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create output directory {out} ({e.strerror}); choose another --out") from None
     if not os.access(out, os.W_OK):
         raise UserError(f"output directory {out} is not writable; choose another --out")
+
+
+def check_out_dir(out: Path, force: bool, resume: bool) -> None:
+    """Refuse to overwrite a run in ``out`` unless --force or --resume (``out`` exists, and
+    its run lock is held).
+
+    It deletes nothing: ``clear_outputs`` does that once the new run is set up, so that a
+    --force run refused for its flags, its data or its budget leaves the old run whole.
+    """
     if resume:
         if not (out / STATE_FILE).is_file():
             raise UserError(f"nothing to resume in {out} (no {STATE_FILE}); drop --resume to start a new run")
         return
-    if any(out.iterdir()) and not force:
+    if any(f.name != LOCK_FILE for f in out.iterdir()) and not force:
         raise UserError(f"{out} is not empty; pass --resume to continue that run or --force to overwrite it")
 
 
@@ -93,7 +100,7 @@ def clear_outputs(out: Path) -> list[str]:
     own; return the names of what else is there (its exports, say), which stay."""
     for name in RUN_FILES:
         (out / name).unlink(missing_ok=True)
-    return sorted(f.name + ("/" if f.is_dir() else "") for f in out.iterdir())
+    return sorted(f.name + ("/" if f.is_dir() else "") for f in out.iterdir() if f.name != LOCK_FILE)
 
 
 def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -280,9 +287,13 @@ def train(cfg: RunConfig, opts: RunOptions) -> dict[str, Any]:
     """
     device = resolve_device(cfg.train.device)
     world = World.from_env(device)
+    writer = world is None or world.is_main   # rank 0 alone writes the run directory
     finished = False
     try:
-        summary = _train(cfg, opts, device, world)
+        if writer:
+            make_out_dir(Path(opts.out))
+        with run_lock(Path(opts.out)) if writer else nullcontext():
+            summary = _train(cfg, opts, device, world)
         finished = True
         return summary
     finally:

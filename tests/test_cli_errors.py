@@ -129,9 +129,9 @@ def _copy_run(run: Path, to: Path) -> Path:
 ])
 def test_force_refused_later_leaves_the_old_run_whole(capsys, tiny_run, tmp_path, flags, needle):
     run = _copy_run(tiny_run, tmp_path / "run")
-    before = {f.name: f.read_bytes() for f in run.iterdir()}
+    before = {name: (run / name).read_bytes() for name in RUN_FILES}
     _one_line_error(capsys, ["train", *TINY_RUN, *flags, "--force", "--out", str(run)], needle)
-    assert {f.name: f.read_bytes() for f in run.iterdir()} == before
+    assert {name: (run / name).read_bytes() for name in RUN_FILES} == before
 
 
 def test_force_keeps_other_files_and_names_them(capsys, tiny_run, tmp_path):
@@ -141,6 +141,20 @@ def test_force_keeps_other_files_and_names_them(capsys, tiny_run, tmp_path):
     assert "keeps model_exit3.onnx, made before this run: export again" in capsys.readouterr().err
     assert (run / "model_exit3.onnx").read_bytes() == b"old export"
     assert len(read_metrics(run / "metrics.jsonl")) == 1   # the old run's 3 epochs are gone
+
+
+def test_a_second_run_on_the_same_out_is_refused_while_the_first_holds_it(capsys, tmp_path):
+    import os
+
+    from asge_edge.runlock import run_lock
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with run_lock(out):   # as a first run would, from another open of the lock file
+        _one_line_error(capsys, ["train", *TINY_RUN, "--out", str(out)], f"in use by another asge-edge train (pid {os.getpid()})")
+        _one_line_error(capsys, ["train", *TINY_RUN, "--out", str(out), "--force"], "in use")
+    assert main(["train", *TINY_RUN, "--epochs", "1", "--out", str(out)]) == 0   # the file left behind blocks nothing
+    assert main(["train", *TINY_RUN, "--epochs", "1", "--out", str(out)]) == 2   # the run's outputs do
 
 
 def test_resume_refuses_a_flag_that_would_change_the_run(capsys, tiny_run):
