@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from typing import Callable
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
