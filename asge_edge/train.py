@@ -18,7 +18,8 @@ Contract: ``train(cfg, opts)`` runs a ``Method`` (methods.py) over the data for
 Every file is written atomically. Each epoch's shuffling and augmentation come from a
 generator seeded by (seed, epoch), so a resumed run replays the batches it has not done
 exactly as an uninterrupted run would (on the CPU: bit for bit). A non-finite loss stops
-the run with a UserError naming the layer, before anything is saved after it.
+the run with a UserError naming the layer, before anything is saved after it. While it
+trains, a run holds its directory's lock (runlock.py): a second run there is refused.
 """
 
 from __future__ import annotations
