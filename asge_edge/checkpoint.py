@@ -143,7 +143,8 @@ def read_config(run_dir: Path) -> RunConfig:
     try:
         return RunConfig.from_dict(raw)
     except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{path} is not an asge-edge {__version__} config ({e}); retrain with this version") from None
+        raise UserError(f"{path} is not an asge-edge {__version__} config ({e}); restore it, or retrain with "
+                        "this version") from None
 
 
 def load_run(run_dir: Path, data_root: str | None = None) -> tuple[RunConfig, ASGENet, dict[str, Any]]:

@@ -3,7 +3,10 @@
 Contract: ``RunConfig`` holds every setting needed to rebuild a model and repeat a
 run. It round-trips through ``to_dict``/``from_dict`` (plain JSON types only), is
 written to ``config.json`` and into the safetensors metadata of each checkpoint,
-and ``RunConfig.from_dict(cfg.to_dict()) == cfg`` always holds.
+and ``RunConfig.from_dict(cfg.to_dict()) == cfg`` always holds. ``from_dict`` checks each
+value's type against its field's, and the configs check their choices (method, optimiser,
+pool), so that a config.json edited wrong fails as it loads, with a ValueError or
+TypeError that names the setting.
 
 Defaults and where they come from:
 - AdamW, weight decay 1e-3, batch 128, lr cosine-annealed to 1e-5: the paper's
@@ -29,6 +32,8 @@ Defaults and where they come from:
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,6 +81,9 @@ class ModelConfig:
     alpha: float = 1.0
     pool: str = "rms"
 
+    def __post_init__(self):
+        _check_choice("pool", self.pool, POOLS)
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -118,6 +126,10 @@ class TrainConfig:
     offload: bool = False             # park inactive layers in host memory (offload.py); GPU only
     seed: int = 0
     device: str = "auto"
+
+    def __post_init__(self):
+        _check_choice("method", self.method, METHODS)
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
 
     def lr_range(self, width: float) -> tuple[float, float]:
         """(initial, final) lr of the cosine for a net of ``width``: --lr, else auto_lr; and
@@ -191,12 +203,47 @@ class RunConfig:
                 std=tuple(info["std"]),
             )
         return cls(
-            model=ModelConfig(**d["model"]),
-            data=DataConfig(**data),
-            train=TrainConfig(**d["train"]),
+            model=_typed(ModelConfig, "model", d["model"]),
+            data=_typed(DataConfig, "data", data),
+            train=_typed(TrainConfig, "train", d["train"]),
             info=info,
             version=d.get("version", ""),
         )
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}: use {', '.join(choices)}")
+
+
+def _typed(cls: type, section: str, values: dict[str, Any]):
+    """``cls(**values)``, each value checked against its field's type first: a config.json
+    edited by hand fails here, naming the setting, rather than deep inside a run."""
+    hints = typing.get_type_hints(cls)
+    for name, value in values.items():
+        if name in hints and not _is_a(value, hints[name]):
+            hint = hints[name]
+            raise TypeError(f"{section}.{name} is {value!r}, not {hint.__name__ if isinstance(hint, type) else hint}")
+    return cls(**values)
+
+
+def _is_a(value: Any, hint: Any) -> bool:
+    """Whether a JSON value fits a config field's type (bool, int, float, str, None, unions
+    of them, and tuples, which JSON holds as lists)."""
+    origin = typing.get_origin(hint)
+    if origin in (types.UnionType, typing.Union):
+        return any(_is_a(value, h) for h in typing.get_args(hint))
+    if origin is tuple:
+        args = typing.get_args(hint)
+        return (isinstance(value, (list, tuple)) and len(value) == len(args)
+                and all(_is_a(v, a) for v, a in zip(value, args)))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
 
 
 SECTIONS = ("model", "data", "train")   # the RunConfig parts that hold settings

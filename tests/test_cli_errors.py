@@ -183,6 +183,24 @@ def test_corrupt_checkpoint(capsys, tiny_run, tmp_path):
     _one_line_error(capsys, ["eval", str(run)], "corrupt or truncated")
 
 
+@pytest.mark.parametrize("section,name,value,needle", [
+    ("model", "width", "abc", "model.width is 'abc', not float"),
+    ("train", "epochs", 1.5, "train.epochs is 1.5, not int"),
+    ("data", "augment", 0, "data.augment is 0, not bool"),
+    ("train", "method", "xyz", "unknown method 'xyz': use asge, bp"),
+    ("model", "pool", "xyz", "unknown pool 'xyz'"),
+])
+def test_a_config_edited_wrong_is_one_line(capsys, tiny_run, tmp_path, section, name, value, needle):
+    import json
+
+    run = _copy_run(tiny_run, tmp_path / "run")
+    cfg = json.loads((run / "config.json").read_text())
+    cfg[section][name] = value
+    (run / "config.json").write_text(json.dumps(cfg))
+    _one_line_error(capsys, ["eval", str(run)], needle)
+    _one_line_error(capsys, ["train", "--resume", "--out", str(run)], needle)
+
+
 def test_pickle_is_refused(capsys, tiny_run, tmp_path):
     import pickle
     import shutil
