@@ -375,6 +375,9 @@ def _train(cfg: RunConfig, opts: RunOptions, device: torch.device, world: World 
                   "where they came from the old model", file=sys.stderr)
         write_json(out / CONFIG_FILE, cfg.to_dict())
     history = read_metrics(out / "metrics.jsonl")[: progress["epoch"]]
+    if len(history) < progress["epoch"]:
+        raise UserError(f"{out / 'metrics.jsonl'} holds {len(history)} epochs where the saved state has "
+                        f"{progress['epoch']}; restore it, or train anew with --force")
 
     if not opts.quiet:
         print(_run_header(cfg, splits, device, precision, plan, off is not None,

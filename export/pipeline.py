@@ -81,7 +81,21 @@ def load_asge_run(run_dir: Path, data_root: str | None = None):
     if not summary_path.is_file():
         raise UserError(f"{run_dir} has no summary.json (the run did not finish); finish it with "
                         f"'asge-edge train --resume --out {run_dir}' first")
-    return cfg, net.eval(), read_json(summary_path)
+    summary = read_json(summary_path)
+    if not _summary_fits(summary, len(net.layers)):
+        raise UserError(f"{summary_path} does not hold this run's best_layer, layer_val_accuracy and val_accuracy; "
+                        f"write it again with 'asge-edge train --resume --out {run_dir}'")
+    return cfg, net.eval(), summary
+
+
+def _summary_fits(summary: Any, n: int) -> bool:
+    """Whether a summary.json holds what export reads of it, for a net of ``n`` layers."""
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)   # noqa: E731
+    return (isinstance(summary, dict) and isinstance(summary.get("best_layer"), int)
+            and 1 <= summary["best_layer"] <= n
+            and isinstance(summary.get("layer_val_accuracy"), list) and len(summary["layer_val_accuracy"]) == n
+            and all(number(v) for v in summary["layer_val_accuracy"])
+            and isinstance(summary.get("val_accuracy"), dict) and number(summary["val_accuracy"].get("fusion")))
 
 
 def export_run(run_dir: Path, opts: ExportOptions) -> dict[str, Any]:

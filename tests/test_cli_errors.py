@@ -201,6 +201,23 @@ def test_a_config_edited_wrong_is_one_line(capsys, tiny_run, tmp_path, section, 
     _one_line_error(capsys, ["train", "--resume", "--out", str(run)], needle)
 
 
+@pytest.mark.parametrize("text", ['{"best_layer": "x"}', "[1, 2]", '{"best_layer": 99}'])
+def test_a_summary_edited_wrong_is_one_line_and_resume_writes_it_again(capsys, tiny_run, tmp_path, text):
+    import json
+
+    run = _copy_run(tiny_run, tmp_path / "run")
+    (run / "summary.json").write_text(text)
+    _one_line_error(capsys, ["export", str(run), "--early-exit"], "write it again with 'asge-edge train --resume")
+    assert main(["train", "--resume", "--out", str(run)]) == 0
+    assert json.loads((run / "summary.json").read_text()) == json.loads((tiny_run / "summary.json").read_text())
+
+
+def test_resume_with_its_metrics_lost_is_one_line(capsys, tiny_run, tmp_path):
+    run = _copy_run(tiny_run, tmp_path / "run")
+    (run / "metrics.jsonl").unlink()
+    _one_line_error(capsys, ["train", "--resume", "--out", str(run)], "metrics.jsonl holds 0 epochs where the saved state has 3")
+
+
 def test_pickle_is_refused(capsys, tiny_run, tmp_path):
     import pickle
     import shutil
