@@ -1,7 +1,7 @@
 """Human-facing output: the per-layer table, the layer-accuracy plot, metrics lines, progress bars.
 
 Contract: pure formatting (``layer_table``) is kept apart from file writing
-(``append_metrics``, ``plot_layer_accuracy``). The plot follows the paper's Figure 3:
+(``write_metrics``, ``plot_layer_accuracy``). The plot follows the paper's Figure 3:
 validation accuracy of each layer against the epoch. ``progress_bar`` is the one kind of
 bar every loop shows, on stderr. Nothing here touches tensors.
 """
@@ -16,10 +16,13 @@ from typing import Any, Iterable, Sequence
 from tqdm import tqdm
 
 from .budget import format_size
+from .errors import UserError
 from .models import LayerSpec
 from .planner import Plan
 
 LOG_INTERVAL = 30.0   # seconds between progress-bar redraws where stderr is a log, not a terminal
+# What a resumed run reads back from each metrics.jsonl line (train.finish, plot_layer_accuracy).
+METRICS_KEYS = ("epoch", "images", "val_layer_accuracy", "val_last_accuracy", "val_fusion_accuracy")
 
 
 def progress_bar(total: int, desc: str, initial: int = 0, iterable: Iterable | None = None) -> tqdm:
@@ -120,9 +123,22 @@ def write_metrics(path: Path, history: Sequence[dict[str, Any]]) -> None:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl's records, [] where there is none; a UserError names a line that is not
+    one (not JSON, or without what a resumed run reads back: METRICS_KEYS)."""
     if not Path(path).is_file():
         return []
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    records = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict) or any(key not in record for key in METRICS_KEYS):
+            raise UserError(f"{path} line {n} is not an epoch's record; restore the file, or train anew with --force")
+        records.append(record)
+    return records
 
 
 def plot_layer_accuracy(history: Sequence[dict[str, Any]], path: Path, title: str = "") -> None:

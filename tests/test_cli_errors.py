@@ -218,6 +218,14 @@ def test_resume_with_its_metrics_lost_is_one_line(capsys, tiny_run, tmp_path):
     _one_line_error(capsys, ["train", "--resume", "--out", str(run)], "metrics.jsonl holds 0 epochs where the saved state has 3")
 
 
+@pytest.mark.parametrize("line", ["{bad", '{"epoch": 1}', "[1, 2]"])
+def test_resume_with_a_metrics_line_edited_wrong_is_one_line(capsys, tiny_run, tmp_path, line):
+    run = _copy_run(tiny_run, tmp_path / "run")
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join([lines[0], line, *lines[2:]]) + "\n")
+    _one_line_error(capsys, ["train", "--resume", "--out", str(run)], "metrics.jsonl line 2 is not an epoch's record")
+
+
 def test_pickle_is_refused(capsys, tiny_run, tmp_path):
     import pickle
     import shutil
