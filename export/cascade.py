@@ -87,7 +87,12 @@ class Cascade:
 
     def __init__(self, cascade_dir: Path, threads: int = 0, spec: dict | None = None):
         self.dir = Path(cascade_dir)
-        self.spec = spec if spec is not None else read_json(self.dir / CASCADE_FILE)
+        if spec is None:   # a cascade directory's, as written: checked, since a person may have edited it
+            spec = read_json(self.dir / CASCADE_FILE)
+            if not spec_fits(spec):
+                raise UserError(f"{self.dir / CASCADE_FILE} does not describe a cascade (stages, input_shape, "
+                                "class_names, threshold); export the cascade again")
+        self.spec = spec
         self.sessions = [session(self.dir / s["file"], threads) for s in self.spec["stages"]]
         self.exits = [s["exit_layer"] for s in self.spec["stages"]]
 
@@ -118,6 +123,18 @@ class Cascade:
             if len(idx) == 0:
                 break
         return CascadeResult(logits, exit_layer)
+
+
+def spec_fits(spec: Any) -> bool:
+    """Whether a cascade.json holds what Cascade and ``infer`` read of it."""
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)   # noqa: E731
+    stage = lambda s: (isinstance(s, dict) and isinstance(s.get("file"), str) and isinstance(s.get("input"), str)   # noqa: E731
+                       and isinstance(s.get("exit_layer"), int))
+    return (isinstance(spec, dict) and isinstance(spec.get("stages"), list) and len(spec["stages"]) > 0
+            and all(stage(s) for s in spec["stages"])
+            and isinstance(spec.get("input_shape"), list) and len(spec["input_shape"]) == 3
+            and all(isinstance(d, int) and d > 0 for d in spec["input_shape"])
+            and isinstance(spec.get("class_names"), list) and number(spec.get("threshold")))
 
 
 def exit_choice(confidence: np.ndarray, threshold: float) -> np.ndarray:

@@ -19,6 +19,9 @@ from typing import Callable
 import numpy as np
 import onnxruntime as ort
 import torch
+from onnxruntime.capi import onnxruntime_pybind11_state as ORT_ERRORS
+
+from asge_edge.errors import UserError
 
 PARITY_BATCHES = (1, 17)
 # Tolerances are relative to the logits' scale (logit_scale): two runtimes' fp32 convolutions
@@ -37,10 +40,14 @@ def logit_scale(ref: np.ndarray) -> float:
 
 
 def session(path: Path, threads: int = 0) -> ort.InferenceSession:
-    """A CPU ONNX Runtime session (``threads`` 0: ONNX Runtime's default)."""
+    """A CPU ONNX Runtime session (``threads`` 0: ONNX Runtime's default); a UserError where
+    the file is missing or not a model ONNX Runtime can load."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except (ORT_ERRORS.NoSuchFile, ORT_ERRORS.InvalidProtobuf, ORT_ERRORS.InvalidGraph, ORT_ERRORS.Fail) as e:
+        raise UserError(f"ONNX Runtime cannot load {path} ({type(e).__name__}); export it again") from None
 
 
 def parity(path: Path, reference: Callable[[torch.Tensor], torch.Tensor], input_shape: tuple[int, ...],

@@ -15,6 +15,7 @@ from asge_edge.checkpoint import load_run
 from asge_edge.cli import main
 from asge_edge.data import load_splits
 from export import to_onnx
+from export import cascade
 from export.cascade import NEVER, Cascade, calibrate
 from export.tensorrt import compatibility_problems, trtexec_command
 from export.verify import HALF_RTOL, ONNX_RTOL, logit_scale
@@ -328,3 +329,21 @@ def test_infer_refuses_a_file_that_is_not_onnx(tmp_path, capsys):
     np.save(tmp_path / "x.npy", np.zeros((1, 1, 16, 16), np.float32))
     assert main(["infer", str(bad), "--images", str(tmp_path / "x.npy")]) == 2
     assert "not a readable ONNX model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage,needle", [
+    (lambda d: (d / "cascade.json").write_text('{"stages": 3}'), "does not describe a cascade"),
+    (lambda d: (d / "cascade.json").write_text('{"threshold": 0.9}'), "does not describe a cascade"),
+    (lambda d: (d / "stage2_layer3.onnx").unlink(), "cannot load"),
+    (lambda d: (d / "stage2_layer3.onnx").write_bytes(b"not a model"), "cannot load"),
+])
+def test_infer_on_a_damaged_cascade_is_one_line(cascade_dir, tmp_path, capsys, damage, needle):
+    spec = json.loads((cascade_dir / "cascade.json").read_text())
+    assert cascade.spec_fits(spec)   # what export writes passes the check
+    copy = shutil.copytree(cascade_dir, tmp_path / "cascade")
+    damage(copy)
+    np.save(tmp_path / "x.npy", np.zeros((1, 1, 16, 16), np.float32))
+    assert main(["infer", str(copy), "--images", str(tmp_path / "x.npy")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and needle in err
+
