@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import signal
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -322,15 +321,6 @@ def default_workers() -> int:
     return min(MAX_DEFAULT_WORKERS, cores)
 
 
-def _leave_stop_signals_to_the_main_process(_worker_id: int) -> None:
-    """A DataLoader worker ignores SIGINT and SIGTERM. A Ctrl-C, or a scheduler's SIGTERM,
-    reaches the whole process group, and a worker it ended would make PyTorch abort the main
-    process mid-step, before the trainer could save (train._Interrupt). The main process
-    shuts its workers down as it stops; should it die, they notice and exit."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
 def batches(split: Split, batch_size: int, gen: torch.Generator | None = None,
             augment_batches: bool = False, workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (raw pixels uint8 (B, C, H, W), labels (B,)) over ``split``.
@@ -346,8 +336,7 @@ def batches(split: Split, batch_size: int, gen: torch.Generator | None = None,
     order = torch.randperm(n, generator=gen) if gen is not None else torch.arange(n)
     if split.folder is not None:
         sampler = [order[i:i + batch_size].tolist() for i in range(0, n, batch_size)]
-        source = torch.utils.data.DataLoader(split.folder, batch_sampler=sampler, num_workers=workers,
-                                             worker_init_fn=_leave_stop_signals_to_the_main_process)
+        source = torch.utils.data.DataLoader(split.folder, batch_sampler=sampler, num_workers=workers)
     else:
         source = ((split.images[idx], split.labels[idx]) for idx in order.split(batch_size))
     try:
