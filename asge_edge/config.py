@@ -227,6 +227,11 @@ def _typed(cls: type, section: str, values: dict[str, Any]):
     return cls(**values)
 
 
+def is_number(value: Any) -> bool:
+    """Whether a JSON value is a number (JSON's true and false are not, though Python's bool is an int)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _is_a(value: Any, hint: Any) -> bool:
     """Whether a JSON value fits a config field's type (bool, int, float, str, None, unions
     of them, and tuples, which JSON holds as lists)."""
@@ -240,7 +245,7 @@ def _is_a(value: Any, hint: Any) -> bool:
     if hint is type(None):
         return value is None
     if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return is_number(value)
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, hint)

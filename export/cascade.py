@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from asge_edge.checkpoint import read_json
+from asge_edge.config import is_number
 from asge_edge.errors import UserError
 from asge_edge.models import ASGENet
 
@@ -127,14 +128,13 @@ class Cascade:
 
 def spec_fits(spec: Any) -> bool:
     """Whether a cascade.json holds what Cascade and ``infer`` read of it."""
-    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)   # noqa: E731
     stage = lambda s: (isinstance(s, dict) and isinstance(s.get("file"), str) and isinstance(s.get("input"), str)   # noqa: E731
                        and isinstance(s.get("exit_layer"), int))
     return (isinstance(spec, dict) and isinstance(spec.get("stages"), list) and len(spec["stages"]) > 0
             and all(stage(s) for s in spec["stages"])
             and isinstance(spec.get("input_shape"), list) and len(spec["input_shape"]) == 3
             and all(isinstance(d, int) and d > 0 for d in spec["input_shape"])
-            and isinstance(spec.get("class_names"), list) and number(spec.get("threshold")))
+            and isinstance(spec.get("class_names"), list) and is_number(spec.get("threshold")))
 
 
 def exit_choice(confidence: np.ndarray, threshold: float) -> np.ndarray:

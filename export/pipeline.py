@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 from asge_edge import __version__
 from asge_edge.checkpoint import RUN_FILES, load_run, read_json, write_json
+from asge_edge.config import is_number
 from asge_edge.data import default_workers, load_splits, split_tensors, spread
 from asge_edge.errors import UserError
 
@@ -90,12 +91,11 @@ def load_asge_run(run_dir: Path, data_root: str | None = None):
 
 def _summary_fits(summary: Any, n: int) -> bool:
     """Whether a summary.json holds what export reads of it, for a net of ``n`` layers."""
-    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)   # noqa: E731
     return (isinstance(summary, dict) and isinstance(summary.get("best_layer"), int)
             and 1 <= summary["best_layer"] <= n
             and isinstance(summary.get("layer_val_accuracy"), list) and len(summary["layer_val_accuracy"]) == n
-            and all(number(v) for v in summary["layer_val_accuracy"])
-            and isinstance(summary.get("val_accuracy"), dict) and number(summary["val_accuracy"].get("fusion")))
+            and all(is_number(v) for v in summary["layer_val_accuracy"])
+            and isinstance(summary.get("val_accuracy"), dict) and is_number(summary["val_accuracy"].get("fusion")))
 
 
 def export_run(run_dir: Path, opts: ExportOptions) -> dict[str, Any]:

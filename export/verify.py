@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 import onnxruntime as ort
 import torch
-from onnxruntime.capi import onnxruntime_pybind11_state as ORT_ERRORS
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
 from asge_edge.errors import UserError
 
@@ -46,7 +46,7 @@ def session(path: Path, threads: int = 0) -> ort.InferenceSession:
     opts.intra_op_num_threads = threads
     try:
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    except (ORT_ERRORS.NoSuchFile, ORT_ERRORS.InvalidProtobuf, ORT_ERRORS.InvalidGraph, ORT_ERRORS.Fail) as e:
+    except (ort_errors.NoSuchFile, ort_errors.InvalidProtobuf, ort_errors.InvalidGraph, ort_errors.Fail) as e:
         raise UserError(f"ONNX Runtime cannot load {path} ({type(e).__name__}); export it again") from None
 
 
