@@ -11,6 +11,9 @@ Contract:
   the run's seed), so runs with different seeds select on the same images.
 - ``batches`` is deterministic given its generator: the trainer seeds one per epoch,
   so an epoch's order and augmentation can be replayed exactly.
+- A SIGTERM ends a DataLoader worker cleanly (exit status 0), whoever sent it; where the
+  caller's ``stop`` says a signal arrived, a loader that fails because its workers have
+  ended raises ``Stopped`` (the caller saves and stops) instead of PyTorch's error.
 
 Sources:
 - ``fashion-mnist`` (default) and ``mnist``: IDX files, gzipped or not, read directly
@@ -28,10 +31,11 @@ from __future__ import annotations
 
 import gzip
 import os
+import signal
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -321,8 +325,13 @@ def default_workers() -> int:
     return min(MAX_DEFAULT_WORKERS, cores)
 
 
+class Stopped(Exception):
+    """A loop over ``batches`` ended early because its ``stop`` said so: a signal arrived."""
+
+
 def batches(split: Split, batch_size: int, gen: torch.Generator | None = None,
-            augment_batches: bool = False, workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            augment_batches: bool = False, workers: int = 0,
+            stop: Callable[[], bool] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (raw pixels uint8 (B, C, H, W), labels (B,)) over ``split``.
 
     Args:
@@ -331,12 +340,16 @@ def batches(split: Split, batch_size: int, gen: torch.Generator | None = None,
         gen: shuffles (and augments) when given; sequential order otherwise.
         augment_batches: apply ``augment`` (needs ``gen``).
         workers: DataLoader workers for folder datasets.
+        stop: asked when the DataLoader fails; where it says a signal arrived, the workers
+            ended with it (a batch in flight can then fail in many ways: a RuntimeError, an
+            OSError or EOFError while it is unpickled), and ``Stopped`` is raised instead.
     """
     n = len(split)
     order = torch.randperm(n, generator=gen) if gen is not None else torch.arange(n)
     if split.folder is not None:
         sampler = [order[i:i + batch_size].tolist() for i in range(0, n, batch_size)]
-        source = torch.utils.data.DataLoader(split.folder, batch_sampler=sampler, num_workers=workers)
+        source = torch.utils.data.DataLoader(split.folder, batch_sampler=sampler, num_workers=workers,
+                                             worker_init_fn=_end_cleanly_on_sigterm if workers else None)
     else:
         source = ((split.images[idx], split.labels[idx]) for idx in order.split(batch_size))
     try:
@@ -346,6 +359,25 @@ def batches(split: Split, batch_size: int, gen: torch.Generator | None = None,
             yield x, y
     except UserError as e:   # an unreadable image (read_image)
         raise (_worker_error(e) if workers else e) from None
+    except Exception:   # the DataLoader's workers ended: "exited unexpectedly", or a batch they left unreadable
+        if stop is not None and stop():
+            raise Stopped from None
+        raise
+
+
+def _end_cleanly_on_sigterm(_worker_id: int) -> None:
+    """A DataLoader worker's SIGTERM handler: end as Ctrl-C ends a worker (KeyboardInterrupt,
+    which PyTorch's worker loop takes as a clean exit, status 0), whoever sent it.
+
+    PyTorch's own handler exits cleanly only when the main process sent the signal. A
+    SIGTERM to the whole process group (a scheduler's preemption) kills the worker, and the
+    main process's SIGCHLD handler then raises mid-step, before the trainer can save. Ended
+    cleanly, the worker leaves the main process to finish its step and save; one that waits
+    for the next batch meanwhile gets ``Stopped`` (``batches``). Ignoring SIGTERM instead
+    would leave nothing able to end a stray worker, and its process would hang at exit.
+    Each loop over ``batches`` starts new workers, and one signalled in the moment before
+    this runs (PyTorch's handler is in place from its start) still dies of the signal."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 def split_tensors(split: Split, workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

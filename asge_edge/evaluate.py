@@ -18,7 +18,7 @@ import torch
 
 from .checkpoint import load_run
 from .config import STRATEGIES
-from .data import Split, batches, load_splits
+from .data import Split, Stopped, batches, load_splits
 from .device import resolve_device, to_device
 from .errors import UserError
 from .methods import METHODS, Method
@@ -55,10 +55,6 @@ def trained_predictors(acc: Accuracy, method: type[Method]) -> Accuracy:
                     acc.fusion if "fusion" in method.strategies else None, acc.n)
 
 
-class Stopped(Exception):
-    """``evaluate``'s ``stop`` asked it to end before its last batch."""
-
-
 @torch.inference_mode()
 def evaluate(net: ASGENet, split: Split, device: torch.device, method: type[Method], batch_size: int = EVAL_BATCH,
              offloader: Offloader | None = None, workers: int = 0, label: str | None = None,
@@ -67,13 +63,14 @@ def evaluate(net: ASGENet, split: Split, device: torch.device, method: type[Meth
     ``method`` does not train; with an ``offloader``, each layer visits the device only
     while it runs. ``workers``: DataLoader workers for folder datasets (data.batches).
     ``label``: show a progress bar by that name (None: none). ``stop``: asked before each
-    batch; where it says so, evaluation ends with ``Stopped``."""
+    batch (and by ``batches`` should its loader fail); where it says so, evaluation ends with
+    ``data.Stopped``."""
     was_training = net.training
     net.eval()
     correct = torch.zeros(len(net.layers) + 2, device=device)
     try:
         with offloader.streaming(net.layers) if offloader is not None else nullcontext():
-            loader = batches(split, batch_size, workers=workers)
+            loader = batches(split, batch_size, workers=workers, stop=stop)
             if label is not None:
                 loader = progress_bar(math.ceil(len(split) / batch_size), label, iterable=loader)
             for x, y in loader:

@@ -8,7 +8,9 @@ Contract: ``train(cfg, opts)`` runs a ``Method`` (methods.py) over the data for
   progress (epoch, global step, and mid-epoch the epoch's running sums), saved at each
   epoch's end, every ``checkpoint_every`` steps, and on SIGINT or SIGTERM, at the next
   step or before the next validation batch (then the run stops with ``Interrupted``; an
-  epoch stopped in its validation is saved trained, and ``--resume`` validates it). The lr
+  epoch stopped in its validation is saved trained, and ``--resume`` validates it). A
+  signal to the whole process group ends the DataLoader's workers too (data.batches): a
+  step under way finishes and is saved, and a wait for the next batch saves the last step. The lr
   schedule is a function of the step and the data order of (seed, epoch), so nothing else
   needs saving: no global RNG drives training;
 - ``metrics.jsonl``: one line per epoch (per-layer loss and accuracy, lr, seconds);
@@ -33,7 +35,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -41,12 +43,12 @@ from . import __version__
 from .checkpoint import (CONFIG_FILE, RUN_FILES, STATE_FILE, build_net, load_run, load_state, read_config,
                          save_model, save_state, write_json)
 from .config import STRATEGIES, RunConfig, resumed
-from .data import load_splits, batches
+from .data import Stopped, batches, load_splits
 from .distributed import World
 from .device import native_precision, resolve_device, resolve_precision, to_device
 from .errors import Interrupted, UserError
 from .budget import format_size
-from .evaluate import Accuracy, Stopped, best_layer, evaluate, trained_predictors
+from .evaluate import Accuracy, best_layer, evaluate, trained_predictors
 from .memory import Measurement, measure_step
 from .methods import HEADS, METHODS, ASGEMethod, Method, make_method
 from .offload import Offloader, make_offloader
@@ -197,7 +199,7 @@ class EpochProgress:
 
 def _run_epoch(method: Method, cfg: RunConfig, splits, device, epoch: int, step: int, total: int, pbar,
                ep: EpochProgress, after_step, measure_at: int | None = None, workers: int = 0,
-               world: World | None = None) -> tuple:
+               world: World | None = None, stop: Callable[[], bool] | None = None) -> tuple:
     """Train the batches of ``epoch`` that ``ep`` has not done yet, updating ``ep``.
 
     The epoch's order and augmentation come from a generator seeded by (seed, epoch), and
@@ -205,6 +207,7 @@ def _run_epoch(method: Method, cfg: RunConfig, splits, device, epoch: int, step:
     the batches an uninterrupted one would. ``after_step(ep, step)`` runs after each
     step (checks and checkpoints); the step numbered ``measure_at`` also measures memory.
     Under torchrun every process draws the same global batch and trains on its shard.
+    ``stop`` goes to ``batches``: a loader that fails after a signal raises ``Stopped``.
     Returns (global step, last lr, memory measurement or None).
     """
     tc = cfg.train
@@ -212,7 +215,7 @@ def _run_epoch(method: Method, cfg: RunConfig, splits, device, epoch: int, step:
     lr, measured = cosine_lr(max(step - 1, 0), total, lr0, lr_min), None   # the last step's, where none is left
     gen = _epoch_generator(tc.seed, epoch)
     size = _global_batch(world, tc.batch_size)
-    for b, (x, y) in enumerate(batches(splits.train, size, gen, cfg.data.augment, workers)):
+    for b, (x, y) in enumerate(batches(splits.train, size, gen, cfg.data.augment, workers, stop)):
         if b < ep.batches:
             continue
         lr = cosine_lr(step, total, lr0, lr_min)
@@ -422,8 +425,15 @@ def _train(cfg: RunConfig, opts: RunOptions, device: torch.device, world: World 
                     if interrupt.requested:
                         raise interrupted(step)
 
-            step, lr, measured = _run_epoch(method, cfg, splits, device, epoch, progress["step"], total, pbar, ep,
-                                            after_step, measure_at, opts.workers, world)
+            done = ep.batches
+            try:
+                step, lr, measured = _run_epoch(method, cfg, splits, device, epoch, progress["step"], total, pbar,
+                                                ep, after_step, measure_at, opts.workers, world,
+                                                stop=lambda: interrupt.requested)
+            except Stopped:   # the signal came while the next batch loaded, and ended the loader's workers too
+                step = progress["step"] + ep.batches - done
+                after_step(ep, step)   # the writer saves the last step done, and raises Interrupted
+                raise interrupted(step) from None
             check_finite(ep, step)
             memory = progress.get("memory") if measured is None else _memory_record(plan, measured, tc.memory_budget,
                                                                                      precision, off is not None)

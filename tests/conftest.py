@@ -44,7 +44,7 @@ def uneven_run(tmp_path_factory, device):
     return out
 
 
-def _mixed_image_folder(root: Path, per_class: int = 6) -> None:
+def mixed_image_folder(root: Path, per_class: int = 6) -> None:
     """train/ and val/ of three classes of images in four PIL modes and assorted sizes, as
     users' folders hold; class k is brighter than class k-1, so it is learnable."""
     from PIL import Image
@@ -65,7 +65,7 @@ def folder_run(tmp_path_factory, device):
     """(run directory, its image folder, the warnings its training raised): a 1-epoch ASGE run
     on a mixed ImageFolder (15 train, 3 val, 18 test images of 16x16), default --workers."""
     root = tmp_path_factory.mktemp("folder")
-    _mixed_image_folder(root / "data")
+    mixed_image_folder(root / "data")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert main(["train", "--dataset", "imagefolder", "--data-root", str(root / "data"), "--image-size", "16",

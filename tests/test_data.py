@@ -1,6 +1,9 @@
 """Datasets: the IDX reader, the real Fashion-MNIST package, splits, augmentation."""
 
 import gzip
+import multiprocessing
+import os
+import signal
 import struct
 from pathlib import Path
 
@@ -8,7 +11,8 @@ import pytest
 import torch
 
 from asge_edge.config import DATASET_ONLY, DataConfig, RunConfig
-from asge_edge.data import FASHION_MNIST_ROOT, Split, augment, batches, load_splits, read_idx, split_tensors, spread
+from asge_edge.data import (FASHION_MNIST_ROOT, Split, Stopped, augment, batches, load_splits, read_idx, split_tensors,
+                             spread)
 from asge_edge.errors import UserError
 
 
@@ -127,6 +131,28 @@ def test_imagefolder_of_mixed_images_trains_and_evaluates(folder_run, capsys):
     again = json.loads(capsys.readouterr().out)
     assert again["layer_test_accuracy"] == summary["layer_test_accuracy"]
     assert all(abs(a * 18 - round(a * 18)) < 1e-6 for a in again["layer_test_accuracy"])   # k / 18 test images
+
+
+@pytest.mark.parametrize("signalled", [True, False], ids=["after a signal", "no signal"])
+def test_a_sigterm_ends_a_loader_worker_cleanly_and_batches_then_stops(folder_run, signalled):
+    """A SIGTERM to the whole process group reaches the DataLoader's workers too. Each exits
+    with status 0, where PyTorch's own handler dies of it (unless the main process sent it)
+    and the main process then fails mid-step. A loop still waiting on batches gets Stopped
+    where its stop() reports the signal; with no signal, a worker's end is a fault, and the
+    loader's own error stands."""
+    _, data, _ = folder_run
+    split = load_splits(DataConfig(dataset="imagefolder", root=str(data), image_size=16, val_size=3)).train
+    before = set(multiprocessing.active_children())
+    loader = batches(split, 1, workers=1, stop=lambda: signalled)
+    next(loader)
+    [worker] = set(multiprocessing.active_children()) - before
+    os.kill(worker.pid, signal.SIGTERM)
+    worker.join(10)
+    assert worker.exitcode == 0
+    with pytest.raises(Exception) as caught:
+        for _ in loader:   # 15 batches, of which the worker had loaded 3 at most
+            pass
+    assert (caught.type is Stopped) == signalled, caught.value
 
 
 def test_spread_covers_a_split_sorted_by_class():

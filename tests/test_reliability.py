@@ -1,4 +1,5 @@
-"""Crash safety and bad input: SIGKILL, SIGINT and SIGTERM mid-epoch, NaN losses, refused inputs."""
+"""Crash safety and bad input: SIGKILL, SIGINT and SIGTERM mid-epoch (to the trainer alone, and to
+its whole process group with DataLoader workers), NaN losses, refused inputs."""
 
 import json
 import os
@@ -16,8 +17,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from asge_edge.cli import main
+from asge_edge.data import Stopped
 from asge_edge.methods import ASGEMethod
-from conftest import TINY_RUN
+from conftest import TINY_RUN, mixed_image_folder
 
 # A run long enough to be stopped mid-epoch: 22 steps per epoch (1,536 images less 10% for validation).
 LONG = [*TINY_RUN, "--train-size", "1536", "--epochs", "2"]
@@ -32,9 +34,9 @@ def _progress(out):
         return None
 
 
-def _start(out, *extra):
-    return subprocess.Popen([sys.executable, "-m", "asge_edge", "train", *LONG, "--out", str(out), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _start(out, *extra, run=LONG, **popen):
+    return subprocess.Popen([sys.executable, "-m", "asge_edge", "train", *run, "--out", str(out), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 
 def _wait_mid_epoch(proc, out, timeout=120):
@@ -94,6 +96,63 @@ def test_a_signal_saves_and_exits_cleanly_then_resumes(uninterrupted, tmp_path, 
     assert _progress(out)["partial"] is not None
     assert main(["train", "--resume", "--out", str(out), "--quiet"]) == 0
     _same_run(out, uninterrupted)
+
+
+def test_a_signal_while_the_next_batch_loads_saves_the_last_step_done(uninterrupted, tmp_path, monkeypatch,
+                                                                      capsys):
+    """A process-group SIGTERM also ends the DataLoader's workers, and a trainer waiting on
+    them gets data.Stopped from the loader (test_data has the loader's side): the steps done
+    are saved, and the run resumes as if never stopped."""
+    import asge_edge.train as trainer
+
+    real = trainer.batches
+
+    def loader_dies(*args):
+        for i, batch in enumerate(real(*args)):
+            if i == 3:   # the fourth batch of the epoch never arrives
+                os.kill(os.getpid(), signal.SIGTERM)
+                raise Stopped
+            yield batch
+
+    monkeypatch.setattr(trainer, "batches", loader_dies)
+    out = tmp_path / "run"
+    assert main(["train", *LONG, "--out", str(out)]) == 128 + signal.SIGTERM
+    assert "interrupted (SIGTERM) at epoch 1, step 3;" in capsys.readouterr().err
+    p = _progress(out)
+    assert p["step"] == 3 and p["partial"]["batches"] == 3
+    monkeypatch.undo()
+    assert main(["train", "--resume", "--out", str(out), "--quiet"]) == 0
+    _same_run(out, uninterrupted)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """(train arguments for a 2-epoch run on an image folder with 2 DataLoader workers, 7 steps
+    an epoch; that run, uninterrupted)."""
+    root = tmp_path_factory.mktemp("folder")
+    mixed_image_folder(root / "data", per_class=20)
+    run = ["--dataset", "imagefolder", "--data-root", str(root / "data"), "--image-size", "16", "--val-size", "6",
+           "--width", "0.0625", "--epochs", "2", "--batch-size", "8", "--workers", "2", "--quiet"]
+    assert main(["train", *run, "--out", str(root / "whole")]) == 0
+    return run, root / "whole"
+
+
+def test_sigterm_to_the_process_group_with_loader_workers_saves_then_resumes(folder, tmp_path):
+    """As a scheduler's preemption signals every process of a job: the trainer and its
+    DataLoader workers alike. The workers end cleanly, and the trainer saves the last step
+    it finished, whether it was mid-step or waiting on the next batch."""
+    run, whole = folder
+    out = tmp_path / "run"
+    proc = _start(out, "--checkpoint-every", "1", run=run, start_new_session=True)   # its own process group
+    _wait_mid_epoch(proc, out)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err and "(SIGTERM)" in err
+    saved = int(re.search(r"epoch 1, step (\d+);", err).group(1))
+    assert _progress(out)["step"] == saved
+    assert main(["train", "--resume", "--out", str(out), "--quiet"]) == 0
+    _same_run(out, whole)
 
 
 def test_a_signal_during_validation_keeps_the_epochs_training(uninterrupted, tmp_path, monkeypatch, capsys):

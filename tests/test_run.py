@@ -171,10 +171,10 @@ def _interrupted_in_epoch_2(monkeypatch, args, out):
     import asge_edge.train as train_mod
     real = train_mod._run_epoch
 
-    def crash_on_epoch_2(method, cfg, splits, device, epoch, *rest):
+    def crash_on_epoch_2(method, cfg, splits, device, epoch, *rest, **options):
         if epoch == 2:
             raise KeyboardInterrupt
-        return real(method, cfg, splits, device, epoch, *rest)
+        return real(method, cfg, splits, device, epoch, *rest, **options)
 
     monkeypatch.setattr(train_mod, "_run_epoch", crash_on_epoch_2)
     assert main(["train", *args, "--out", str(out)]) == 130
