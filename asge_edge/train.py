@@ -8,10 +8,10 @@ Contract: ``train(cfg, opts)`` runs a ``Method`` (methods.py) over the data for
   progress (epoch, global step, and mid-epoch the epoch's running sums), saved at each
   epoch's end, every ``checkpoint_every`` steps, and on SIGINT or SIGTERM, at the next
   step or before the next validation batch (then the run stops with ``Interrupted``; an
-  epoch stopped in its validation is saved trained, and ``--resume`` validates it). A
-  signal to the whole process group ends the DataLoader's workers too (data.batches): a
-  step under way finishes and is saved, and a wait for the next batch saves the last step. The lr
-  schedule is a function of the step and the data order of (seed, epoch), so nothing else
+  epoch stopped in its validation is saved trained, and ``--resume`` validates it; one
+  stopped in the test after training, ``--resume`` tests). A signal to the whole process
+  group ends the DataLoader's workers too (data.batches): a step under way finishes and is
+  saved, and a wait for the next batch saves the last step done. The lr schedule is a function of the step and the data order of (seed, epoch), so nothing else
   needs saving: no global RNG drives training;
 - ``metrics.jsonl``: one line per epoch (per-layer loss and accuracy, lr, seconds);
 - ``layer_accuracy.png``: per-layer validation accuracy over the epochs;
@@ -468,16 +468,24 @@ def _train(cfg: RunConfig, opts: RunOptions, device: torch.device, world: World 
             if interrupt.requested:   # during validation's last batch: the epoch's state is saved
                 raise interrupted(step)
 
-    if not writer:
-        return {}
-    return finish(out, history, progress, device, splits, off, quiet=opts.quiet, workers=opts.workers)
+        if not writer:
+            return {}
+        try:
+            return finish(out, history, progress, device, splits, off, quiet=opts.quiet, workers=opts.workers,
+                          stop=lambda: interrupt.requested)
+        except Stopped:   # training is done and saved; --resume goes straight to the test
+            raise Interrupted(f"interrupted ({signal.Signals(interrupt.signum).name}) after training, while "
+                              f"testing; the state is saved in {out}: finish with --resume --out {out}",
+                              interrupt.signum) from None
 
 
 def finish(out: Path, history: list[dict[str, Any]], progress: dict[str, Any], device: torch.device, splits,
-           offloader: Offloader | None = None, quiet: bool = False, workers: int = 0) -> dict[str, Any]:
+           offloader: Offloader | None = None, quiet: bool = False, workers: int = 0,
+           stop: Callable[[], bool] | None = None) -> dict[str, Any]:
     """Evaluate the selected checkpoint on test (``workers``: DataLoader workers for folder
-    datasets), write summary.json, print the table. What the run's method does not train
-    is None throughout (evaluate.trained_predictors)."""
+    datasets; ``stop``: evaluate's, which ends the test with ``Stopped``), write summary.json,
+    print the table. What the run's method does not train is None throughout
+    (evaluate.trained_predictors)."""
     cfg, net, _ = load_run(out)
     net = net.place(device, offloader.park_device if offloader else None)
     method = METHODS[cfg.train.method]
@@ -487,7 +495,7 @@ def finish(out: Path, history: list[dict[str, Any]], progress: dict[str, Any], d
                                       chosen["val_fusion_accuracy"], len(splits.val)), method)
     best = best_layer(val.layers)
     test = evaluate(net, splits.test, device, method, offloader=offloader, workers=workers,
-                    label=None if quiet else "test")
+                    label=None if quiet else "test", stop=stop)
     images = sum(r["images"] for r in history)
     summary = {
         "version": __version__,

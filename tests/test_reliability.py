@@ -175,6 +175,30 @@ def test_a_signal_during_validation_keeps_the_epochs_training(uninterrupted, tmp
     _same_run(out, uninterrupted)
 
 
+def test_a_signal_during_the_test_after_training_resumes_to_the_summary(uninterrupted, tmp_path, monkeypatch,
+                                                                       capsys):
+    import asge_edge.train as trainer
+
+    real, calls = trainer.evaluate, []
+
+    def signalled(*args, **kwargs):   # SIGTERM as the test starts, after 2 epochs' validation
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "evaluate", signalled)
+    out = tmp_path / "run"
+    assert main(["train", *LONG, "--out", str(out)]) == 128 + signal.SIGTERM
+    assert "interrupted (SIGTERM) after training, while testing" in capsys.readouterr().err
+    assert not (out / "summary.json").exists() and _progress(out)["epoch"] == 2
+    monkeypatch.undo()
+    assert main(["train", "--resume", "--out", str(out), "--quiet"]) == 0
+    _same_run(out, uninterrupted)
+    done, whole = (json.loads((d / "summary.json").read_text()) for d in (out, uninterrupted))
+    assert done["test_accuracy"] == whole["test_accuracy"]
+
+
 def test_nan_loss_stops_naming_the_layer_and_keeps_the_last_good_state(monkeypatch, capsys, tmp_path):
     original, calls = ASGEMethod.train_step, []
 
