@@ -137,18 +137,19 @@ def folder(tmp_path_factory):
     return run, root / "whole"
 
 
-def test_sigterm_to_the_process_group_with_loader_workers_saves_then_resumes(folder, tmp_path):
-    """As a scheduler's preemption signals every process of a job: the trainer and its
-    DataLoader workers alike. The workers end cleanly, and the trainer saves the last step
-    it finished, whether it was mid-step or waiting on the next batch."""
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_to_the_process_group_with_loader_workers_saves_then_resumes(folder, tmp_path, signum):
+    """As a terminal's Ctrl-C and a scheduler's preemption signal every process of a job:
+    the trainer and its DataLoader workers alike. The workers end cleanly, and the trainer
+    saves the last step it finished, whether it was mid-step or waiting on the next batch."""
     run, whole = folder
     out = tmp_path / "run"
     proc = _start(out, "--checkpoint-every", "1", run=run, start_new_session=True)   # its own process group
     _wait_mid_epoch(proc, out)
-    os.killpg(proc.pid, signal.SIGTERM)
+    os.killpg(proc.pid, signum)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, err
-    assert "Traceback" not in err and "(SIGTERM)" in err
+    assert proc.returncode == 128 + signum, err
+    assert "Traceback" not in err and f"({signum.name})" in err
     saved = int(re.search(r"epoch 1, step (\d+);", err).group(1))
     assert _progress(out)["step"] == saved
     assert main(["train", "--resume", "--out", str(out), "--quiet"]) == 0
