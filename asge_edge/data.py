@@ -366,18 +366,20 @@ def batches(split: Split, batch_size: int, gen: torch.Generator | None = None,
 
 
 def _end_cleanly_on_sigterm(_worker_id: int) -> None:
-    """A DataLoader worker's SIGTERM handler: end as Ctrl-C ends a worker (KeyboardInterrupt,
-    which PyTorch's worker loop takes as a clean exit, status 0), whoever sent it.
+    """A DataLoader worker's SIGTERM handler: exit at once with status 0, whoever sent it, as
+    PyTorch's own handler does when the main process sent it.
 
-    PyTorch's own handler exits cleanly only when the main process sent the signal. A
-    SIGTERM to the whole process group (a scheduler's preemption) kills the worker, and the
-    main process's SIGCHLD handler then raises mid-step, before the trainer can save. Ended
-    cleanly, the worker leaves the main process to finish its step and save; one that waits
-    for the next batch meanwhile gets ``Stopped`` (``batches``). Ignoring SIGTERM instead
-    would leave nothing able to end a stray worker, and its process would hang at exit.
-    Each loop over ``batches`` starts new workers, and one signalled in the moment before
-    this runs (PyTorch's handler is in place from its start) still dies of the signal."""
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    From anyone else (a scheduler signalling the whole process group, a terminal's group)
+    PyTorch's handler lets the signal kill the worker, and the main process's SIGCHLD handler
+    then raises mid-step, before the trainer can save. Ended with status 0, the worker leaves
+    the main process to finish its step and save; one that waits for the next batch
+    meanwhile gets ``Stopped`` (``batches``). A KeyboardInterrupt would be the gentler exit,
+    but one raised inside a finaliser is ignored, and the worker lives on (seen on torch
+    2.11); ignoring SIGTERM would leave nothing able to end a stray worker, and its process
+    would hang at exit. Messages in flight are a few hundred bytes (tensors travel by shared
+    memory), so no partial one is left in the pipe. Each loop over ``batches`` starts new
+    workers, and one signalled in the moment before this runs still dies of the signal."""
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: os._exit(0))
 
 
 def split_tensors(split: Split, workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
