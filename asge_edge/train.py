@@ -11,8 +11,9 @@ Contract: ``train(cfg, opts)`` runs a ``Method`` (methods.py) over the data for
   epoch stopped in its validation is saved trained, and ``--resume`` validates it; one
   stopped in the test after training, ``--resume`` tests). A signal to the whole process
   group ends the DataLoader's workers too (data.batches): a step under way finishes and is
-  saved, and a wait for the next batch saves the last step done. The lr schedule is a function of the step and the data order of (seed, epoch), so nothing else
-  needs saving: no global RNG drives training;
+  saved, and a wait for the next batch saves the last step done. The lr schedule is a
+  function of the step and the data order of (seed, epoch), so nothing else needs saving:
+  no global RNG drives training;
 - ``metrics.jsonl``: one line per epoch (per-layer loss and accuracy, lr, seconds);
 - ``layer_accuracy.png``: per-layer validation accuracy over the epochs;
 - ``summary.json``: test accuracy of every strategy, the best layer (chosen on
