@@ -13,6 +13,8 @@ CUDA) and returns the World. With it:
 - ``gather`` collects a tensor from every rank along dim 0 (the heads train on the whole
   global batch's features, so their batch statistics are the global batch's);
 - only rank 0 (``is_main``) writes files or prints;
+- ``max_signal`` agrees on a signal (Ctrl-C, SIGTERM) across the ranks, so that all stop
+  at the same step;
 - ``close`` leaves the process group; the trainer calls it on every rank, also on error.
 """
 
@@ -90,6 +92,13 @@ class World:
         parts = [torch.empty_like(padded) for _ in range(self.size)]
         dist.all_gather(parts, padded)
         return torch.cat([p[:int(s.item())] for p, s in zip(parts, sizes)])
+
+    def max_signal(self, signum: int | None) -> int | None:
+        """The largest signal number that any rank has received (None: none). Each rank calls
+        this at the same points of its loop, so all of them stop at the same step."""
+        t = torch.tensor([signum or 0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item()) or None
 
     def barrier(self) -> None:
         dist.barrier()

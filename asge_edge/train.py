@@ -293,17 +293,27 @@ def train(cfg: RunConfig, opts: RunOptions) -> dict[str, Any]:
     device = resolve_device(cfg.train.device)
     world = World.from_env(device)
     writer = world is None or world.is_main   # rank 0 alone writes the run directory
-    finished = False
+    orderly = False   # every rank ends at the same point, so all can leave the process group together
     try:
         if writer:
             make_out_dir(Path(opts.out))
         with run_lock(Path(opts.out)) if writer else nullcontext():
             summary = _train(cfg, opts, device, world)
-        finished = True
+        orderly = True
         return summary
+    except _StoppedAlone:
+        raise
+    except Interrupted:   # at a step (or epoch's end) that every rank agreed on, or in rank 0's test
+        orderly = True
+        raise
     finally:
         if world is not None:
-            world.close(finished)
+            world.close(orderly)
+
+
+class _StoppedAlone(Interrupted):
+    """A signal stopped this process where the others could not agree on the step: under
+    torchrun, a rank whose DataLoader workers the signal ended before its next batch."""
 
 
 def _run_header(cfg: RunConfig, splits, device: torch.device, precision: str, plan: Plan | None, offload: bool,
@@ -390,6 +400,13 @@ def _train(cfg: RunConfig, opts: RunOptions, device: torch.device, world: World 
     # fresh run, or the first after a resume.
     measure_at = None if plan is None else progress["step"] + (1 if progress["step"] == 0 else 0)
     with _Interrupt() as interrupt:
+
+        def agreed_signal() -> int | None:
+            """The signal that stops the run, if any. Under torchrun, every rank asks at the same
+            points (after each step, at each epoch's end) and gets the same answer, so all stop
+            at one step, where rank 0 saves; with one process, this process's signal."""
+            return interrupt.signum if world is None else world.max_signal(interrupt.signum)
+
         for epoch in range(progress["epoch"] + 1, tc.epochs + 1):
             partial = progress.get("partial")
             ep = (EpochProgress.from_dict(partial, device) if partial else
@@ -412,19 +429,26 @@ def _train(cfg: RunConfig, opts: RunOptions, device: torch.device, world: World 
                 save_state(out, net, method.state_dict(), {**progress, "step": step, "partial": now.to_dict(),
                                                             "scalers": method.scaler_state()})
 
-            def interrupted(step: int, epoch=epoch) -> Interrupted:
-                return Interrupted(f"interrupted ({signal.Signals(interrupt.signum).name}) at epoch {epoch}, step "
-                                   f"{step}; the state is saved in {out}: continue with --resume --out {out}",
-                                   interrupt.signum)
+            def interrupted(step: int, signum: int, epoch=epoch, kind=Interrupted) -> Interrupted:
+                return kind(f"interrupted ({signal.Signals(signum).name}) at epoch {epoch}, step {step}; the "
+                            f"state is saved in {out}: continue with --resume --out {out}", signum)
 
-            def after_step(ep: EpochProgress, step: int, t0=t0) -> None:
-                every = opts.checkpoint_every and step % opts.checkpoint_every == 0
-                if every or interrupt.requested or step % PROGRESS_EVERY == 0:
-                    check_finite(ep, step)
-                if writer and (every or interrupt.requested):
+            def stop_at(ep: EpochProgress, step: int, t0=t0) -> None:
+                """Check and save (rank 0) the state after ``step``, the last one done."""
+                check_finite(ep, step)
+                if writer:
                     save_partial(ep, step, ep.seconds + time.perf_counter() - t0)
-                    if interrupt.requested:
-                        raise interrupted(step)
+
+            def after_step(ep: EpochProgress, step: int) -> None:
+                signum = agreed_signal()
+                if signum:
+                    stop_at(ep, step)
+                    raise interrupted(step, signum)
+                every = opts.checkpoint_every and step % opts.checkpoint_every == 0
+                if every or step % PROGRESS_EVERY == 0:
+                    check_finite(ep, step)
+                if writer and every:
+                    save_partial(ep, step, ep.seconds + time.perf_counter() - t0)
 
             done = ep.batches
             try:
@@ -433,8 +457,8 @@ def _train(cfg: RunConfig, opts: RunOptions, device: torch.device, world: World 
                                                 stop=lambda: interrupt.requested)
             except Stopped:   # the signal came while the next batch loaded, and ended the loader's workers too
                 step = progress["step"] + ep.batches - done
-                after_step(ep, step)   # the writer saves the last step done, and raises Interrupted
-                raise interrupted(step) from None
+                stop_at(ep, step)   # under torchrun the others are mid-step, and no agreement is possible
+                raise interrupted(step, interrupt.signum, kind=Interrupted if world is None else _StoppedAlone) from None
             check_finite(ep, step)
             memory = progress.get("memory") if measured is None else _memory_record(plan, measured, tc.memory_budget,
                                                                                      precision, off is not None)
@@ -445,13 +469,16 @@ def _train(cfg: RunConfig, opts: RunOptions, device: torch.device, world: World 
                 pbar.close()
             if not writer:   # rank 0 evaluates, selects and writes; the weights are the same everywhere
                 progress = {**progress, "epoch": epoch, "step": step, "partial": None}
+                signum = agreed_signal()   # with rank 0, once it has validated and saved
+                if signum:
+                    raise interrupted(step, signum)
                 continue
             try:
                 val = evaluate(net, splits.val, device, type(method), offloader=off, workers=opts.workers,
                                label=None if opts.quiet else "validation", stop=lambda: interrupt.requested)
             except Stopped:   # a signal during validation: the epoch's training is kept, --resume validates
                 save_partial(ep, step, seconds)
-                raise interrupted(step) from None
+                raise interrupted(step, agreed_signal()) from None
             record = _epoch_record(epoch, lr, seconds, ep.seen, ep.loss_sum, ep.correct, ep.head_sum, val)
             score = val.strategy(method.select, best_layer(val.layers))
             progress = {"epoch": epoch, "step": step, "train_seconds": progress["train_seconds"] + seconds,
@@ -466,8 +493,9 @@ def _train(cfg: RunConfig, opts: RunOptions, device: torch.device, world: World 
             plot_layer_accuracy(history, out / "layer_accuracy.png", f"{tc.method} {cfg.model.arch} on {cfg.data.dataset}")
             if not opts.quiet:
                 print(_epoch_line(f"{epoch}/{tc.epochs}", seconds, ep.seen, val, progress["best_epoch"] == epoch))
-            if interrupt.requested:   # during validation's last batch: the epoch's state is saved
-                raise interrupted(step)
+            signum = agreed_signal()   # a signal during validation's last batch: the epoch's state is saved
+            if signum:
+                raise interrupted(step, signum)
 
         if not writer:
             return {}

@@ -4,12 +4,14 @@ The device comes from ASGE_TEST_DEVICE (default cpu), as in timm's tests, so the
 same suite runs on a GPU machine with ASGE_TEST_DEVICE=cuda.
 """
 
+import json
 import os
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from asge_edge.cli import main
 
@@ -42,6 +44,15 @@ def uneven_run(tmp_path_factory, device):
     assert main(["train", *TINY_RUN, "--train-size", "256", "--epochs", "1", "--alpha", "1.5",
                  "--device", device, "--out", str(out)]) == 0
     return out
+
+
+def run_progress(out):
+    """state.safetensors's progress, or None while there is none (or it is being replaced)."""
+    try:
+        with safe_open(str(out / "state.safetensors"), "pt") as f:
+            return json.loads(f.metadata()["meta"])["progress"]
+    except Exception:   # not written yet
+        return None
 
 
 def mixed_image_folder(root: Path, per_class: int = 6) -> None:

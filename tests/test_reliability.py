@@ -19,19 +19,10 @@ from safetensors.torch import load_file, save_file
 from asge_edge.cli import main
 from asge_edge.data import Stopped
 from asge_edge.methods import ASGEMethod
-from conftest import TINY_RUN, mixed_image_folder
+from conftest import TINY_RUN, mixed_image_folder, run_progress
 
 # A run long enough to be stopped mid-epoch: 22 steps per epoch (1,536 images less 10% for validation).
 LONG = [*TINY_RUN, "--train-size", "1536", "--epochs", "2"]
-
-
-def _progress(out):
-    """state.safetensors's progress, or None while there is none (or it is being replaced)."""
-    try:
-        with safe_open(str(out / "state.safetensors"), "pt") as f:
-            return json.loads(f.metadata()["meta"])["progress"]
-    except Exception:   # not written yet
-        return None
 
 
 def _start(out, *extra, run=LONG, **popen):
@@ -44,7 +35,7 @@ def _wait_mid_epoch(proc, out, timeout=120):
     sent now lands mid-run however slow the machine is)."""
     t0 = time.time()
     while time.time() - t0 < timeout:
-        p = _progress(out)
+        p = run_progress(out)
         if p and p["epoch"] == 0 and p.get("partial") and p["partial"]["batches"] >= 2:
             return p
         assert proc.poll() is None, proc.communicate()
@@ -93,7 +84,7 @@ def test_a_signal_saves_and_exits_cleanly_then_resumes(uninterrupted, tmp_path, 
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signum, err
     assert "Traceback" not in err and f"({signum.name})" in err and "continue with --resume" in err
-    assert _progress(out)["partial"] is not None
+    assert run_progress(out)["partial"] is not None
     assert main(["train", "--resume", "--out", str(out), "--quiet"]) == 0
     _same_run(out, uninterrupted)
 
@@ -118,7 +109,7 @@ def test_a_signal_while_the_next_batch_loads_saves_the_last_step_done(uninterrup
     out = tmp_path / "run"
     assert main(["train", *LONG, "--out", str(out)]) == 128 + signal.SIGTERM
     assert "interrupted (SIGTERM) at epoch 1, step 3;" in capsys.readouterr().err
-    p = _progress(out)
+    p = run_progress(out)
     assert p["step"] == 3 and p["partial"]["batches"] == 3
     monkeypatch.undo()
     assert main(["train", "--resume", "--out", str(out), "--quiet"]) == 0
@@ -151,7 +142,7 @@ def test_a_signal_to_the_process_group_with_loader_workers_saves_then_resumes(fo
     assert proc.returncode == 128 + signum, err
     assert "Traceback" not in err and f"({signum.name})" in err
     saved = int(re.search(r"epoch 1, step (\d+);", err).group(1))
-    assert _progress(out)["step"] == saved
+    assert run_progress(out)["step"] == saved
     assert main(["train", "--resume", "--out", str(out), "--quiet"]) == 0
     _same_run(out, whole)
 
@@ -169,7 +160,7 @@ def test_a_signal_during_validation_keeps_the_epochs_training(uninterrupted, tmp
     out = tmp_path / "run"
     assert main(["train", *LONG, "--out", str(out)]) == 130
     assert "interrupted (SIGINT) at epoch 1, step 22" in capsys.readouterr().err
-    p = _progress(out)
+    p = run_progress(out)
     assert p["epoch"] == 0 and p["partial"]["batches"] == 22   # trained whole, not yet validated
     monkeypatch.undo()
     assert main(["train", "--resume", "--out", str(out), "--quiet"]) == 0
@@ -192,7 +183,7 @@ def test_a_signal_during_the_test_after_training_resumes_to_the_summary(uninterr
     out = tmp_path / "run"
     assert main(["train", *LONG, "--out", str(out)]) == 128 + signal.SIGTERM
     assert "interrupted (SIGTERM) after training, while testing" in capsys.readouterr().err
-    assert not (out / "summary.json").exists() and _progress(out)["epoch"] == 2
+    assert not (out / "summary.json").exists() and run_progress(out)["epoch"] == 2
     monkeypatch.undo()
     assert main(["train", "--resume", "--out", str(out), "--quiet"]) == 0
     _same_run(out, uninterrupted)
@@ -215,7 +206,7 @@ def test_nan_loss_stops_naming_the_layer_and_keeps_the_last_good_state(monkeypat
     assert main(["train", *TINY_RUN, "--checkpoint-every", "2", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "layer 3" in err and "non-finite" in err
-    assert _progress(out)["step"] == 4   # the checkpoint before the bad step
+    assert run_progress(out)["step"] == 4   # the checkpoint before the bad step
 
 
 def _one_line(capsys, argv, needle):
