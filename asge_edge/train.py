@@ -433,7 +433,7 @@ def _train(cfg: RunConfig, opts: RunOptions, device: torch.device, world: World 
                 return kind(f"interrupted ({signal.Signals(signum).name}) at epoch {epoch}, step {step}; the "
                             f"state is saved in {out}: continue with --resume --out {out}", signum)
 
-            def stop_at(ep: EpochProgress, step: int, t0=t0) -> None:
+            def checkpoint(ep: EpochProgress, step: int, t0=t0) -> None:
                 """Check and save (rank 0) the state after ``step``, the last one done."""
                 check_finite(ep, step)
                 if writer:
@@ -441,14 +441,12 @@ def _train(cfg: RunConfig, opts: RunOptions, device: torch.device, world: World 
 
             def after_step(ep: EpochProgress, step: int) -> None:
                 signum = agreed_signal()
-                if signum:
-                    stop_at(ep, step)
-                    raise interrupted(step, signum)
-                every = opts.checkpoint_every and step % opts.checkpoint_every == 0
-                if every or step % PROGRESS_EVERY == 0:
+                if signum or (opts.checkpoint_every and step % opts.checkpoint_every == 0):
+                    checkpoint(ep, step)
+                    if signum:
+                        raise interrupted(step, signum)
+                elif step % PROGRESS_EVERY == 0:
                     check_finite(ep, step)
-                if writer and every:
-                    save_partial(ep, step, ep.seconds + time.perf_counter() - t0)
 
             done = ep.batches
             try:
@@ -457,7 +455,7 @@ def _train(cfg: RunConfig, opts: RunOptions, device: torch.device, world: World 
                                                 stop=lambda: interrupt.requested)
             except Stopped:   # the signal came while the next batch loaded, and ended the loader's workers too
                 step = progress["step"] + ep.batches - done
-                stop_at(ep, step)   # under torchrun the others are mid-step, and no agreement is possible
+                checkpoint(ep, step)   # under torchrun the others are mid-step, and no agreement is possible
                 raise interrupted(step, interrupt.signum, kind=Interrupted if world is None else _StoppedAlone) from None
             check_finite(ep, step)
             memory = progress.get("memory") if measured is None else _memory_record(plan, measured, tc.memory_budget,
