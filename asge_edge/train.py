@@ -11,7 +11,9 @@ Contract: ``train(cfg, opts)`` runs a ``Method`` (methods.py) over the data for
   epoch stopped in its validation is saved trained, and ``--resume`` validates it; one
   stopped in the test after training, ``--resume`` tests). A signal to the whole process
   group ends the DataLoader's workers too (data.batches): a step under way finishes and is
-  saved, and a wait for the next batch saves the last step done. The lr schedule is a
+  saved, and a wait for the next batch saves the last step done. Under torchrun the ranks
+  agree on a signal before each step, once each has its batch or its loader has stopped,
+  so all stop after the same step, which rank 0 saves. The lr schedule is a
   function of the step and the data order of (seed, epoch), so nothing else needs saving:
   no global RNG drives training;
 - ``metrics.jsonl``: one line per epoch (per-layer loss and accuracy, lr, seconds);
@@ -36,7 +38,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -199,16 +201,19 @@ class EpochProgress:
 
 
 def _run_epoch(method: Method, cfg: RunConfig, splits, device, epoch: int, step: int, total: int, pbar,
-               ep: EpochProgress, after_step, measure_at: int | None = None, workers: int = 0,
+               ep: EpochProgress, before_step, after_step, measure_at: int | None = None, workers: int = 0,
                world: World | None = None, stop: Callable[[], bool] | None = None) -> tuple:
     """Train the batches of ``epoch`` that ``ep`` has not done yet, updating ``ep``.
 
     The epoch's order and augmentation come from a generator seeded by (seed, epoch), and
     the batches already done are drawn again and skipped, so a resumed epoch sees exactly
-    the batches an uninterrupted one would. ``after_step(ep, step)`` runs after each
-    step (checks and checkpoints); the step numbered ``measure_at`` also measures memory.
-    Under torchrun every process draws the same global batch and trains on its shard.
-    ``stop`` goes to ``batches``: a loader that fails after a signal raises ``Stopped``.
+    the batches an uninterrupted one would. ``before_step(ep, step)`` runs once the next
+    batch is in hand, before any of its work, with ``step`` the last step done; it stops
+    the run by raising. ``stop`` goes to ``batches``: where the loader fails after a signal
+    (its workers ended with it), ``before_step`` runs once more and must raise, as the
+    signal is this process's. ``after_step(ep, step)`` runs after each step (checks and
+    checkpoints); the step numbered ``measure_at`` also measures memory. Under torchrun
+    every process draws the same global batch and trains on its shard.
     Returns (global step, last lr, memory measurement or None).
     """
     tc = cfg.train
@@ -216,9 +221,11 @@ def _run_epoch(method: Method, cfg: RunConfig, splits, device, epoch: int, step:
     lr, measured = cosine_lr(max(step - 1, 0), total, lr0, lr_min), None   # the last step's, where none is left
     gen = _epoch_generator(tc.seed, epoch)
     size = _global_batch(world, tc.batch_size)
-    for b, (x, y) in enumerate(batches(splits.train, size, gen, cfg.data.augment, workers, stop)):
-        if b < ep.batches:
+    for b, batch in enumerate(_until_stopped(batches(splits.train, size, gen, cfg.data.augment, workers, stop))):
+        if batch is not None and b < ep.batches:
             continue
+        before_step(ep, step)   # raises where a signal came, as it must have where batch is None
+        x, y = batch
         lr = cosine_lr(step, total, lr0, lr_min)
         method.set_lr(lr)
         n = len(y)
@@ -243,6 +250,14 @@ def _run_epoch(method: Method, cfg: RunConfig, splits, device, epoch: int, step:
                 # epoch shorter than tqdm's refresh interval would otherwise never show any
                 pbar.set_postfix_str(_progress_postfix(ep.loss_sum, ep.head_sum, ep.seen), refresh=ep.batches == 1)
     return step, lr, measured
+
+
+def _until_stopped(loader: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[tuple | None]:
+    """The loader's batches, then None where it raised ``Stopped``: a signal ended its workers."""
+    try:
+        yield from loader
+    except Stopped:
+        yield None
 
 
 def _global_batch(world: World | None, batch_size: int) -> int:
@@ -301,19 +316,12 @@ def train(cfg: RunConfig, opts: RunOptions) -> dict[str, Any]:
             summary = _train(cfg, opts, device, world)
         orderly = True
         return summary
-    except _StoppedAlone:
-        raise
     except Interrupted:   # at a step (or epoch's end) that every rank agreed on, or in rank 0's test
         orderly = True
         raise
     finally:
         if world is not None:
             world.close(orderly)
-
-
-class _StoppedAlone(Interrupted):
-    """A signal stopped this process where the others could not agree on the step: under
-    torchrun, a rank whose DataLoader workers the signal ended before its next batch."""
 
 
 def _run_header(cfg: RunConfig, splits, device: torch.device, precision: str, plan: Plan | None, offload: bool,
@@ -403,7 +411,7 @@ def _train(cfg: RunConfig, opts: RunOptions, device: torch.device, world: World 
 
         def agreed_signal() -> int | None:
             """The signal that stops the run, if any. Under torchrun, every rank asks at the same
-            points (after each step, at each epoch's end) and gets the same answer, so all stop
+            points (before each step, at each epoch's end) and gets the same answer, so all stop
             at one step, where rank 0 saves; with one process, this process's signal."""
             return interrupt.signum if world is None else world.max_signal(interrupt.signum)
 
@@ -429,8 +437,8 @@ def _train(cfg: RunConfig, opts: RunOptions, device: torch.device, world: World 
                 save_state(out, net, method.state_dict(), {**progress, "step": step, "partial": now.to_dict(),
                                                             "scalers": method.scaler_state()})
 
-            def interrupted(step: int, signum: int, epoch=epoch, kind=Interrupted) -> Interrupted:
-                return kind(f"interrupted ({signal.Signals(signum).name}) at epoch {epoch}, step {step}; the "
+            def interrupted(step: int, signum: int, epoch=epoch) -> Interrupted:
+                return Interrupted(f"interrupted ({signal.Signals(signum).name}) at epoch {epoch}, step {step}; the "
                             f"state is saved in {out}: continue with --resume --out {out}", signum)
 
             def checkpoint(ep: EpochProgress, step: int, t0=t0) -> None:
@@ -439,24 +447,25 @@ def _train(cfg: RunConfig, opts: RunOptions, device: torch.device, world: World 
                 if writer:
                     save_partial(ep, step, ep.seconds + time.perf_counter() - t0)
 
-            def after_step(ep: EpochProgress, step: int) -> None:
+            def before_step(ep: EpochProgress, step: int) -> None:
+                """Stop after ``step`` where a signal came. Every rank asks once its next batch is
+                in hand, or its loader has stopped on the signal, and before the step's first
+                collective: so all ranks stop at one step, even one whose DataLoader workers
+                the signal ended (torchrun signals each rank's process group, workers and all)."""
                 signum = agreed_signal()
-                if signum or (opts.checkpoint_every and step % opts.checkpoint_every == 0):
+                if signum:
                     checkpoint(ep, step)
-                    if signum:
-                        raise interrupted(step, signum)
+                    raise interrupted(step, signum)
+
+            def after_step(ep: EpochProgress, step: int) -> None:
+                if opts.checkpoint_every and step % opts.checkpoint_every == 0:
+                    checkpoint(ep, step)
                 elif step % PROGRESS_EVERY == 0:
                     check_finite(ep, step)
 
-            done = ep.batches
-            try:
-                step, lr, measured = _run_epoch(method, cfg, splits, device, epoch, progress["step"], total, pbar,
-                                                ep, after_step, measure_at, opts.workers, world,
-                                                stop=lambda: interrupt.requested)
-            except Stopped:   # the signal came while the next batch loaded, and ended the loader's workers too
-                step = progress["step"] + ep.batches - done
-                checkpoint(ep, step)   # under torchrun the others are mid-step, and no agreement is possible
-                raise interrupted(step, interrupt.signum, kind=Interrupted if world is None else _StoppedAlone) from None
+            step, lr, measured = _run_epoch(method, cfg, splits, device, epoch, progress["step"], total, pbar, ep,
+                                            before_step, after_step, measure_at, opts.workers, world,
+                                            stop=lambda: interrupt.requested)
             check_finite(ep, step)
             memory = progress.get("memory") if measured is None else _memory_record(plan, measured, tc.memory_budget,
                                                                                      precision, off is not None)

@@ -1,6 +1,6 @@
 """The cost of the per-step signal agreement under torchrun (distributed.World.max_signal).
 
-Claim (docs/SCALE.md): every rank agrees on a signal after each step, one all-reduce of one
+Claim (docs/SCALE.md): every rank agrees on a signal before each step, one all-reduce of one
 number, and that costs little next to a step. This times ``--calls`` calls on each rank
 after a warm-up and prints rank 0's mean.
 

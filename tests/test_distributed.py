@@ -1,5 +1,6 @@
 """torchrun, 2 processes, gloo on the CPU: the same weights as 1 process at the doubled batch, and
-a signal that stops every rank at one step, from which the run resumes."""
+a signal that stops every rank at one step, from which the run resumes, whether it came mid-step
+or while a rank waited on its next batch."""
 
 import os
 import re
@@ -8,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -47,14 +49,35 @@ def _torchrun(args, out, *extra):
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def test_a_signal_stops_every_rank_at_one_step_then_resumes(tmp_path):
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory):
+    """(train arguments for 2 epochs of 44 steps on 2 processes; that run, uninterrupted)."""
+    run = [*TINY_RUN, "--train-size", "3072", "--epochs", "2", "--batch-size", "32"]
+    out = tmp_path_factory.mktemp("whole") / "run"
+    done = _torchrun(run, out)
+    assert done.wait(timeout=300) == 0, done.stderr.read()[-8000:]
+    return run, out
+
+
+def _stops(err):
+    """The step of each rank's "interrupted (SIGTERM)" line; the ranks write at once, and
+    their lines may run together, so the messages are counted, not the lines."""
+    return [int(s) for s in re.findall(r"asge-edge: interrupted \(SIGTERM\) at epoch 1, step (\d+);", err)]
+
+
+def _resumes_to(out, whole):
+    resumed = _torchrun(["--resume", "--quiet"], out)
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-8000:]
+    a, b = load_file(whole / "state.safetensors"), load_file(out / "state.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_signal_stops_every_rank_at_one_step_then_resumes(whole, tmp_path):
     """torchrun hands a SIGTERM to every rank, and each sees it after a step of its own; they
     agree on one (World.max_signal), rank 0 saves it, and all exit 143 with one line each,
     where rank 1 used to die in a collective with gloo's "Connection closed by peer"."""
-    run = [*TINY_RUN, "--train-size", "3072", "--epochs", "2", "--batch-size", "32"]   # 44 steps an epoch
-    whole, out = tmp_path / "whole", tmp_path / "run"
-    done = _torchrun(run, whole)
-    assert done.wait(timeout=300) == 0, done.stderr.read()[-8000:]
+    run, whole = whole
+    out = tmp_path / "run"
     proc = _torchrun(run, out, "--checkpoint-every", "1")
     t0 = time.time()
     while not ((p := run_progress(out)) and p["epoch"] == 0 and p.get("partial") and p["partial"]["batches"] >= 2):
@@ -62,12 +85,49 @@ def test_a_signal_stops_every_rank_at_one_step_then_resumes(tmp_path):
         time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)   # to torchrun, which passes it on to the ranks
     _, err = proc.communicate(timeout=300)
-    # the ranks write at once, and their lines may run together: count the messages
-    stops = re.findall(r"asge-edge: interrupted \(SIGTERM\) at epoch 1, step (\d+);", err)
+    stops = _stops(err)
     assert len(stops) == 2 and stops[0] == stops[1], err[-8000:]   # both ranks, the same step
     assert "[rank" not in err and "Connection closed" not in err, err[-8000:]   # no rank's traceback
-    assert int(stops[0]) == run_progress(out)["step"]
-    resumed = _torchrun(["--resume", "--quiet"], out)
-    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-8000:]
-    a, b = load_file(whole / "state.safetensors"), load_file(out / "state.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert stops[0] == run_progress(out)["step"]
+    _resumes_to(out, whole)
+
+
+# Rank 1's loader ends as a folder dataset's does when torchrun signals the rank's process
+# group, DataLoader workers and all: while rank 1 waits on its 4th batch, which never
+# comes, and before rank 0 has seen any signal.
+LOADER_DIES_ON_RANK_1 = """
+import os, signal, sys
+import asge_edge.train as trainer
+from asge_edge.cli import main
+from asge_edge.data import Stopped
+
+real = trainer.batches
+
+def loader_dies(*args):
+    for i, batch in enumerate(real(*args)):
+        if i == 3 and os.environ["RANK"] == "1":
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise Stopped
+        yield batch
+
+trainer.batches = loader_dies
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_rank_whose_loader_a_signal_ended_stops_every_rank_at_its_last_step(whole, tmp_path):
+    """The rank that has no next batch cannot join the step the others start; so the ranks
+    agree on the signal once each has its batch, before any of the step's collectives, and
+    all stop after step 3. Before, rank 1 stopped alone and rank 0 died in gloo."""
+    run, whole = whole
+    out = tmp_path / "run"
+    script = tmp_path / "loader_dies_on_rank_1.py"
+    script.write_text(LOADER_DIES_ON_RANK_1)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-port", "29519", str(script), "train", *run, "--device", "cpu", "--out", str(out)],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert _stops(proc.stderr) == [3, 3], proc.stderr[-8000:]
+    assert "[rank" not in proc.stderr and "Connection closed" not in proc.stderr, proc.stderr[-8000:]
+    p = run_progress(out)
+    assert p["step"] == 3 and p["partial"]["batches"] == 3
+    _resumes_to(out, whole)
