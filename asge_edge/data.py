@@ -306,13 +306,21 @@ def load_splits(cfg: DataConfig) -> Splits:
 
 # ---------------------------------------------------------------- batching
 
-def augment(x: torch.Tensor, gen: torch.Generator, pad: int = AUGMENT_PAD) -> torch.Tensor:
-    """Random crop (zero padding ``pad``) and horizontal flip of a uint8 batch (B, C, H, W)."""
-    b, _, h, w = x.shape
+def augment(x: torch.Tensor, gen: torch.Generator, pad: int = AUGMENT_PAD, rows: slice | None = None,
+            total: int | None = None) -> torch.Tensor:
+    """Random crop (zero padding ``pad``) and horizontal flip of a uint8 batch (B, C, H, W).
+
+    ``x`` may be the ``rows`` of a batch of ``total`` images (a torchrun rank's part): the
+    draws are the whole batch's, so each row comes out as it would in the whole batch."""
+    b, c, h, w = x.shape
+    total, rows = (b, slice(0, b)) if rows is None else (total, rows)
     padded = F.pad(x, (pad, pad, pad, pad))                                    # B, C, H+2p, W+2p
-    dy, dx = torch.randint(2 * pad + 1, (2, b), generator=gen)
-    flip = torch.rand(b, generator=gen) < 0.5
-    out = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(b)])   # B, C, H, W
+    dy, dx = torch.randint(2 * pad + 1, (2, total), generator=gen)[:, rows]
+    flip = (torch.rand(total, generator=gen) < 0.5)[rows]
+    n, ch = torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None]
+    ys = (dy[:, None] + torch.arange(h))[:, None, :, None]                     # B, 1, H, 1
+    xs = (dx[:, None] + torch.arange(w))[:, None, None, :]                     # B, 1, 1, W
+    out = padded[n, ch, ys, xs]                                                # B, C, H, W
     out[flip] = out[flip].flip(-1)
     return out
 
@@ -325,13 +333,19 @@ def default_workers() -> int:
     return min(MAX_DEFAULT_WORKERS, cores)
 
 
+def block(n: int, k: int, parts: int) -> slice:
+    """The k-th of ``parts`` contiguous blocks of ``n`` items, whose sizes differ by at most one."""
+    return slice(n * k // parts, n * (k + 1) // parts)
+
+
 class Stopped(Exception):
     """A loop over ``batches`` ended early because its ``stop`` said so: a signal arrived."""
 
 
 def batches(split: Split, batch_size: int, gen: torch.Generator | None = None,
             augment_batches: bool = False, workers: int = 0,
-            stop: Callable[[], bool] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            stop: Callable[[], bool] | None = None,
+            part: tuple[int, int] = (0, 1)) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (raw pixels uint8 (B, C, H, W), labels (B,)) over ``split``.
 
     Args:
@@ -343,19 +357,27 @@ def batches(split: Split, batch_size: int, gen: torch.Generator | None = None,
         stop: asked when the DataLoader fails; where it says a signal arrived, the workers
             ended with it (a batch in flight can then fail in many ways: a RuntimeError, an
             OSError or EOFError while it is unpickled), and ``Stopped`` is raised instead.
+        part: (k, parts): only the k-th of ``parts`` contiguous blocks of each batch (``block``;
+            a torchrun rank's share of the global batch). Only those images are read, and
+            they come out as in the whole batch, augmentation included.
     """
     n = len(split)
     order = torch.randperm(n, generator=gen) if gen is not None else torch.arange(n)
+    whole = order.split(batch_size)                                       # each batch's indices
+    rows = [block(len(idx), *part) for idx in whole]
     if split.folder is not None:
-        sampler = [order[i:i + batch_size].tolist() for i in range(0, n, batch_size)]
+        # a DataLoader batch cannot be empty: a part left with none of a short last batch
+        # reads that batch's first image, and drops it below
+        sampler = [(idx[r] if r.stop > r.start else idx[:1]).tolist() for idx, r in zip(whole, rows)]
         source = torch.utils.data.DataLoader(split.folder, batch_sampler=sampler, num_workers=workers,
                                              worker_init_fn=_end_cleanly_on_sigterm if workers else None)
     else:
-        source = ((split.images[idx], split.labels[idx]) for idx in order.split(batch_size))
+        source = ((split.images[idx[r]], split.labels[idx[r]]) for idx, r in zip(whole, rows))
     try:
-        for x, y in source:
+        for (x, y), idx, r in zip(source, whole, rows):
+            x, y = x[:r.stop - r.start], y[:r.stop - r.start]
             if augment_batches and gen is not None:
-                x = augment(x, gen)
+                x = augment(x, gen, rows=r, total=len(idx))
             yield x, y
     except UserError as e:   # an unreadable image (read_image)
         raise (_worker_error(e) if workers else e) from None

@@ -4,9 +4,10 @@ Contract: ``World.from_env(device)`` is None in a single process; under torchrun
 (WORLD_SIZE > 1 in the environment) it joins the process group (gloo on the CPU, nccl on
 CUDA) and returns the World. With it:
 - every rank draws the same global batch (``global_batch`` = world size x --batch-size,
-  same seeded order and augmentation) and trains on its ``shard``: contiguous blocks whose
-  sizes differ by at most one. So N processes at batch B see exactly the batches of one
-  process at batch N x B, like a DistributedSampler aligned to global batches;
+  same seeded order and augmentation) and reads and trains on its ``part`` of it alone:
+  contiguous blocks whose sizes differ by at most one (data.block). So N processes at
+  batch B see exactly the batches of one process at batch N x B, like a DistributedSampler
+  aligned to global batches;
 - each rank scales its losses by its share of the global batch (``total``) and
   ``reduce_grads`` sums the gradients of one optimiser's parameters over the ranks, once
   per logical batch (micro-batches accumulate locally first: the no_sync pattern);
@@ -53,11 +54,10 @@ class World:
     def global_batch(self, batch_size: int) -> int:
         return batch_size * self.size
 
-    def shard(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's contiguous block of a global batch (B, ...) and its labels (B,)."""
-        n = len(y)
-        lo, hi = n * self.rank // self.size, n * (self.rank + 1) // self.size
-        return x[lo:hi], y[lo:hi]
+    @property
+    def part(self) -> tuple[int, int]:
+        """(k, parts): this rank's block of each global batch, as data.batches takes it."""
+        return self.rank, self.size
 
     def total(self, n: int) -> int:
         """The global number of samples when this rank holds ``n``."""

@@ -213,7 +213,7 @@ def _run_epoch(method: Method, cfg: RunConfig, splits, device, epoch: int, step:
     (its workers ended with it), ``before_step`` runs once more and must raise, as the
     signal is this process's. ``after_step(ep, step)`` runs after each step (checks and
     checkpoints); the step numbered ``measure_at`` also measures memory. Under torchrun
-    every process draws the same global batch and trains on its shard.
+    every process draws the same global batch and reads and trains on its part alone.
     Returns (global step, last lr, memory measurement or None).
     """
     tc = cfg.train
@@ -221,16 +221,16 @@ def _run_epoch(method: Method, cfg: RunConfig, splits, device, epoch: int, step:
     lr, measured = cosine_lr(max(step - 1, 0), total, lr0, lr_min), None   # the last step's, where none is left
     gen = _epoch_generator(tc.seed, epoch)
     size = _global_batch(world, tc.batch_size)
-    for b, batch in enumerate(_until_stopped(batches(splits.train, size, gen, cfg.data.augment, workers, stop))):
+    part = (0, 1) if world is None else world.part
+    loader = batches(splits.train, size, gen, cfg.data.augment, workers, stop, part)
+    for b, batch in enumerate(_until_stopped(loader)):
         if batch is not None and b < ep.batches:
             continue
         before_step(ep, step)   # raises where a signal came, as it must have where batch is None
         x, y = batch
         lr = cosine_lr(step, total, lr0, lr_min)
         method.set_lr(lr)
-        n = len(y)
-        if world is not None:
-            x, y = world.shard(x, y)
+        n = min(size, len(splits.train) - b * size)   # the global batch's images, this rank's part among them
         x, y = to_device(x, y, device)
         if step == measure_at:
             stats, measured = measure_step(method, x, y)
