@@ -13,7 +13,8 @@ Contract: ``train(cfg, opts)`` runs a ``Method`` (methods.py) over the data for
   group ends the DataLoader's workers too (data.batches): a step under way finishes and is
   saved, and a wait for the next batch saves the last step done. Under torchrun the ranks
   agree on a signal before each step, once each has its batch or its loader has stopped,
-  so all stop after the same step, which rank 0 saves. The lr schedule is a
+  so all stop after the same step, which rank 0 saves, and after training they wait for
+  rank 0's test and stop with it where a signal ended it. The lr schedule is a
   function of the step and the data order of (seed, epoch), so nothing else needs saving:
   no global RNG drives training;
 - ``metrics.jsonl``: one line per epoch (per-layer loss and accuracy, lr, seconds);
@@ -321,7 +322,8 @@ def train(cfg: RunConfig, opts: RunOptions) -> dict[str, Any]:
         raise
     finally:
         if world is not None:
-            world.close(orderly)
+            with _Interrupt():   # a signal while the ranks leave together is too late to stop anything
+                world.close(orderly)
 
 
 def _run_header(cfg: RunConfig, splits, device: torch.device, precision: str, plan: Plan | None, offload: bool,
@@ -504,15 +506,19 @@ def _train(cfg: RunConfig, opts: RunOptions, device: torch.device, world: World 
             if signum:
                 raise interrupted(step, signum)
 
-        if not writer:
-            return {}
-        try:
-            return finish(out, history, progress, device, splits, off, quiet=opts.quiet, workers=opts.workers,
-                          stop=lambda: interrupt.requested)
-        except Stopped:   # training is done and saved; --resume goes straight to the test
-            raise Interrupted(f"interrupted ({signal.Signals(interrupt.signum).name}) after training, while "
-                              f"testing; the state is saved in {out}: finish with --resume --out {out}",
-                              interrupt.signum) from None
+        summary, stopped = {}, None
+        if writer:
+            try:
+                summary = finish(out, history, progress, device, splits, off, quiet=opts.quiet,
+                                 workers=opts.workers, stop=lambda: interrupt.requested)
+            except Stopped:   # training is done and saved; --resume goes straight to the test
+                stopped = interrupt.signum
+        if world is not None:   # rank 0's test decides for every rank, which waited for it here
+            stopped = world.max_signal(stopped)
+        if stopped:
+            raise Interrupted(f"interrupted ({signal.Signals(stopped).name}) after training, while testing; "
+                              f"the state is saved in {out}: finish with --resume --out {out}", stopped)
+        return summary
 
 
 def finish(out: Path, history: list[dict[str, Any]], progress: dict[str, Any], device: torch.device, splits,

@@ -2,6 +2,7 @@
 a signal that stops every rank at one step, from which the run resumes, whether it came mid-step
 or while a rank waited on its next batch."""
 
+import json
 import os
 import re
 import signal
@@ -92,15 +93,21 @@ def test_a_signal_stops_every_rank_at_one_step_then_resumes(whole, tmp_path):
     _resumes_to(out, whole)
 
 
+def _torchrun_patched(tmp_path, patch, run, out):
+    """``asge-edge train run --out out`` under torchrun, each rank having first run ``patch``
+    (Python, with os, signal, time, ``trainer`` (asge_edge.train) and data.Stopped at hand)."""
+    script = tmp_path / "patched.py"
+    script.write_text("import os, signal, sys, time\nimport asge_edge.train as trainer\nfrom asge_edge.cli import main\n"
+                      f"from asge_edge.data import Stopped\n{patch}\nsys.exit(main(sys.argv[1:]))\n")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-port", "29519", str(script), "train", *run, "--device", "cpu", "--out", str(out)],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+
+
 # Rank 1's loader ends as a folder dataset's does when torchrun signals the rank's process
 # group, DataLoader workers and all: while rank 1 waits on its 4th batch, which never
 # comes, and before rank 0 has seen any signal.
 LOADER_DIES_ON_RANK_1 = """
-import os, signal, sys
-import asge_edge.train as trainer
-from asge_edge.cli import main
-from asge_edge.data import Stopped
-
 real = trainer.batches
 
 def loader_dies(*args):
@@ -111,7 +118,6 @@ def loader_dies(*args):
         yield batch
 
 trainer.batches = loader_dies
-sys.exit(main(sys.argv[1:]))
 """
 
 
@@ -121,13 +127,38 @@ def test_a_rank_whose_loader_a_signal_ended_stops_every_rank_at_its_last_step(wh
     all stop after step 3. Before, rank 1 stopped alone and rank 0 died in gloo."""
     run, whole = whole
     out = tmp_path / "run"
-    script = tmp_path / "loader_dies_on_rank_1.py"
-    script.write_text(LOADER_DIES_ON_RANK_1)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                           "--master-port", "29519", str(script), "train", *run, "--device", "cpu", "--out", str(out)],
-                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-    assert _stops(proc.stderr) == [3, 3], proc.stderr[-8000:]
-    assert "[rank" not in proc.stderr and "Connection closed" not in proc.stderr, proc.stderr[-8000:]
+    err = _torchrun_patched(tmp_path, LOADER_DIES_ON_RANK_1, run, out).stderr
+    assert _stops(err) == [3, 3], err[-8000:]
+    assert "[rank" not in err and "Connection closed" not in err, err[-8000:]
     p = run_progress(out)
     assert p["step"] == 3 and p["partial"]["batches"] == 3
     _resumes_to(out, whole)
+
+
+# Rank 0 sends SIGTERM to torchrun as it starts the test after training, and gives torchrun
+# time to pass it on to both ranks: rank 1 has nothing left to do but wait for rank 0.
+SIGNAL_AS_RANK_0_TESTS = """
+real = trainer.finish
+
+def signalled_finish(*args, **kwargs):
+    os.kill(os.getppid(), signal.SIGTERM)
+    time.sleep(2)
+    return real(*args, **kwargs)
+
+trainer.finish = signalled_finish
+"""
+
+
+def test_a_signal_while_rank_0_tests_stops_every_rank_then_resumes_to_the_summary(whole, tmp_path):
+    """Rank 1 waits for rank 0's test with its handlers in place, and learns the outcome from
+    rank 0: both print the same line. Before, rank 1 died of the signal where it waited, and
+    rank 0 ended in gloo's "Connection closed by peer" traceback."""
+    run, whole = whole
+    out = tmp_path / "run"
+    err = _torchrun_patched(tmp_path, SIGNAL_AS_RANK_0_TESTS, run, out).stderr
+    assert err.count("asge-edge: interrupted (SIGTERM) after training, while testing;") == 2, err[-8000:]
+    assert "[rank" not in err and "Connection closed" not in err, err[-8000:]
+    assert not (out / "summary.json").exists() and run_progress(out)["epoch"] == 2
+    _resumes_to(out, whole)
+    accuracy = lambda d: json.loads((d / "summary.json").read_text())["test_accuracy"]   # noqa: E731
+    assert accuracy(out) == accuracy(whole)
