@@ -9,15 +9,22 @@ Claims:
   and exit 143 after saving the step it was on, or, where the signal lands before the
   handler is installed (start-up) or after the run is saved (exit), as the signal ends it;
   never with a traceback. The run again ends as the uninterrupted one.
+- The same under torchrun (``--processes N``, TERM or INT): torchrun passes the signal to
+  each rank's process group, DataLoader workers included, and every rank prints the same
+  line, at the same step, or all are ended by the signal; no rank's traceback (torchrun
+  prints its own on a signal, which does not count).
 
 This trains vgg8 x0.125 on Fashion-MNIST for one epoch with a checkpoint every 20 steps;
 with ``--workers N`` it trains instead on an image folder written from Fashion-MNIST's
 first ``--folder-images`` training images (and a sixth as many test images), as PNGs
 that N DataLoader workers decode. It signals the run's process group ``--cycles`` times
-at random points (seeded), resumes each time, then compares the final weights and test
-accuracies with an uninterrupted run of the same command.
+at random points (seeded; by default 2 s to a third of an uninterrupted run into each
+life, or ``--delays LO HI`` seconds: torchrun's start-up takes longer), resumes each time,
+then compares the final weights and test accuracies with an uninterrupted run of the same
+command.
 
-    python bench/soak.py [--cycles 10] [--seed 0] [--signal KILL|TERM|INT] [--workers 0] [--out /tmp/soak]
+    python bench/soak.py [--cycles 10] [--seed 0] [--signal KILL|TERM|INT] [--workers 0] [--processes 1]
+                         [--delays LO HI] [--out /tmp/soak]
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -54,10 +62,34 @@ def write_folder(root: Path, images: int) -> None:
             Image.fromarray(split.images[i, 0].numpy()).save(folder / f"{i}.png")
 
 
-def train(run: list[str], out: Path, *extra: str) -> subprocess.Popen:
-    """A life of the run, in a process group of its own (with its DataLoader workers)."""
-    return subprocess.Popen([sys.executable, "-m", "asge_edge", "train", *run, "--out", str(out), *extra],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+def train(run: list[str], out: Path, processes: int, *extra: str) -> subprocess.Popen:
+    """A life of the run, in a process group of its own (with its DataLoader workers); with
+    ``processes`` above 1, under torchrun (which starts each rank in a group of its own)."""
+    launch = [sys.executable, "-m", "asge_edge"] if processes == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes), "--master-port", "29541",
+         "-m", "asge_edge"]
+    return subprocess.Popen([*launch, "train", *run, "--out", str(out), *extra], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def ending(code: int, err: str, signum: int, processes: int) -> str | None:
+    """How a signalled life ended: "saved and stopped" (one line from each process, all at
+    the same point), "ended by the signal" (it landed before the handlers were in place, or
+    after the run was saved), or None for anything else."""
+    if processes == 1:
+        lines = err.strip().splitlines()
+        if code == 128 + signum and len(lines) == 1 and "interrupted" in lines[0]:
+            return "saved and stopped"
+        return "ended by the signal" if code == -signum and "Traceback" not in err else None
+    own = err.rfind("Traceback (most recent call last)")   # torchrun's, on the signal it passed on
+    if own >= 0 and "SignalException" in err[own:]:
+        err = err[:own]
+    if "Traceback" in err:
+        return None
+    stops = re.findall(r"asge-edge: interrupted \(SIG\w+\) [^;]*;", err)
+    if len(stops) == processes and len(set(stops)) == 1:
+        return "saved and stopped"
+    return "ended by the signal" if not stops else None
 
 
 def main() -> None:
@@ -67,9 +99,14 @@ def main() -> None:
     p.add_argument("--signal", choices=("KILL", "TERM", "INT"), default="KILL")
     p.add_argument("--workers", type=int, default=0, help="above 0: train on an image folder with this many workers")
     p.add_argument("--folder-images", type=int, default=6000)
+    p.add_argument("--processes", type=int, default=1, help="above 1: train under torchrun, gloo on the CPU")
+    p.add_argument("--delays", type=float, nargs=2, metavar=("LO", "HI"), help="seconds into each life to signal")
     p.add_argument("--out", type=Path, default=Path("/tmp/soak"))
     a = p.parse_args()
     signum = signal.Signals[f"SIG{a.signal}"]
+    if a.processes > 1 and signum == signal.SIGKILL:
+        p.error("SIGKILL to torchrun leaves its ranks running (each is in a process group of its own): "
+                "use --signal TERM or INT with --processes")
     shutil.rmtree(a.out, ignore_errors=True)
     run = ["--dataset", "fashion-mnist", *MODEL]
     if a.workers:
@@ -78,31 +115,28 @@ def main() -> None:
                "--val-size", str(a.folder_images // 6), "--workers", str(a.workers), *MODEL]
     ref, soak = a.out / "uninterrupted", a.out / "signalled"
     t0 = time.perf_counter()
-    proc = train(run, ref)
+    proc = train(run, ref, a.processes)
     if proc.wait() != 0:
         raise SystemExit(f"the uninterrupted run failed: {proc.stderr.read()}")
     full = time.perf_counter() - t0
     rng = random.Random(a.seed)
     ends: dict[str, int] = {"saved and stopped": 0, "ended by the signal": 0}
     delays = []
-    proc = train(run, soak)
+    proc = train(run, soak, a.processes)
     for _ in range(a.cycles):
-        delay = rng.uniform(2.0, max(3.0, full / 3))
+        delay = rng.uniform(*(a.delays or (2.0, max(3.0, full / 3))))
         time.sleep(delay)
         if proc.poll() is not None:
             break   # it finished before this signal
         os.killpg(proc.pid, signum)
         err = proc.communicate()[1]
         delays.append(round(delay, 1))
-        lines = err.strip().splitlines()
-        if proc.returncode == 128 + signum and len(lines) == 1 and "interrupted" in lines[0]:
-            ends["saved and stopped"] += 1
-        elif proc.returncode == -signum and "Traceback" not in err:
-            ends["ended by the signal"] += 1
-        else:
+        end = ending(proc.returncode, err, signum, a.processes)
+        if end is None:
             raise SystemExit(f"a life ended with exit {proc.returncode} after a SIG{a.signal}:\n{err}")
+        ends[end] += 1
         resumable = (soak / "state.safetensors").is_file()
-        proc = train(run, soak, "--resume") if resumable else train(run, soak, "--force")
+        proc = train(run, soak, a.processes, "--resume" if resumable else "--force")
     if proc.wait() != 0:
         raise SystemExit(f"the signalled run failed after {len(delays)} signals: {proc.stderr.read()}")
     wa, wb = load_file(ref / "state.safetensors"), load_file(soak / "state.safetensors")
@@ -111,7 +145,8 @@ def main() -> None:
     acc_b = json.loads((soak / "summary.json").read_text())["test_accuracy"]
     data = f"an image folder of {a.folder_images} Fashion-MNIST images, {a.workers} DataLoader workers" \
         if a.workers else "Fashion-MNIST"
-    print(f"vgg8 x0.125, {data}, 1 epoch, checkpoint every 20 steps; uninterrupted run {full:.0f} s")
+    launch = f"torchrun, {a.processes} processes, " if a.processes > 1 else ""
+    print(f"vgg8 x0.125, {launch}{data}, 1 epoch, checkpoint every 20 steps; uninterrupted run {full:.0f} s")
     print(f"signal-and-resume cycles: {len(delays)} of {a.cycles} (SIG{a.signal} to the process group after "
           f"{delays} s of each life)")
     print("lives that " + ", ".join(f"{k}: {v}" for k, v in ends.items()) + "; tracebacks: 0")
