@@ -3,7 +3,8 @@
 Contract: ``evaluate`` runs the network once over a split without autograd and
 returns per-layer goodness-projection accuracy and the Last and Fusion accuracies of
 what the run's method trains (``trained_predictors``: the rest reads at chance and is
-None); it never changes the network. ``best_layer`` picks the exit by
+None); it never changes the network. Under torchrun (``world``) each rank reads its part
+of every batch, and the ranks' counts are summed. ``best_layer`` picks the exit by
 validation accuracy (never test), breaking ties towards the shallower, cheaper layer.
 """
 
@@ -20,6 +21,7 @@ from .checkpoint import load_run
 from .config import STRATEGIES
 from .data import Split, Stopped, batches, load_splits
 from .device import resolve_device, to_device
+from .distributed import World
 from .errors import UserError
 from .methods import METHODS, Method
 from .models import ASGENet, LayerSpec
@@ -58,19 +60,20 @@ def trained_predictors(acc: Accuracy, method: type[Method]) -> Accuracy:
 @torch.inference_mode()
 def evaluate(net: ASGENet, split: Split, device: torch.device, method: type[Method], batch_size: int = EVAL_BATCH,
              offloader: Offloader | None = None, workers: int = 0, label: str | None = None,
-             stop: Callable[[], bool] | None = None) -> Accuracy:
+             stop: Callable[[], bool] | None = None, world: World | None = None) -> Accuracy:
     """Accuracy of every layer and of the Last and Fusion heads on ``split``, None for what
     ``method`` does not train; with an ``offloader``, each layer visits the device only
     while it runs. ``workers``: DataLoader workers for folder datasets (data.batches).
     ``label``: show a progress bar by that name (None: none). ``stop``: asked before each
     batch (and by ``batches`` should its loader fail); where it says so, evaluation ends with
-    ``data.Stopped``."""
+    ``data.Stopped``. ``world``: every rank calls this, evaluates its part of each batch, and
+    gets the whole split's accuracy; where one rank stops, all raise ``Stopped``, at the end."""
     was_training = net.training
     net.eval()
-    correct = torch.zeros(len(net.layers) + 2, device=device)
+    counts = torch.zeros(len(net.layers) + 3, device=device)   # correct per layer, Last, Fusion; stopped
     try:
         with offloader.streaming(net.layers) if offloader is not None else nullcontext():
-            loader = batches(split, batch_size, workers=workers, stop=stop)
+            loader = batches(split, batch_size, workers=workers, stop=stop, part=world.part if world else (0, 1))
             if label is not None:
                 loader = progress_bar(math.ceil(len(split) / batch_size), label, iterable=loader)
             for x, y in loader:
@@ -79,10 +82,16 @@ def evaluate(net: ASGENet, split: Split, device: torch.device, method: type[Meth
                 x, y = to_device(x, y, device)
                 out = net(x)
                 preds = torch.stack([lg.argmax(1) for lg in (*out.layer_logits, out.last, out.fusion)])   # L+2, B
-                correct += (preds == y).sum(1)
+                counts[:-1] += (preds == y).sum(1)
+    except Stopped:
+        counts[-1] = 1   # under torchrun the other ranks learn of it from the sum, with no collective before
     finally:
         net.train(was_training)
-    acc = (correct / max(1, len(split))).tolist()
+    if world is not None:
+        world.sum_(counts)
+    if counts[-1]:
+        raise Stopped
+    acc = (counts[:-1] / max(1, len(split))).tolist()
     return trained_predictors(Accuracy(acc[:-2], acc[-2], acc[-1], len(split)), method)
 
 

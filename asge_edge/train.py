@@ -476,18 +476,20 @@ def _train(cfg: RunConfig, opts: RunOptions, device: torch.device, world: World 
             seconds = ep.seconds + time.perf_counter() - t0
             if pbar is not None:
                 pbar.close()
-            if not writer:   # rank 0 evaluates, selects and writes; the weights are the same everywhere
+            try:   # under torchrun every rank validates its part of each batch
+                val = evaluate(net, splits.val, device, type(method), offloader=off, workers=opts.workers,
+                               label=None if opts.quiet else "validation", stop=lambda: interrupt.requested,
+                               world=world)
+            except Stopped:   # a signal during validation: the epoch's training is kept, --resume validates
+                if writer:
+                    save_partial(ep, step, seconds)
+                raise interrupted(step, agreed_signal()) from None
+            if not writer:   # rank 0 selects and writes; the weights are the same everywhere
                 progress = {**progress, "epoch": epoch, "step": step, "partial": None}
-                signum = agreed_signal()   # with rank 0, once it has validated and saved
+                signum = agreed_signal()   # with rank 0, once it has saved
                 if signum:
                     raise interrupted(step, signum)
                 continue
-            try:
-                val = evaluate(net, splits.val, device, type(method), offloader=off, workers=opts.workers,
-                               label=None if opts.quiet else "validation", stop=lambda: interrupt.requested)
-            except Stopped:   # a signal during validation: the epoch's training is kept, --resume validates
-                save_partial(ep, step, seconds)
-                raise interrupted(step, agreed_signal()) from None
             record = _epoch_record(epoch, lr, seconds, ep.seen, ep.loss_sum, ep.correct, ep.head_sum, val)
             score = val.strategy(method.select, best_layer(val.layers))
             progress = {"epoch": epoch, "step": step, "train_seconds": progress["train_seconds"] + seconds,

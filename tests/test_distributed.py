@@ -24,13 +24,29 @@ DDP_ATOL = 1e-4
 RUN = [*TINY_RUN, "--epochs", "1"]
 
 
+# Each rank counts the validation images it evaluates (its part of each batch) and says so at exit.
+COUNT_VALIDATION = """
+import atexit
+import asge_edge.evaluate as evaluation
+
+real, seen = evaluation.batches, [0]
+
+def counted(*args, part=(0, 1), **kwargs):
+    for x, y in real(*args, part=part, **kwargs):
+        seen[0] += len(y) if part != (0, 1) else 0   # the test after training reads its whole split
+        yield x, y
+
+evaluation.batches = counted
+atexit.register(lambda: print(f"rank {os.environ['RANK']} validated {seen[0]} images", file=sys.stderr))
+"""
+
+
 def test_two_gloo_processes_equal_one_at_the_doubled_batch(tmp_path):
+    """The same weights; and each rank validates half the split, while the accuracies are
+    the whole split's, as one process's."""
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(["train", *RUN, "--batch-size", "64", "--out", str(one)]) == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                           "--master-port", "29517", "-m", "asge_edge", "train", *RUN, "--batch-size", "32",
-                           "--device", "cpu", "--out", str(two)], capture_output=True, text=True, env=env, timeout=300)
+    done = _torchrun_patched(tmp_path, COUNT_VALIDATION, [*RUN, "--batch-size", "32"], two)
     # torchrun's own summary alone is about 2,000 characters: keep the ranks' messages before it
     assert done.returncode == 0, done.stderr[-8000:]
     a, b = load_file(one / "state.safetensors"), load_file(two / "state.safetensors")
@@ -40,6 +56,11 @@ def test_two_gloo_processes_equal_one_at_the_doubled_batch(tmp_path):
     assert worst <= DDP_ATOL
     assert sum(k.startswith("model/layers.") and k.endswith("conv.weight") for k in a) == 7
     assert (two / "summary.json").is_file() and len((two / "metrics.jsonl").read_text().splitlines()) == 1
+    assert sorted(re.findall(r"rank (\d) validated (\d+) images", done.stderr)) == [("0", "38"), ("1", "38")]
+    m1, m2 = (json.loads((d / "metrics.jsonl").read_text()) for d in (one, two))
+    val = [*m1["val_layer_accuracy"], m1["val_fusion_accuracy"]], [*m2["val_layer_accuracy"], m2["val_fusion_accuracy"]]
+    # the weights differ in the 6th digit (summation order), so allow one of the 76 images to read otherwise
+    assert all(abs(u - v) <= 1 / 76 + 1e-9 for u, v in zip(*val)), val
 
 
 def _torchrun(args, out, *extra):
@@ -162,3 +183,32 @@ def test_a_signal_while_rank_0_tests_stops_every_rank_then_resumes_to_the_summar
     _resumes_to(out, whole)
     accuracy = lambda d: json.loads((d / "summary.json").read_text())["test_accuracy"]   # noqa: E731
     assert accuracy(out) == accuracy(whole)
+
+
+# Rank 1 sends SIGTERM to torchrun as the first validation starts, and gives torchrun time to
+# pass it on: rank 0 stops at its next validation batch, rank 1 at its first.
+SIGNAL_AS_VALIDATION_STARTS = """
+real = trainer.evaluate
+
+def signalled_evaluate(*args, **kwargs):
+    if os.environ["RANK"] == "1":
+        os.kill(os.getppid(), signal.SIGTERM)
+        time.sleep(2)
+    return real(*args, **kwargs)
+
+trainer.evaluate = signalled_evaluate
+"""
+
+
+def test_a_signal_in_validation_stops_every_rank_then_resumes(whole, tmp_path):
+    """Every rank validates its part and the counts are summed at the end; a rank that stops
+    on the signal still joins that sum, which tells the others, so all stop after the epoch's
+    last step, its training kept, and --resume validates it."""
+    run, whole = whole
+    out = tmp_path / "run"
+    err = _torchrun_patched(tmp_path, SIGNAL_AS_VALIDATION_STARTS, run, out).stderr
+    assert _stops(err) == [44, 44], err[-8000:]
+    assert "[rank" not in err and "Connection closed" not in err, err[-8000:]
+    p = run_progress(out)
+    assert p["epoch"] == 0 and p["step"] == 44 and p["partial"]["batches"] == 44
+    _resumes_to(out, whole)
