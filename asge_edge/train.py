@@ -440,8 +440,8 @@ def _train(cfg: RunConfig, opts: RunOptions, device: torch.device, world: World 
                                                             "scalers": method.scaler_state()})
 
             def interrupted(step: int, signum: int, epoch=epoch) -> Interrupted:
-                return Interrupted(f"interrupted ({signal.Signals(signum).name}) at epoch {epoch}, step {step}; the "
-                            f"state is saved in {out}: continue with --resume --out {out}", signum)
+                return Interrupted(f"interrupted ({signal.Signals(signum).name}) at epoch {epoch}, step {step}; "
+                                   f"the state is saved in {out}: continue with --resume --out {out}", signum)
 
             def checkpoint(ep: EpochProgress, step: int, t0=t0) -> None:
                 """Check and save (rank 0) the state after ``step``, the last one done."""
