@@ -1,12 +1,16 @@
-"""bench/offload.py's baseline and byte counts: the figures in docs/BENCHMARKS.md rest on them.
+"""bench/offload.py's baseline and byte counts, and bench/soak.py's judge of each life: the
+figures in docs/BENCHMARKS.md rest on them.
 
 - OffloadedBP, with the logical batch in one micro-batch, is methods.BPMethod to the bit;
 - the counted bytes follow each schedule: ASGE's layer-major schedule moves the same bytes
   whatever the micro-batch, BP's weight streaming grows by 2 W + G per extra micro-batch;
 - the device peak that the ledger measures for ASGE's --offload stays within the planner's
-  peak for that micro-batch (offload.py says the plan is an upper bound there).
+  peak for that micro-batch (offload.py says the plan is an upper bound there);
+- soak.ending fails a life on any rank's traceback or on ranks stopped at different steps,
+  and lets torchrun's own traceback on the signal pass.
 """
 
+import signal
 import sys
 from pathlib import Path
 
@@ -15,6 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 from offload import OffloadedBP, SimulatedOffloader, measure  # noqa: E402
+from soak import ending  # noqa: E402
 from workload import make_batch, make_net  # noqa: E402
 
 from asge_edge.config import ModelConfig, TrainConfig  # noqa: E402
@@ -67,3 +72,18 @@ def test_offload_peak_stays_within_the_plan():
     plan = plan_memory(make_net(CFG, SHAPE).specs, SHAPE, 12, None, "fp32")
     for micro_batch in (1, 4, 12):
         assert _row(_asge, micro_batch)["peak"] <= plan.peak_at(micro_batch), micro_batch
+
+
+def test_soak_judges_a_torchrun_life_by_its_ranks_lines():
+    term = signal.SIGTERM
+    line = "asge-edge: interrupted (SIGTERM) at epoch 1, step 7; the state is saved in R: continue with --resume\n"
+    torchrun = ("Traceback (most recent call last):\n  File \"run.py\", line 1, in <module>\n"
+                "torch.distributed.elastic.multiprocessing.api.SignalException: Process 9 got signal: 15\n")
+    rank_died = "[rank0]: Traceback (most recent call last):\n[rank0]: RuntimeError: Connection closed by peer\n"
+    assert ending(1, line + line + torchrun, term, 2) == "saved and stopped"
+    assert ending(1, line + line.replace("step 7", "step 8") + torchrun, term, 2) is None   # not one step
+    assert ending(1, line + rank_died + torchrun, term, 2) is None
+    assert ending(1, torchrun, term, 2) == "ended by the signal"   # before the ranks' handlers
+    assert ending(-term, "", term, 2) == "ended by the signal"   # before torchrun's
+    assert ending(128 + term, line, term, 1) == "saved and stopped"
+    assert ending(1, line + torchrun, term, 1) is None   # one process prints no torchrun traceback
