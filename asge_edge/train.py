@@ -13,8 +13,8 @@ Contract: ``train(cfg, opts)`` runs a ``Method`` (methods.py) over the data for
   group ends the DataLoader's workers too (data.batches): a step under way finishes and is
   saved, and a wait for the next batch saves the last step done. Under torchrun the ranks
   agree on a signal before each step, once each has its batch or its loader has stopped,
-  so all stop after the same step, which rank 0 saves, and after training they wait for
-  rank 0's test and stop with it where a signal ended it. The lr schedule is a
+  so all stop after the same step, which rank 0 saves; and every rank validates and tests
+  its part of each batch, so a signal there stops them all. The lr schedule is a
   function of the step and the data order of (seed, epoch), so nothing else needs saving:
   no global RNG drives training;
 - ``metrics.jsonl``: one line per epoch (per-layer loss and accuracy, lr, seconds);
@@ -317,7 +317,7 @@ def train(cfg: RunConfig, opts: RunOptions) -> dict[str, Any]:
             summary = _train(cfg, opts, device, world)
         orderly = True
         return summary
-    except Interrupted:   # at a step (or epoch's end) that every rank agreed on, or in rank 0's test
+    except Interrupted:   # at a step, in a validation or in the test, where every rank stopped
         orderly = True
         raise
     finally:
@@ -508,38 +508,42 @@ def _train(cfg: RunConfig, opts: RunOptions, device: torch.device, world: World 
             if signum:
                 raise interrupted(step, signum)
 
-        summary, stopped = {}, None
-        if writer:
-            try:
-                summary = finish(out, history, progress, device, splits, off, quiet=opts.quiet,
-                                 workers=opts.workers, stop=lambda: interrupt.requested)
-            except Stopped:   # training is done and saved; --resume goes straight to the test
-                stopped = interrupt.signum
-        if world is not None:   # rank 0's test decides for every rank, which waited for it here
-            stopped = world.max_signal(stopped)
-        if stopped:
-            raise Interrupted(f"interrupted ({signal.Signals(stopped).name}) after training, while testing; "
-                              f"the state is saved in {out}: finish with --resume --out {out}", stopped)
-        return summary
+        try:   # under torchrun every rank tests its part of each batch
+            run_cfg, specs, test = test_selected(out, device, splits, off, opts.workers,
+                                                 label=None if opts.quiet else "test",
+                                                 stop=lambda: interrupt.requested, world=world)
+        except Stopped:   # training is done and saved; --resume goes straight to the test
+            signum = agreed_signal()
+            raise Interrupted(f"interrupted ({signal.Signals(signum).name}) after training, while testing; "
+                              f"the state is saved in {out}: finish with --resume --out {out}", signum) from None
+        return finish(out, history, progress, device, splits, run_cfg, specs, test, opts.quiet) if writer else {}
+
+
+def test_selected(out: Path, device: torch.device, splits, offloader: Offloader | None = None, workers: int = 0,
+                  label: str | None = None, stop: Callable[[], bool] | None = None,
+                  world: World | None = None) -> tuple[RunConfig, tuple, Accuracy]:
+    """The selected checkpoint (``out``'s model.safetensors) on the test split: (its config,
+    its layer specs, its accuracy). The arguments after ``splits`` are evaluate's: under
+    torchrun every rank calls this, tests its part, and gets the whole split's accuracy,
+    or ``Stopped``."""
+    cfg, net, _ = load_run(out)
+    net = net.place(device, offloader.park_device if offloader else None)
+    test = evaluate(net, splits.test, device, METHODS[cfg.train.method], offloader=offloader, workers=workers,
+                    label=label, stop=stop, world=world)
+    return cfg, net.specs, test
 
 
 def finish(out: Path, history: list[dict[str, Any]], progress: dict[str, Any], device: torch.device, splits,
-           offloader: Offloader | None = None, quiet: bool = False, workers: int = 0,
-           stop: Callable[[], bool] | None = None) -> dict[str, Any]:
-    """Evaluate the selected checkpoint on test (``workers``: DataLoader workers for folder
-    datasets; ``stop``: evaluate's, which ends the test with ``Stopped``), write summary.json,
-    print the table. What the run's method does not train is None throughout
-    (evaluate.trained_predictors)."""
-    cfg, net, _ = load_run(out)
-    net = net.place(device, offloader.park_device if offloader else None)
+           cfg: RunConfig, specs: tuple, test: Accuracy, quiet: bool = False) -> dict[str, Any]:
+    """Write summary.json for the selected checkpoint (``cfg``, ``specs`` and ``test`` from
+    test_selected), and print the table. What the run's method does not train is None
+    throughout (evaluate.trained_predictors)."""
     method = METHODS[cfg.train.method]
     chosen = history[progress["best_epoch"] - 1]
     # masked again: an older version's metrics lines carry numbers for what the method does not train
     val = trained_predictors(Accuracy(chosen["val_layer_accuracy"], chosen["val_last_accuracy"],
                                       chosen["val_fusion_accuracy"], len(splits.val)), method)
     best = best_layer(val.layers)
-    test = evaluate(net, splits.test, device, method, offloader=offloader, workers=workers,
-                    label=None if quiet else "test", stop=stop)
     images = sum(r["images"] for r in history)
     summary = {
         "version": __version__,
@@ -562,7 +566,7 @@ def finish(out: Path, history: list[dict[str, Any]], progress: dict[str, Any], d
     }
     write_json(out / "summary.json", summary)
     if not quiet:
-        print(layer_table(net.specs, val.layers, test.layers, summary["test_accuracy"], summary["best_layer"]))
+        print(layer_table(specs, val.layers, test.layers, summary["test_accuracy"], summary["best_layer"]))
         print(f"{images} training images in {progress['train_seconds']:.0f}s ({summary['images_per_second']:.0f} img/s); "
               f"outputs in {out}")
         if summary["memory"] is not None:

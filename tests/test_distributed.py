@@ -24,29 +24,30 @@ DDP_ATOL = 1e-4
 RUN = [*TINY_RUN, "--epochs", "1"]
 
 
-# Each rank counts the validation images it evaluates (its part of each batch) and says so at exit.
-COUNT_VALIDATION = """
+# Each rank counts the images it evaluates, by the size of the split they come from, and
+# says so at exit.
+COUNT_EVALUATED = """
 import atexit
 import asge_edge.evaluate as evaluation
 
-real, seen = evaluation.batches, [0]
+real, seen = evaluation.batches, {}
 
-def counted(*args, part=(0, 1), **kwargs):
-    for x, y in real(*args, part=part, **kwargs):
-        seen[0] += len(y) if part != (0, 1) else 0   # the test after training reads its whole split
+def counted(split, *args, **kwargs):
+    for x, y in real(split, *args, **kwargs):
+        seen[len(split)] = seen.get(len(split), 0) + len(y)
         yield x, y
 
 evaluation.batches = counted
-atexit.register(lambda: print(f"rank {os.environ['RANK']} validated {seen[0]} images", file=sys.stderr))
+atexit.register(lambda: print(f"rank {os.environ['RANK']} evaluated {seen}", file=sys.stderr))
 """
 
 
 def test_two_gloo_processes_equal_one_at_the_doubled_batch(tmp_path):
-    """The same weights; and each rank validates half the split, while the accuracies are
-    the whole split's, as one process's."""
+    """The same weights; and each rank validates and tests half of each split, while the
+    accuracies are the whole split's, as one process's."""
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(["train", *RUN, "--batch-size", "64", "--out", str(one)]) == 0
-    done = _torchrun_patched(tmp_path, COUNT_VALIDATION, [*RUN, "--batch-size", "32"], two)
+    done = _torchrun_patched(tmp_path, COUNT_EVALUATED, [*RUN, "--batch-size", "32"], two)
     # torchrun's own summary alone is about 2,000 characters: keep the ranks' messages before it
     assert done.returncode == 0, done.stderr[-8000:]
     a, b = load_file(one / "state.safetensors"), load_file(two / "state.safetensors")
@@ -56,11 +57,15 @@ def test_two_gloo_processes_equal_one_at_the_doubled_batch(tmp_path):
     assert worst <= DDP_ATOL
     assert sum(k.startswith("model/layers.") and k.endswith("conv.weight") for k in a) == 7
     assert (two / "summary.json").is_file() and len((two / "metrics.jsonl").read_text().splitlines()) == 1
-    assert sorted(re.findall(r"rank (\d) validated (\d+) images", done.stderr)) == [("0", "38"), ("1", "38")]
+    halves = "{76: 38, 192: 96}"   # validation (76 images) and test (192); the ranks' lines may run together
+    assert sorted(re.findall(r"rank (\d) evaluated (\{[^}]*\})", done.stderr)) == [("0", halves), ("1", halves)]
     m1, m2 = (json.loads((d / "metrics.jsonl").read_text()) for d in (one, two))
     val = [*m1["val_layer_accuracy"], m1["val_fusion_accuracy"]], [*m2["val_layer_accuracy"], m2["val_fusion_accuracy"]]
-    # the weights differ in the 6th digit (summation order), so allow one of the 76 images to read otherwise
+    s1, s2 = (json.loads((d / "summary.json").read_text()) for d in (one, two))
+    test = [*s1["layer_test_accuracy"], s1["test_accuracy"]["fusion"]], [*s2["layer_test_accuracy"], s2["test_accuracy"]["fusion"]]
+    # the weights differ in the 6th digit (summation order), so allow one image to read otherwise
     assert all(abs(u - v) <= 1 / 76 + 1e-9 for u, v in zip(*val)), val
+    assert all(abs(u - v) <= 1 / 192 + 1e-9 for u, v in zip(*test)), test
 
 
 def _torchrun(args, out, *extra):
@@ -157,26 +162,28 @@ def test_a_rank_whose_loader_a_signal_ended_stops_every_rank_at_its_last_step(wh
 
 
 # Rank 0 sends SIGTERM to torchrun as it starts the test after training, and gives torchrun
-# time to pass it on to both ranks: rank 1 has nothing left to do but wait for rank 0.
-SIGNAL_AS_RANK_0_TESTS = """
-real = trainer.finish
+# time to pass it on to both ranks.
+SIGNAL_AS_THE_TEST_STARTS = """
+real = trainer.test_selected
 
-def signalled_finish(*args, **kwargs):
-    os.kill(os.getppid(), signal.SIGTERM)
-    time.sleep(2)
+def signalled_test(*args, **kwargs):
+    if os.environ["RANK"] == "0":
+        os.kill(os.getppid(), signal.SIGTERM)
+        time.sleep(2)
     return real(*args, **kwargs)
 
-trainer.finish = signalled_finish
+trainer.test_selected = signalled_test
 """
 
 
-def test_a_signal_while_rank_0_tests_stops_every_rank_then_resumes_to_the_summary(whole, tmp_path):
-    """Rank 1 waits for rank 0's test with its handlers in place, and learns the outcome from
-    rank 0: both print the same line. Before, rank 1 died of the signal where it waited, and
-    rank 0 ended in gloo's "Connection closed by peer" traceback."""
+def test_a_signal_in_the_test_after_training_stops_every_rank_then_resumes_to_the_summary(whole, tmp_path):
+    """Every rank tests its part, and a rank stopped by the signal still joins the sum of
+    the counts, which stops the others: both print the same line. (Before session 20 rank 0
+    tested alone, and rank 1 died of the signal while it waited at the final barrier, which
+    ended rank 0 in gloo's "Connection closed by peer" traceback.)"""
     run, whole = whole
     out = tmp_path / "run"
-    err = _torchrun_patched(tmp_path, SIGNAL_AS_RANK_0_TESTS, run, out).stderr
+    err = _torchrun_patched(tmp_path, SIGNAL_AS_THE_TEST_STARTS, run, out).stderr
     assert err.count("asge-edge: interrupted (SIGTERM) after training, while testing;") == 2, err[-8000:]
     assert "[rank" not in err and "Connection closed" not in err, err[-8000:]
     assert not (out / "summary.json").exists() and run_progress(out)["epoch"] == 2
