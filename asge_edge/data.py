@@ -253,6 +253,12 @@ def _subset(split: Split, idx: torch.Tensor) -> Split:
     return Split(split.images[idx], split.labels[idx])
 
 
+def part_of(split: Split, k: int, parts: int) -> Split:
+    """The k-th of ``parts`` contiguous blocks of ``split`` (``block``): a torchrun rank's share
+    of a split it evaluates. A block may be empty where the split is shorter than ``parts``."""
+    return _subset(split, torch.arange(len(split))[block(len(split), k, parts)])
+
+
 def spread(split: Split, n: int) -> Split:
     """``n`` samples of ``split``, evenly spaced over it and in its order (all of it where n >=
     its length): a subset that covers every class even of a split sorted by class, as an
@@ -363,7 +369,7 @@ def batches(split: Split, batch_size: int, gen: torch.Generator | None = None,
     """
     n = len(split)
     order = torch.randperm(n, generator=gen) if gen is not None else torch.arange(n)
-    whole = order.split(batch_size)                                       # each batch's indices
+    whole = order.split(batch_size) if n else ()                          # each batch's indices (none: no batch)
     rows = [block(len(idx), *part) for idx in whole]
     if split.folder is not None:
         # a DataLoader batch cannot be empty: a part left with none of a short last batch

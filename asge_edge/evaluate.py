@@ -3,8 +3,8 @@
 Contract: ``evaluate`` runs the network once over a split without autograd and
 returns per-layer goodness-projection accuracy and the Last and Fusion accuracies of
 what the run's method trains (``trained_predictors``: the rest reads at chance and is
-None); it never changes the network. Under torchrun (``world``) each rank reads its part
-of every batch, and the ranks' counts are summed. ``best_layer`` picks the exit by
+None); it never changes the network. Under torchrun (``world``) each rank evaluates its
+block of the split, and the ranks' counts are summed. ``best_layer`` picks the exit by
 validation accuracy (never test), breaking ties towards the shallower, cheaper layer.
 """
 
@@ -19,7 +19,7 @@ import torch
 
 from .checkpoint import load_run
 from .config import STRATEGIES
-from .data import Split, Stopped, batches, load_splits
+from .data import Split, Stopped, batches, load_splits, part_of
 from .device import resolve_device, to_device
 from .distributed import World
 from .errors import UserError
@@ -66,16 +66,19 @@ def evaluate(net: ASGENet, split: Split, device: torch.device, method: type[Meth
     while it runs. ``workers``: DataLoader workers for folder datasets (data.batches).
     ``label``: show a progress bar by that name (None: none). ``stop``: asked before each
     batch (and by ``batches`` should its loader fail); where it says so, evaluation ends with
-    ``data.Stopped``. ``world``: every rank calls this, evaluates its part of each batch, and
+    ``data.Stopped``. ``world``: every rank calls this, evaluates its block of the split
+    (``data.part_of``; order does not matter to a count, and no batch is left empty), and
     gets the whole split's accuracy; where one rank stops, all raise ``Stopped``, at the end."""
     was_training = net.training
     net.eval()
+    n = len(split)
+    mine = split if world is None else part_of(split, *world.part)
     counts = torch.zeros(len(net.layers) + 3, device=device)   # correct per layer, Last, Fusion; stopped
     try:
         with offloader.streaming(net.layers) if offloader is not None else nullcontext():
-            loader = batches(split, batch_size, workers=workers, stop=stop, part=world.part if world else (0, 1))
+            loader = batches(mine, batch_size, workers=workers, stop=stop)
             if label is not None:
-                loader = progress_bar(math.ceil(len(split) / batch_size), label, iterable=loader)
+                loader = progress_bar(math.ceil(len(mine) / batch_size), label, iterable=loader)
             for x, y in loader:
                 if stop is not None and stop():
                     raise Stopped
@@ -91,8 +94,8 @@ def evaluate(net: ASGENet, split: Split, device: torch.device, method: type[Meth
         world.sum_(counts)
     if counts[-1]:
         raise Stopped
-    acc = (counts[:-1] / max(1, len(split))).tolist()
-    return trained_predictors(Accuracy(acc[:-2], acc[-2], acc[-1], len(split)), method)
+    acc = (counts[:-1] / max(1, n)).tolist()
+    return trained_predictors(Accuracy(acc[:-2], acc[-2], acc[-1], n), method)
 
 
 def best_layer(layer_val_accuracy: list[float] | None) -> int | None:

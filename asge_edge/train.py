@@ -261,6 +261,16 @@ def _until_stopped(loader: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> Itera
         yield None
 
 
+def _check_last_batch(n: int, batch_size: int, processes: int) -> None:
+    """Under torchrun each process takes a part of every batch, and a process whose part of
+    the last one would be empty cannot take its step; refuse such a split up front."""
+    rest = n % (batch_size * processes)
+    if 0 < rest < processes:
+        raise UserError(f"the last batch of each epoch holds {rest} of the {n} training images, fewer than the "
+                        f"{processes} processes that split it; choose a --batch-size that leaves none over, or "
+                        f"at least {processes}")
+
+
 def _global_batch(world: World | None, batch_size: int) -> int:
     """Images per step: --batch-size, or its sum over the processes under torchrun."""
     return world.global_batch(batch_size) if world is not None else batch_size
@@ -383,6 +393,8 @@ def _train(cfg: RunConfig, opts: RunOptions, device: torch.device, world: World 
     off = method.offloader
     tc = cfg.train
     steps_per_epoch = math.ceil(len(splits.train) / _global_batch(world, tc.batch_size))
+    if world is not None:
+        _check_last_batch(len(splits.train), tc.batch_size, world.size)
     total = tc.epochs * steps_per_epoch
     opts = replace(opts, quiet=opts.quiet or not writer)
 

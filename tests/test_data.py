@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from asge_edge.config import DATASET_ONLY, DataConfig, RunConfig
-from asge_edge.data import (FASHION_MNIST_ROOT, Split, Stopped, augment, batches, load_splits, read_idx, split_tensors,
-                             spread)
+from asge_edge.data import (FASHION_MNIST_ROOT, Split, Stopped, augment, batches, load_splits, part_of, read_idx,
+                             split_tensors, spread)
 from asge_edge.errors import UserError
 
 
@@ -117,6 +117,18 @@ def test_the_parts_of_each_batch_put_together_are_the_whole_batch(source, folder
         assert torch.equal(torch.cat([p[i][1] for p in parts]), y)
     plain = batches(split, 7, torch.Generator().manual_seed(3), False, workers=1)
     assert any(not torch.equal(x, p) for (x, _), (p, _) in zip(whole, plain))   # augmentation was on
+
+
+def test_the_blocks_of_a_split_put_together_are_the_split(folder_run):
+    """A torchrun rank evaluates its block of a split (data.part_of); a split shorter than the
+    ranks leaves some of them an empty block, which reads nothing."""
+    _, data, _ = folder_run
+    split = load_splits(DataConfig(dataset="imagefolder", root=str(data), image_size=16, val_size=3)).val   # 3 images
+    whole = torch.cat([x for x, _ in batches(split, 2)])
+    blocks = [part_of(split, k, 4) for k in range(4)]
+    assert [len(b) for b in blocks] == [0, 1, 1, 1]
+    assert list(batches(blocks[0], 2)) == []
+    assert torch.equal(torch.cat([x for b in blocks[1:] for x, _ in batches(b, 2, workers=1)]), whole)
 
 
 def test_augment_is_seeded_and_keeps_shape():

@@ -15,6 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from asge_edge.cli import main
+from asge_edge.errors import UserError
+from asge_edge.train import _check_last_batch
 from conftest import TINY_RUN, run_progress
 
 # Summation order differs (each process sums half the batch, then the halves are added):
@@ -24,8 +26,8 @@ DDP_ATOL = 1e-4
 RUN = [*TINY_RUN, "--epochs", "1"]
 
 
-# Each rank counts the images it evaluates, by the size of the split they come from, and
-# says so at exit.
+# Each rank counts the images it evaluates, by the size of the split (its part) they come
+# from, and says so at exit.
 COUNT_EVALUATED = """
 import atexit
 import asge_edge.evaluate as evaluation
@@ -57,7 +59,7 @@ def test_two_gloo_processes_equal_one_at_the_doubled_batch(tmp_path):
     assert worst <= DDP_ATOL
     assert sum(k.startswith("model/layers.") and k.endswith("conv.weight") for k in a) == 7
     assert (two / "summary.json").is_file() and len((two / "metrics.jsonl").read_text().splitlines()) == 1
-    halves = "{76: 38, 192: 96}"   # validation (76 images) and test (192); the ranks' lines may run together
+    halves = "{38: 38, 96: 96}"   # half of validation (76 images) and of test (192); lines may run together
     assert sorted(re.findall(r"rank (\d) evaluated (\{[^}]*\})", done.stderr)) == [("0", halves), ("1", halves)]
     m1, m2 = (json.loads((d / "metrics.jsonl").read_text()) for d in (one, two))
     val = [*m1["val_layer_accuracy"], m1["val_fusion_accuracy"]], [*m2["val_layer_accuracy"], m2["val_fusion_accuracy"]]
@@ -66,6 +68,17 @@ def test_two_gloo_processes_equal_one_at_the_doubled_batch(tmp_path):
     # the weights differ in the 6th digit (summation order), so allow one image to read otherwise
     assert all(abs(u - v) <= 1 / 76 + 1e-9 for u, v in zip(*val)), val
     assert all(abs(u - v) <= 1 / 192 + 1e-9 for u, v in zip(*test)), test
+
+
+def test_a_last_batch_smaller_than_the_processes_is_refused_up_front():
+    """A process whose part of the last batch is empty could not take its step (it crashed
+    in the layers' goodness and left the other in gloo's traceback): one line instead."""
+    _check_last_batch(692, 346, 2)   # no last batch over
+    _check_last_batch(694, 346, 2)   # 2 images over: one each
+    with pytest.raises(UserError, match="holds 1 of the 693 training images, fewer than the 2 processes"):
+        _check_last_batch(693, 346, 2)
+    with pytest.raises(UserError, match="at least 8"):
+        _check_last_batch(775, 32, 8)   # 3 batches of 8 x 32, then 7 images for 8 processes
 
 
 def _torchrun(args, out, *extra):
