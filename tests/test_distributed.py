@@ -174,29 +174,31 @@ def test_a_rank_whose_loader_a_signal_ended_stops_every_rank_at_its_last_step(wh
     _resumes_to(out, whole)
 
 
-# Rank 0 sends SIGTERM to torchrun as it starts the test after training, and gives torchrun
-# time to pass it on to both ranks.
-SIGNAL_AS_THE_TEST_STARTS = """
-real = trainer.test_selected
+def _signal_torchrun_as(function: str, rank: int) -> str:
+    """A patch for _torchrun_patched: rank ``rank`` sends SIGTERM to torchrun as
+    ``asge_edge.train.<function>`` starts, and gives torchrun 2 s to pass it on to every rank."""
+    return f"""
+real = trainer.{function}
 
-def signalled_test(*args, **kwargs):
-    if os.environ["RANK"] == "0":
+def signalled(*args, **kwargs):
+    if os.environ["RANK"] == "{rank}":
         os.kill(os.getppid(), signal.SIGTERM)
         time.sleep(2)
     return real(*args, **kwargs)
 
-trainer.test_selected = signalled_test
+trainer.{function} = signalled
 """
 
 
 def test_a_signal_in_the_test_after_training_stops_every_rank_then_resumes_to_the_summary(whole, tmp_path):
     """Every rank tests its part, and a rank stopped by the signal still joins the sum of
-    the counts, which stops the others: both print the same line. (Before session 20 rank 0
+    the counts, which stops the others: both print the same line. Rank 0 signals as the test
+    starts. (Before session 20 rank 0
     tested alone, and rank 1 died of the signal while it waited at the final barrier, which
     ended rank 0 in gloo's "Connection closed by peer" traceback.)"""
     run, whole = whole
     out = tmp_path / "run"
-    err = _torchrun_patched(tmp_path, SIGNAL_AS_THE_TEST_STARTS, run, out).stderr
+    err = _torchrun_patched(tmp_path, _signal_torchrun_as("test_selected", 0), run, out).stderr
     assert err.count("asge-edge: interrupted (SIGTERM) after training, while testing;") == 2, err[-8000:]
     assert "[rank" not in err and "Connection closed" not in err, err[-8000:]
     assert not (out / "summary.json").exists() and run_progress(out)["epoch"] == 2
@@ -205,28 +207,14 @@ def test_a_signal_in_the_test_after_training_stops_every_rank_then_resumes_to_th
     assert accuracy(out) == accuracy(whole)
 
 
-# Rank 1 sends SIGTERM to torchrun as the first validation starts, and gives torchrun time to
-# pass it on: rank 0 stops at its next validation batch, rank 1 at its first.
-SIGNAL_AS_VALIDATION_STARTS = """
-real = trainer.evaluate
-
-def signalled_evaluate(*args, **kwargs):
-    if os.environ["RANK"] == "1":
-        os.kill(os.getppid(), signal.SIGTERM)
-        time.sleep(2)
-    return real(*args, **kwargs)
-
-trainer.evaluate = signalled_evaluate
-"""
-
-
 def test_a_signal_in_validation_stops_every_rank_then_resumes(whole, tmp_path):
     """Every rank validates its part and the counts are summed at the end; a rank that stops
     on the signal still joins that sum, which tells the others, so all stop after the epoch's
-    last step, its training kept, and --resume validates it."""
+    last step, its training kept, and --resume validates it. Rank 1 signals as the first
+    validation starts: rank 0 stops at its next validation batch, rank 1 at its first."""
     run, whole = whole
     out = tmp_path / "run"
-    err = _torchrun_patched(tmp_path, SIGNAL_AS_VALIDATION_STARTS, run, out).stderr
+    err = _torchrun_patched(tmp_path, _signal_torchrun_as("evaluate", 1), run, out).stderr
     assert _stops(err) == [44, 44], err[-8000:]
     assert "[rank" not in err and "Connection closed" not in err, err[-8000:]
     p = run_progress(out)
