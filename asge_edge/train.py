@@ -14,7 +14,7 @@ Contract: ``train(cfg, opts)`` runs a ``Method`` (methods.py) over the data for
   saved, and a wait for the next batch saves the last step done. Under torchrun the ranks
   agree on a signal before each step, once each has its batch or its loader has stopped,
   so all stop after the same step, which rank 0 saves; and every rank validates and tests
-  its part of each batch, so a signal there stops them all. The lr schedule is a
+  its block of each split, so a signal there stops them all. The lr schedule is a
   function of the step and the data order of (seed, epoch), so nothing else needs saving:
   no global RNG drives training;
 - ``metrics.jsonl``: one line per epoch (per-layer loss and accuracy, lr, seconds);
@@ -261,10 +261,10 @@ def _until_stopped(loader: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> Itera
         yield None
 
 
-def _check_last_batch(n: int, batch_size: int, processes: int) -> None:
+def _check_last_batch(n: int, global_batch: int, processes: int) -> None:
     """Under torchrun each process takes a part of every batch, and a process whose part of
     the last one would be empty cannot take its step; refuse such a split up front."""
-    rest = n % (batch_size * processes)
+    rest = n % global_batch
     if 0 < rest < processes:
         raise UserError(f"the last batch of each epoch holds {rest} of the {n} training images, fewer than the "
                         f"{processes} processes that split it; choose a --batch-size that leaves none over, or "
@@ -392,9 +392,10 @@ def _train(cfg: RunConfig, opts: RunOptions, device: torch.device, world: World 
     plan = configure_streaming(cfg, method, device)
     off = method.offloader
     tc = cfg.train
-    steps_per_epoch = math.ceil(len(splits.train) / _global_batch(world, tc.batch_size))
+    size = _global_batch(world, tc.batch_size)
+    steps_per_epoch = math.ceil(len(splits.train) / size)
     if world is not None:
-        _check_last_batch(len(splits.train), tc.batch_size, world.size)
+        _check_last_batch(len(splits.train), size, world.size)
     total = tc.epochs * steps_per_epoch
     opts = replace(opts, quiet=opts.quiet or not writer)
 
@@ -488,7 +489,7 @@ def _train(cfg: RunConfig, opts: RunOptions, device: torch.device, world: World 
             seconds = ep.seconds + time.perf_counter() - t0
             if pbar is not None:
                 pbar.close()
-            try:   # under torchrun every rank validates its part of each batch
+            try:   # under torchrun every rank validates its block of the split
                 val = evaluate(net, splits.val, device, type(method), offloader=off, workers=opts.workers,
                                label=None if opts.quiet else "validation", stop=lambda: interrupt.requested,
                                world=world)
@@ -520,7 +521,7 @@ def _train(cfg: RunConfig, opts: RunOptions, device: torch.device, world: World 
             if signum:
                 raise interrupted(step, signum)
 
-        try:   # under torchrun every rank tests its part of each batch
+        try:   # under torchrun every rank tests its block of the split
             run_cfg, specs, test = test_selected(out, device, splits, off, opts.workers,
                                                  label=None if opts.quiet else "test",
                                                  stop=lambda: interrupt.requested, world=world)
@@ -536,7 +537,7 @@ def test_selected(out: Path, device: torch.device, splits, offloader: Offloader 
                   world: World | None = None) -> tuple[RunConfig, tuple, Accuracy]:
     """The selected checkpoint (``out``'s model.safetensors) on the test split: (its config,
     its layer specs, its accuracy). The arguments after ``splits`` are evaluate's: under
-    torchrun every rank calls this, tests its part, and gets the whole split's accuracy,
+    torchrun every rank calls this, tests its block, and gets the whole split's accuracy,
     or ``Stopped``."""
     cfg, net, _ = load_run(out)
     net = net.place(device, offloader.park_device if offloader else None)

@@ -73,12 +73,12 @@ def test_two_gloo_processes_equal_one_at_the_doubled_batch(tmp_path):
 def test_a_last_batch_smaller_than_the_processes_is_refused_up_front():
     """A process whose part of the last batch is empty could not take its step (it crashed
     in the layers' goodness and left the other in gloo's traceback): one line instead."""
-    _check_last_batch(692, 346, 2)   # no last batch over
-    _check_last_batch(694, 346, 2)   # 2 images over: one each
+    _check_last_batch(692, 692, 2)   # no last batch over
+    _check_last_batch(694, 692, 2)   # 2 images over: one each
     with pytest.raises(UserError, match="holds 1 of the 693 training images, fewer than the 2 processes"):
-        _check_last_batch(693, 346, 2)
+        _check_last_batch(693, 692, 2)
     with pytest.raises(UserError, match="at least 8"):
-        _check_last_batch(775, 32, 8)   # 3 batches of 8 x 32, then 7 images for 8 processes
+        _check_last_batch(775, 256, 8)   # 3 batches of 8 x 32, then 7 images for 8 processes
 
 
 def _torchrun(args, out, *extra):
