@@ -65,8 +65,9 @@ def grad_slice(out_channels: int, fan_in: int, elem_bytes: int = 4) -> int:
 def energy_rows(sample_elements: int, batch: int) -> int:
     """Samples per chunk of squares in a batch of ``batch``: as many as fit in
     ENERGY_CHUNK_BYTES in fp32 (one at least), or enough for at most ENERGY_CHUNKS chunks,
-    and never more than the batch."""
-    return min(batch, max(1, ENERGY_CHUNK_BYTES // (sample_elements * 4), math.ceil(batch / ENERGY_CHUNKS)))
+    and never more than the batch, but one even for an empty batch (a torchrun rank's part
+    of a short last batch), whose loop over chunks then runs no chunk."""
+    return max(1, min(batch, max(ENERGY_CHUNK_BYTES // (sample_elements * 4), math.ceil(batch / ENERGY_CHUNKS))))
 
 
 def partition_factor(alpha: float, c_last: int, c: int, h: int, w: int) -> int:

@@ -365,22 +365,24 @@ def batches(split: Split, batch_size: int, gen: torch.Generator | None = None,
             OSError or EOFError while it is unpickled), and ``Stopped`` is raised instead.
         part: (k, parts): only the k-th of ``parts`` contiguous blocks of each batch (``block``;
             a torchrun rank's share of the global batch). Only those images are read, and
-            they come out as in the whole batch, augmentation included. No part may be
-            empty (a folder's DataLoader cannot load an empty batch): a last batch shorter
-            than ``parts`` is the caller's to refuse, as the trainer does.
+            they come out as in the whole batch, augmentation included. A part of a last
+            batch shorter than ``parts`` may be empty: it comes out as (0, C, H, W) pixels.
     """
     n = len(split)
     order = torch.randperm(n, generator=gen) if gen is not None else torch.arange(n)
     whole = order.split(batch_size) if n else ()                          # each batch's indices (none: no batch)
     rows = [block(len(idx), *part) for idx in whole]
     if split.folder is not None:
-        sampler = [idx[r].tolist() for idx, r in zip(whole, rows)]
+        # a DataLoader batch cannot be empty: an empty part reads its batch's first image
+        # (for the pixels' shape), and drops it below
+        sampler = [(idx[r] if r.stop > r.start else idx[:1]).tolist() for idx, r in zip(whole, rows)]
         source = torch.utils.data.DataLoader(split.folder, batch_sampler=sampler, num_workers=workers,
                                              worker_init_fn=_end_cleanly_on_sigterm if workers else None)
     else:
         source = ((split.images[idx[r]], split.labels[idx[r]]) for idx, r in zip(whole, rows))
     try:
         for (x, y), idx, r in zip(source, whole, rows):
+            x, y = x[:r.stop - r.start], y[:r.stop - r.start]
             if augment_batches and gen is not None:
                 x = augment(x, gen, rows=r, total=len(idx))
             yield x, y

@@ -12,7 +12,11 @@ CUDA) and returns the World. With it:
   ``reduce_grads`` sums the gradients of one optimiser's parameters over the ranks, once
   per logical batch (micro-batches accumulate locally first: the no_sync pattern);
 - ``gather`` collects a tensor from every rank along dim 0 (the heads train on the whole
-  global batch's features, so their batch statistics are the global batch's);
+  global batch's features, so their batch statistics are the global batch's); with
+  ``differentiable`` it passes each rank's rows of the gradient back (BP's head: every rank
+  computes the same loss of the gathered features, so no gradient needs a collective);
+- a rank's part of a short last batch may be empty: it still takes part in every
+  collective, with a zero gradient (a backward over no images gives one);
 - only rank 0 (``is_main``) writes files or prints;
 - ``max_signal`` agrees on a signal (Ctrl-C, SIGTERM) across the ranks, so that all stop
   at the same step;
@@ -82,16 +86,26 @@ class World:
         dist.all_reduce(t)
         return t
 
-    def gather(self, t: torch.Tensor) -> torch.Tensor:
-        """Every rank's ``t`` (n_r, ...) concatenated in rank order along dim 0."""
+    def gather(self, t: torch.Tensor, differentiable: bool = False) -> torch.Tensor:
+        """Every rank's ``t`` (n_r, ...) concatenated in rank order along dim 0.
+
+        With ``differentiable``, the backward gives each rank its own rows of the gathered
+        gradient. That is t's whole gradient only where every rank computes the same loss
+        of the gathered tensor (the same head, with the same weights, on the same features):
+        the gradient of the gathered tensor is then the same on every rank.
+        """
+        return _Gather.apply(t, self) if differentiable else self._gather(t)[0]
+
+    def _gather(self, t: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """(every rank's ``t`` concatenated in rank order, the row where this rank's begin)."""
         sizes = [torch.zeros(1, dtype=torch.long, device=self.device) for _ in range(self.size)]
         dist.all_gather(sizes, torch.tensor([len(t)], device=self.device))
-        most = int(max(s.item() for s in sizes))
-        padded = torch.zeros((most, *t.shape[1:]), dtype=t.dtype, device=self.device)
+        counts = [int(s.item()) for s in sizes]
+        padded = torch.zeros((max(counts), *t.shape[1:]), dtype=t.dtype, device=self.device)
         padded[:len(t)] = t
         parts = [torch.empty_like(padded) for _ in range(self.size)]
         dist.all_gather(parts, padded)
-        return torch.cat([p[:int(s.item())] for p, s in zip(parts, sizes)])
+        return torch.cat([p[:c] for p, c in zip(parts, counts)]), sum(counts[:self.rank])
 
     def max_signal(self, signum: int | None) -> int | None:
         """The largest signal number that any rank has received (None: none). Each rank calls
@@ -114,3 +128,17 @@ class World:
         if finished:
             dist.barrier()
         dist.destroy_process_group()
+
+
+class _Gather(torch.autograd.Function):
+    """World.gather with a backward that returns this rank's rows of the gathered gradient."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, world: World) -> torch.Tensor:
+        gathered, start = world._gather(t)
+        ctx.rows = slice(start, start + len(t))
+        return gathered                                   # sum n_r, ...
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad[ctx.rows], None                       # n, ...

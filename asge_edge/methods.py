@@ -209,7 +209,7 @@ class ASGEMethod(Method):
         self.micro_batch: int | None = None   # streaming: images per micro-batch (None: the whole batch)
         self._add_scalers([f"layer{i + 1}" for i in range(len(net.layers))])   # heads stay fp32
 
-    def layer_backward(self, i: int, h: torch.Tensor, y: torch.Tensor, weight: float = 1.0
+    def layer_backward(self, i: int, h: torch.Tensor, y: torch.Tensor, total: int | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Accumulate layer ``i``'s (0-based) local gradient; touch nothing else.
 
@@ -221,8 +221,10 @@ class ASGEMethod(Method):
             i: layer index.
             h: the layer's input (b, C_in, H, W), without a graph, in ``conv_input``'s dtype.
             y: labels (b,).
-            weight: this micro-batch's share of the logical batch, b / B, so that the
-                accumulated gradient is that of the mean loss over the logical batch.
+            total: images in the logical batch, B (None: b). The backward is that of this
+                micro-batch's loss sum / B, so that the accumulated gradient is that of the
+                mean loss over the logical batch, and an empty micro-batch (a torchrun rank's
+                part of a short last batch) adds a zero gradient.
 
         Returns:
             (output for layer i+1 (b, C, H', W') without a graph, in ``conv_input``'s dtype;
@@ -234,11 +236,11 @@ class ASGEMethod(Method):
         if energy is None:                       # the exit reads a, which backward turns into dL/dz
             h_next, feat = layer.exit(a, None, self.conv_dtype)   # b, C, H', W' ; b, C fp32
         del a   # backward's to use; after it, a's memory is free
-        loss = F.cross_entropy(logits, y)
-        self.backward(f"layer{i + 1}", loss * weight)
+        loss_sum = F.cross_entropy(logits, y, reduction="sum")
+        self.backward(f"layer{i + 1}", loss_sum / (len(y) if total is None else total))
         if energy is not None:                   # the RMS pool's energy waited in its own memory
             h_next, feat = layer.exit(None, energy, self.conv_dtype)
-        return h_next, feat, loss.detach() * len(y), (logits.argmax(1) == y).sum()
+        return h_next, feat, loss_sum.detach(), (logits.argmax(1) == y).sum()
 
     def step_layers(self) -> None:
         """Each layer's optimiser steps once on its accumulated (and, under torchrun, summed
@@ -282,7 +284,7 @@ class ASGEMethod(Method):
             with torch.no_grad():
                 h = self.conv_input(self.net.normalize(xm))    # b, C0, H, W
             for i in range(n):
-                h, feat, loss_sum, hits = self.layer_backward(i, h, ym, len(ym) / total)
+                h, feat, loss_sum, hits = self.layer_backward(i, h, ym, total)
                 losses[i] += loss_sum
                 correct[i] += hits
                 _keep_features(feats, i, start, feat, len(y))
@@ -315,7 +317,7 @@ class ASGEMethod(Method):
             off.load(layer)   # its optimiser state follows for the step alone
             outs = []
             for j, (h, ym) in enumerate(zip(hs, ys)):
-                h_next, feat, loss_sum, hits = self.layer_backward(i, off.to_compute(h), ym, len(ym) / total)
+                h_next, feat, loss_sum, hits = self.layer_backward(i, off.to_compute(h), ym, total)
                 losses[i] += loss_sum
                 correct[i] += hits
                 _keep_features(feats, i, j * size, feat, len(y))
@@ -344,20 +346,25 @@ class BPMethod(Method):
         self._add_scalers(["net"])
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> StepStats:
+        """One batch, end to end. Under torchrun the head reads every process's features, as
+        ASGE's heads do, so its batch statistics are the global batch's, and each process's
+        loss is the global batch's mean: the head's gradient is then the same on every
+        process, and only the layers' gradients (each process's share) are summed."""
         with self.autocast(x.device.type):
-            h = self.net.normalize(x)                              # B, C0, H, W
+            h = self.net.normalize(x)                              # b, C0, H, W
             for layer in self.net.layers:
-                h = layer.transition(layer.activate(h))            # B, C, H', W' (graph kept)
-            logits = self.net.last_head(gap(h))                    # B, N
+                h = layer.transition(layer.activate(h))            # b, C, H', W' (graph kept)
+            feat = gap(h)                                          # b, C_L
+            if self.world is not None:
+                feat, y = self.world.gather(feat, differentiable=True), self.world.gather(y)   # B, C_L ; B
+            logits = self.net.last_head(feat)                      # B, N
         loss = F.cross_entropy(logits.float(), y)
-        self.backward("net", loss * (len(y) / self._total(len(y))))
-        self._reduce(p for group in self.optimizers["net"].param_groups for p in group["params"])
+        self.backward("net", loss)
+        self._reduce(p for layer in self.net.layers for p in layer.conv.parameters())
         self.step("net")
         n = len(self.net.layers)
         nan = torch.full((n,), float("nan"), device=x.device)
         head = torch.stack([loss.detach() * len(y), torch.tensor(float("nan"), device=x.device)])
-        if self.world is not None:
-            head = self.world.sum_(head)
         return StepStats(nan, torch.zeros(n, device=x.device), head)
 
 

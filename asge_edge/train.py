@@ -213,8 +213,9 @@ def _run_epoch(method: Method, cfg: RunConfig, splits, device, epoch: int, step:
     the run by raising. ``stop`` goes to ``batches``: where the loader fails after a signal
     (its workers ended with it), ``before_step`` runs once more and must raise, as the
     signal is this process's. ``after_step(ep, step)`` runs after each step (checks and
-    checkpoints); the step numbered ``measure_at`` also measures memory. Under torchrun
-    every process draws the same global batch and reads and trains on its part alone.
+    checkpoints); the first step numbered ``measure_at`` or later whose part of the batch is
+    not empty also measures memory. Under torchrun every process draws the same global batch
+    and reads and trains on its part alone, which may be empty in a short last batch.
     Returns (global step, last lr, memory measurement or None).
     """
     tc = cfg.train
@@ -233,7 +234,7 @@ def _run_epoch(method: Method, cfg: RunConfig, splits, device, epoch: int, step:
         method.set_lr(lr)
         n = min(size, len(splits.train) - b * size)   # the global batch's images, this rank's part among them
         x, y = to_device(x, y, device)
-        if step == measure_at:
+        if measure_at is not None and step >= measure_at and measured is None and len(y):
             stats, measured = measure_step(method, x, y)
         else:
             stats = method.train_step(x, y)
@@ -259,16 +260,6 @@ def _until_stopped(loader: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> Itera
         yield from loader
     except Stopped:
         yield None
-
-
-def _check_last_batch(n: int, global_batch: int, processes: int) -> None:
-    """Under torchrun each process takes a part of every batch, and a process whose part of
-    the last one would be empty cannot take its step; refuse such a split up front."""
-    rest = n % global_batch
-    if 0 < rest < processes:
-        raise UserError(f"the last batch of each epoch holds {rest} of the {n} training images, fewer than the "
-                        f"{processes} processes that split it; choose a --batch-size that leaves none over, or "
-                        f"at least {processes}")
 
 
 def _global_batch(world: World | None, batch_size: int) -> int:
@@ -394,8 +385,6 @@ def _train(cfg: RunConfig, opts: RunOptions, device: torch.device, world: World 
     tc = cfg.train
     size = _global_batch(world, tc.batch_size)
     steps_per_epoch = math.ceil(len(splits.train) / size)
-    if world is not None:
-        _check_last_batch(len(splits.train), size, world.size)
     total = tc.epochs * steps_per_epoch
     opts = replace(opts, quiet=opts.quiet or not writer)
 
@@ -420,7 +409,7 @@ def _train(cfg: RunConfig, opts: RunOptions, device: torch.device, world: World 
         print(_run_header(cfg, splits, device, precision, plan, off is not None,
                           (out, progress) if opts.resume else None))
     # Memory is measured on a real step once optimiser state exists: the second step of a
-    # fresh run, or the first after a resume.
+    # fresh run, or the first after a resume (or the next one with images, under torchrun).
     measure_at = None if plan is None else progress["step"] + (1 if progress["step"] == 0 else 0)
     with _Interrupt() as interrupt:
 
@@ -482,6 +471,8 @@ def _train(cfg: RunConfig, opts: RunOptions, device: torch.device, world: World 
                                             before_step, after_step, measure_at, opts.workers, world,
                                             stop=lambda: interrupt.requested)
             check_finite(ep, step)
+            if measured is not None:
+                measure_at = None
             memory = progress.get("memory") if measured is None else _memory_record(plan, measured, tc.memory_budget,
                                                                                      precision, off is not None)
             if device.type == "cuda":

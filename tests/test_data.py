@@ -100,22 +100,23 @@ def test_batches_cover_the_split_once_in_range():
 @pytest.mark.parametrize("source", ["memory", "folder"])
 def test_the_parts_of_each_batch_put_together_are_the_whole_batch(source, folder_run):
     """A torchrun rank reads only its part of each global batch; augmented as in the whole
-    batch, the parts put together are the whole batch, a short last batch's included."""
+    batch, the parts put together are the whole batch, down to a short last batch's empty parts."""
     _, data, _ = folder_run
     cfg = (DataConfig(dataset="imagefolder", root=str(data), image_size=16, val_size=3) if source == "folder" else
            DataConfig(dataset="synthetic", input_shape=(3, 16, 16), train_size=18, val_size=3))
-    split = load_splits(cfg).train   # 15 images: batches of 6, 6 and 3
+    split = load_splits(cfg).train   # 15 images: batches of 7, 7 and 1
 
     def read(part):
-        return list(batches(split, 6, torch.Generator().manual_seed(3), True, workers=1, part=part))
+        return list(batches(split, 7, torch.Generator().manual_seed(3), True, workers=1, part=part))
 
     whole, parts = read((0, 1)), [read((k, 3)) for k in range(3)]
-    assert [len(y) for _, y in whole] == [6, 6, 3]
-    assert [[len(y) for _, y in p] for p in parts] == [[2, 2, 1]] * 3
+    assert [len(y) for _, y in whole] == [7, 7, 1]
+    assert [[len(y) for _, y in p] for p in parts] == [[2, 2, 0], [2, 2, 0], [3, 3, 1]]
+    assert all(x.shape[1:] == whole[0][0].shape[1:] for p in parts for x, _ in p)   # empty parts too
     for i, (x, y) in enumerate(whole):
         assert torch.equal(torch.cat([p[i][0] for p in parts]), x)
         assert torch.equal(torch.cat([p[i][1] for p in parts]), y)
-    plain = batches(split, 6, torch.Generator().manual_seed(3), False, workers=1)
+    plain = batches(split, 7, torch.Generator().manual_seed(3), False, workers=1)
     assert any(not torch.equal(x, p) for (x, _), (p, _) in zip(whole, plain))   # augmentation was on
 
 

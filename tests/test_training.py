@@ -38,6 +38,20 @@ def test_training_one_layer_leaves_every_other_tensor_bit_identical(device):
     assert changed == {"layers.1.conv.weight", "layers.1.conv.bias"}
 
 
+def test_an_empty_micro_batch_runs_every_layer_and_adds_a_zero_gradient(device):
+    """A torchrun rank's part of a short last batch may be empty: its layers still run, so
+    that it joins every reduction, with a zero gradient, a zero loss and no features."""
+    net = _net(device)
+    method = ASGEMethod(net, TrainConfig())
+    x, y = _batch(device, n=0)
+    h = method.conv_input(net.normalize(x))
+    for i, layer in enumerate(net.layers):
+        h, feat, loss_sum, hits = method.layer_backward(i, h, y, total=64)
+        assert h.shape[0] == 0 and feat.shape == (0, layer.spec.channels)
+        assert loss_sum.item() == 0 and hits.item() == 0
+        assert all(p.grad is not None and not p.grad.any() for p in layer.parameters())
+
+
 def test_no_gradient_is_computed_for_any_layer_input(device):
     net = _net(device)
     method = ASGEMethod(net, TrainConfig())
