@@ -358,6 +358,7 @@ class BPMethod(Method):
             if self.world is not None:
                 feat, y = self.world.gather(feat, differentiable=True), self.world.gather(y)   # B, C_L ; B
             logits = self.net.last_head(feat)                      # B, N
+            del h, feat   # the head's autograd keeps what it needs, and no longer
         loss = F.cross_entropy(logits.float(), y)
         self.backward("net", loss)
         self._reduce(p for layer in self.net.layers for p in layer.conv.parameters())
