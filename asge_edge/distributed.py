@@ -8,7 +8,7 @@ CUDA) and returns the World. With it:
   contiguous blocks whose sizes differ by at most one (data.block). So N processes at
   batch B see exactly the batches of one process at batch N x B, like a DistributedSampler
   aligned to global batches;
-- each rank scales its losses by its share of the global batch (``total``) and
+- each rank divides its layers' loss sums by the global batch's size (``total``), and
   ``reduce_grads`` sums the gradients of one optimiser's parameters over the ranks, once
   per logical batch (micro-batches accumulate locally first: the no_sync pattern);
 - ``gather`` collects a tensor from every rank along dim 0 (the heads train on the whole
