@@ -35,6 +35,7 @@ def _one_line_error(capsys, argv, needle):
     (["train", "--input-shape", "3x32x32"], "--input-shape applies to --dataset synthetic only"),
     (["train", "--dataset", "cifar10", "--image-size", "32"], "--image-size applies to --dataset imagefolder only"),
     (["infer", "model.onnx", "--images", "x.npy", "--threshold", "2"], "(0, 1]"),
+    (["plan", "--memory-budget", "1e400"], "the most a 64-bit size can hold"),
     (["train", "--no-such-flag"], "unrecognized"),
     (["frobnicate"], "invalid choice"),
 ])

@@ -24,6 +24,8 @@ STREAMING_ATOL = 1e-4
 @pytest.mark.parametrize("text,expected", [
     ("64MB", 64_000_000), ("64MiB", 64 * 2**20), ("0.5GB", 500_000_000), ("65536KB", 65_536_000),
     ("1234", 1234), ("4 mib", 4 * 2**20), ("2k", 2000),
+    # exact decimal arithmetic: as binary floats, 64.1 * 10**6 is 64100000.00000001
+    ("64.1MB", 64_100_000), ("4.35MB", 4_350_000), ("9223372036854775807", 2**63 - 1),
 ])
 def test_parse_size(text, expected):
     assert parse_size(text) == expected
@@ -32,6 +34,16 @@ def test_parse_size(text, expected):
 @pytest.mark.parametrize("text", ["", "MB", "-5MB", "0", "0.5", "64XB", "1e-9MB", "nan"])
 def test_parse_size_rejects(text):
     with pytest.raises(ValueError, match="64MB, 64MiB"):
+        parse_size(text)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("2.3MiB", "is 2411724.8 bytes, not a whole number: give a whole number of bytes, such as 2411724"),
+    ("1e400", "above 9223372036854775807 bytes"),
+    ("9223372036854775808", "above 9223372036854775807 bytes"),
+])
+def test_parse_size_says_why_a_number_is_not_a_size(text, message):
+    with pytest.raises(ValueError, match=message):
         parse_size(text)
 
 
