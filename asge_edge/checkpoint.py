@@ -42,9 +42,14 @@ def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old or the new file, whole.
 
     A file system that refuses the write (read-only, full, no such directory) is a
-    UserError naming the path; the old file, if any, is left as it was.
+    UserError naming the path; the old file, if any, is left as it was. So is anything at
+    ``path`` that is not a regular file (a folder, a device such as /dev/null, a pipe),
+    which the rename would otherwise replace with a file.
     """
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise UserError(f"cannot write {path}: it is not a regular file, and writing would replace it; "
+                        "choose another --out")
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as e:

@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -247,6 +248,14 @@ def test_a_refused_write_is_one_line_and_leaves_the_old_file(monkeypatch, tmp_pa
         atomic_write(target, b"new")
     assert target.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "summary.json"]   # no temporary left
+
+
+def test_a_write_never_replaces_what_is_not_a_regular_file(capsys, tiny_run, tmp_path):
+    fifo = tmp_path / "pipe.onnx"   # stands for /dev/null, which a rename would turn into a file
+    os.mkfifo(fifo)
+    _one_line(capsys, ["export", str(tiny_run), "--early-exit", "--out", str(fifo)], "it is not a regular file")
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+    assert os.listdir(tmp_path) == ["pipe.onnx"]
 
 
 def test_checkpoint_of_another_model_is_refused(capsys, tiny_run, tmp_path):
