@@ -61,6 +61,13 @@ def _non_negative_int(text: str) -> int:
     return _int(text, 0)
 
 
+def _seed(text: str) -> int:
+    v = _int(text, 0)
+    if v >= 2**63:   # torch's generators take a signed 64-bit seed
+        raise argparse.ArgumentTypeError(f"must be at most 2^63 - 1 = {2**63 - 1}, got {v}")
+    return v
+
+
 def _float(text: str, low: float, strict: bool) -> float:
     try:
         v = float(text)
@@ -149,7 +156,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     o.add_argument("--momentum", type=_momentum, default=TrainConfig.momentum, help="SGD momentum")
     o.add_argument("--head-lr-scale", type=_positive_float, default=TrainConfig.head_lr_scale,
                    help="lr of the Last/Fusion heads over the layers' lr (default 3, see docs/RESULTS.md)")
-    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--seed", type=_seed, default=0)
     o.add_argument("--device", default="auto", choices=DEVICES)
     o.add_argument("--amp", default="auto", choices=AMP_MODES, help="mixed precision for the convs: auto = bf16 "
                    "(or fp16 + GradScaler) on a GPU, off on the CPU; goodness, squares and LayerNorm stay fp32")

@@ -111,7 +111,7 @@ def clear_outputs(out: Path) -> list[str]:
 
 
 def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**63)   # a signed 64-bit seed
 
 
 def _progress_postfix(loss_sum: torch.Tensor, head_sum: torch.Tensor, seen: int) -> str:

@@ -36,11 +36,19 @@ def _one_line_error(capsys, argv, needle):
     (["train", "--dataset", "cifar10", "--image-size", "32"], "--image-size applies to --dataset imagefolder only"),
     (["infer", "model.onnx", "--images", "x.npy", "--threshold", "2"], "(0, 1]"),
     (["plan", "--memory-budget", "1e400"], "the most a 64-bit size can hold"),
+    (["train", "--seed", str(2**63)], "--seed: must be at most 2^63 - 1"),
+    (["train", "--seed", "-1"], "--seed: must be >= 0"),
     (["train", "--no-such-flag"], "unrecognized"),
     (["frobnicate"], "invalid choice"),
 ])
 def test_bad_flags(capsys, argv, needle):
     _one_line_error(capsys, argv, needle)
+
+
+def test_the_largest_seed_trains(tmp_path):
+    # each epoch's data order is seeded from the run's seed; that seed must stay in 64 bits
+    assert main(["train", *TINY_RUN, "--train-size", "128", "--epochs", "2", "--seed", str(2**63 - 1),
+                 "--out", str(tmp_path)]) == 0
 
 
 def test_a_runs_file_given_for_its_directory_is_named(capsys, tmp_path):
