@@ -21,7 +21,7 @@ from .budget import parse_size
 from .data import (DATASETS, FOLDER_IMAGE_SIZE, SYNTHETIC_CLASSES, SYNTHETIC_SHAPE, SYNTHETIC_TRAIN_SIZE,
                    default_workers)
 from .device import AMP_MODES, DEVICES
-from .errors import Interrupted, UserError
+from .errors import Interrupted, UserError, out_of_memory
 from .models import PRESETS
 
 
@@ -402,6 +402,12 @@ def main(argv: list[str] | None = None) -> int:
         return commands[args.command](args)
     except UserError as e:
         print(f"asge-edge: error: {e}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as e:
+        error = out_of_memory(e, args.command)
+        if error is None:
+            raise
+        print(f"asge-edge: error: {error}", file=sys.stderr)
         return 2
     except Interrupted as e:
         print(f"asge-edge: {e}", file=sys.stderr)

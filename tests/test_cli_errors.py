@@ -51,6 +51,40 @@ def test_the_largest_seed_trains(tmp_path):
                  "--out", str(tmp_path)]) == 0
 
 
+def _failed_allocation() -> RuntimeError:
+    """What torch's CPU allocator raises for more memory than an address space holds."""
+    import torch
+
+    try:
+        torch.empty(2**62, dtype=torch.uint8)
+    except RuntimeError as e:
+        return e
+    raise AssertionError("allocated 2^62 bytes")
+
+
+@pytest.mark.parametrize("error,needle", [
+    (_failed_allocation(), "out of memory: an allocation of 4611686.02 TB failed; give a --memory-budget"),
+    (MemoryError(), "out of memory; give a --memory-budget"),
+    (RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 79.19 GiB"),
+     "out of memory: an allocation of 20.00 GiB failed; give a --memory-budget"),   # torch.OutOfMemoryError's text
+])
+def test_a_failed_allocation_is_one_line_that_names_the_fix(capsys, monkeypatch, tmp_path, error, needle):
+    def build_net(_):
+        raise error
+
+    monkeypatch.setattr("asge_edge.train.build_net", build_net)
+    _one_line_error(capsys, ["train", *TINY_RUN, "--out", str(tmp_path)], needle)
+
+
+def test_any_other_runtime_error_keeps_its_traceback(monkeypatch, tmp_path):
+    def build_net(_):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("asge_edge.train.build_net", build_net)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["train", *TINY_RUN, "--out", str(tmp_path)])
+
+
 def test_a_runs_file_given_for_its_directory_is_named(capsys, tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"")
     for command in (["eval"], ["export"], ["simulate", "--ram", "256KB"]):
