@@ -388,7 +388,8 @@ def _cmd_infer(a: argparse.Namespace) -> int:
         depth = f"\texit {result['exit_layer'][k]}" if "exit_layer" in result else ""
         print(f"{result['files'][k] if 'files' in result else k}\t{p}\t{name}{depth}")
     tail = f", mean exit depth {result['mean_exit_depth']:.2f}" if "mean_exit_depth" in result else ""
-    print(f"{result['images']} images, {result['ms_per_image']:.3f} ms per image{tail}", file=sys.stderr)
+    n = result["images"]
+    print(f"{n} image{'s' * (n != 1)}, {result['ms_per_image']:.3f} ms per image{tail}", file=sys.stderr)
     return 0
 
 

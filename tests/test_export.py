@@ -291,6 +291,9 @@ def test_infer_gives_a_folder_of_any_size_imagefolder_preprocessing(folder_run, 
     assert main(["infer", str(tmp_path / "m.onnx"), "--images", str(data / "val" / "owl" / "4.jpg"), "--json"]) == 0
     one = json.loads(capsys.readouterr().out)   # one image file: as in its folder
     assert one["files"] == ["4.jpg"] and one["predictions"] == result["predictions"][4:5]
+    assert main(["infer", str(tmp_path / "m.onnx"), "--images", str(data / "val" / "owl" / "4.jpg")]) == 0
+    table = capsys.readouterr()   # a line per image on stdout, then the count on stderr
+    assert table.out.split("\t")[:2] == ["4.jpg", str(one["predictions"][0])] and table.err.startswith("1 image, ")
 
 
 def test_infer_refuses_the_wrong_image_shape(exit_model, tmp_path, capsys):
