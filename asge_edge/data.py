@@ -135,10 +135,26 @@ def _idx_dataset(cfg: DataConfig, root: Path, folder: str) -> tuple[Split, Split
                 if cfg.dataset == "fashion-mnist" else "pass --data-root, or --download")
         raise UserError(f"{cfg.dataset} not found in {root} (missing {missing[0]}[.gz]); {hint}")
     tensors = {k: read_idx(p) for k, p in paths.items()}
-    train = Split(tensors["train-images"].unsqueeze(1), tensors["train-labels"].long())
-    test = Split(tensors["t10k-images"].unsqueeze(1), tensors["t10k-labels"].long())
     names = FASHION_CLASSES if cfg.dataset == "fashion-mnist" else tuple(str(i) for i in range(10))
+    train, test = (_idx_split(tensors, paths, part, len(names)) for part in ("train", "t10k"))
     return train, test, names
+
+
+def _idx_split(tensors: dict[str, torch.Tensor], paths: dict[str, Path], part: str, classes: int) -> Split:
+    """The images and labels of ``part`` ("train" or "t10k"), once they agree: a file of
+    N x H x W images, one of N labels, each below ``classes``."""
+    images, labels = tensors[f"{part}-images"], tensors[f"{part}-labels"]   # N, H, W and N, uint8
+    image_path, label_path = paths[f"{part}-images"], paths[f"{part}-labels"]
+    fix = "reinstall the dataset or pass another --data-root"
+    if images.dim() != 3 or labels.dim() != 1:
+        raise UserError(f"{image_path} and {label_path} hold arrays of {images.dim()} and {labels.dim()} "
+                        f"dimensions, not images (N x H x W) and labels (N); {fix}")
+    if len(images) != len(labels):
+        raise UserError(f"{image_path} holds {len(images)} images but {label_path} {len(labels)} labels; {fix}")
+    if len(labels) and int(labels.max()) >= classes:
+        raise UserError(f"{label_path} holds label {int(labels.max())}, but the dataset has {classes} classes "
+                        f"(0..{classes - 1}); {fix}")
+    return Split(images.unsqueeze(1), labels.long())   # N, 1, H, W
 
 
 def _download(cfg: DataConfig, root: Path) -> None:

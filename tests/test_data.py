@@ -46,6 +46,24 @@ def test_mnist_layout_under_torchvision_folder(tmp_path):
     assert s.info.input_shape == (1, 28, 28) and s.info.num_classes == 10
 
 
+@pytest.mark.parametrize("part,images,labels,needle", [
+    ("train", (30, 28, 28), torch.full((30,), 10),
+     "train-labels-idx1-ubyte.gz holds label 10, but the dataset has 10 classes"),
+    ("t10k", (10, 28, 28), torch.zeros(9),
+     "t10k-images-idx3-ubyte.gz holds 10 images but .*t10k-labels-idx1-ubyte.gz 9 labels"),
+    ("train", (30, 784), torch.zeros(30), "hold arrays of 2 and 1 dimensions, not images"),
+])
+def test_idx_images_and_labels_that_disagree_are_refused(tmp_path, part, images, labels, needle):
+    # a label past the classes would stop training with a traceback, or count as wrong in every test
+    for prefix, n in (("train", 30), ("t10k", 10)):
+        bad = prefix == part
+        shape = images if bad else (n, 28, 28)
+        _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", torch.zeros(shape, dtype=torch.uint8))
+        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", (labels if bad else torch.zeros(n)).to(torch.uint8))
+    with pytest.raises(UserError, match=f"{needle}.*; reinstall the dataset or pass another --data-root"):
+        load_splits(DataConfig(dataset="mnist", root=str(tmp_path), val_size=5))
+
+
 @pytest.mark.skipif(not Path(FASHION_MNIST_ROOT).is_dir(), reason="make install puts dataset-fashion-mnist here")
 def test_real_fashion_mnist_from_the_debian_package():
     s = load_splits(DataConfig())
