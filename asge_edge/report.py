@@ -89,16 +89,19 @@ def _peak_phase(plan: Plan) -> str:
 def memory_line(memory: dict[str, Any]) -> str:
     """summary.json's ``memory`` record in one line: the measured peak beside the plan and budget."""
     budget = "no budget" if memory["budget_bytes"] is None else f"budget {format_size(memory['budget_bytes'])}"
-    return (f"training working set: measured peak {format_size(memory['measured_peak_bytes'])} "
-            f"({memory['measured_by']}), planned {format_size(memory['planned_peak_bytes'])}, {budget}, "
+    measured = ("not measured (measured on a run's second step, once optimiser state exists; this run had one)"
+                if memory["measured_peak_bytes"] is None else
+                f"measured peak {format_size(memory['measured_peak_bytes'])} ({memory['measured_by']})")
+    return (f"training working set: {measured}, planned {format_size(memory['planned_peak_bytes'])}, {budget}, "
             f"micro-batch {memory['micro_batch']} x {memory['accumulation_steps']}")
 
 
 def memory_table(memory: dict[str, Any]) -> str:
     """summary.json's ``memory`` phases as a table: each phase's planned and measured peak.
-    A record written before phases were measured has none, and gives no table."""
+    A record written before phases were measured has none, and gives no table; nor does one
+    whose step was not measured."""
     lines = [f"{'phase':>8} {'planned':>12} {'measured':>12} {'measured/planned':>17}"]
-    for ph in memory.get("phases", []):
+    for ph in memory.get("phases", []) if memory["measured_peak_bytes"] is not None else []:
         planned, measured = ph["planned_peak_bytes"], ph["measured_peak_bytes"]
         lines.append(f"{ph['phase']:>8} {format_size(planned):>12} {format_size(measured):>12} "
                      f"{measured / planned:>17.3f}")

@@ -162,16 +162,19 @@ def configure_streaming(cfg: RunConfig, method: Method, device: torch.device) ->
     return plan
 
 
-def _memory_record(plan: Plan, measured: Measurement, budget: int | None, precision: str,
+def _memory_record(plan: Plan, measured: Measurement | None, budget: int | None, precision: str,
                    offload: bool) -> dict[str, Any]:
-    """summary.json's ``memory``: the plan beside the measured peak, over the step and per phase."""
+    """summary.json's ``memory``: the plan beside the measured peak, over the step and per phase.
+    Until a step is measured (a run of one step never is), the measured figures are None."""
+    layers, heads = (measured.layers, measured.heads) if measured else ([None] * len(plan.layer_peaks()), None)
     phases = [{"phase": f"layer {i + 1}", "planned_peak_bytes": p, "measured_peak_bytes": m}
-              for i, (p, m) in enumerate(zip(plan.layer_peaks(), measured.layers))]
-    phases.append({"phase": "heads", "planned_peak_bytes": plan.heads_bytes, "measured_peak_bytes": measured.heads})
+              for i, (p, m) in enumerate(zip(plan.layer_peaks(), layers))]
+    phases.append({"phase": "heads", "planned_peak_bytes": plan.heads_bytes, "measured_peak_bytes": heads})
     return {"budget_bytes": budget, "micro_batch": plan.micro_batch, "accumulation_steps": plan.accumulation_steps,
-            "precision": precision, "planned_peak_bytes": plan.planned_peak, "measured_peak_bytes": measured.peak,
-            "measured_by": measured.measured_by, "parked_bytes": plan.parked_bytes, "offload": offload,
-            "phases": phases}
+            "precision": precision, "planned_peak_bytes": plan.planned_peak,
+            "measured_peak_bytes": measured.peak if measured else None,
+            "measured_by": measured.measured_by if measured else None, "parked_bytes": plan.parked_bytes,
+            "offload": offload, "phases": phases}
 
 
 @dataclass
@@ -473,8 +476,10 @@ def _train(cfg: RunConfig, opts: RunOptions, device: torch.device, world: World 
             check_finite(ep, step)
             if measured is not None:
                 measure_at = None
-            memory = progress.get("memory") if measured is None else _memory_record(plan, measured, tc.memory_budget,
-                                                                                     precision, off is not None)
+            if measured is not None or (plan is not None and progress.get("memory") is None):
+                memory = _memory_record(plan, measured, tc.memory_budget, precision, off is not None)
+            else:
+                memory = progress.get("memory")
             if device.type == "cuda":
                 torch.cuda.synchronize()
             seconds = ep.seconds + time.perf_counter() - t0

@@ -342,6 +342,21 @@ def test_train_with_budget_records_plan_and_measurement(tmp_path, capsys):
     assert format_size(memory["measured_peak_bytes"]) in last and format_size(budget) in last
 
 
+def test_a_run_of_one_step_records_its_plan_and_says_it_measured_none(tmp_path, capsys):
+    # memory is measured on the second step, once optimiser state exists; a run of one step has none
+    out = tmp_path / "run"
+    loud = [a for a in TINY_RUN if a != "--quiet"]
+    assert main(["train", *loud, "--train-size", "64", "--val-size", "8", "--epochs", "1", "--memory-budget", "2MB",
+                 "--out", str(out)]) == 0
+    memory = json.loads((out / "summary.json").read_text())["memory"]
+    assert memory["budget_bytes"] == 2_000_000 and memory["accumulation_steps"] > 1
+    assert 0 < memory["planned_peak_bytes"] <= 2_000_000
+    assert memory["measured_peak_bytes"] is None and memory["measured_by"] is None
+    assert [ph["measured_peak_bytes"] for ph in memory["phases"]] == [None] * 8
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last.startswith("training working set: not measured (") and "budget 2.00 MB" in last
+
+
 def test_bp_refuses_a_budget(capsys, tmp_path):
     assert main(["train", *TINY_RUN, "--method", "bp", "--memory-budget", "64MB", "--out", str(tmp_path / "o")]) == 2
     assert "cannot stream" in capsys.readouterr().err
