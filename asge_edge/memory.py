@@ -1,6 +1,7 @@
 """Measuring the training working set: CUDA peak statistics, or live tensor bytes on the CPU.
 
-Contract: ``measure_step(method, x, y)`` runs one training step and returns the peak
+Contract: ``measure_step(method, x, y)`` runs one training step, once ``warm_up`` (or
+training) has made every optimiser's state, and returns the peak
 bytes of its working set, per phase and over the step: the quantity the planner
 (planner.py) bounds, per layer and over the step:
     the active layer's state (weights, gradients, optimiser state, fixed projection)
@@ -12,11 +13,12 @@ Inactive layers' weights, gradients and optimiser state are parked, and are not 
 The step is measured in phases: layer l's phase runs from its forward (or its
 optimiser's step) to the next layer's, over every micro-batch (layer 1's from the step's
 start: its first work is layer 1's input), and the heads' phase follows the last layer's
-step. Hooks on the layers, their optimisers and the Last head mark the boundaries. Within a phase the parked bytes do not
-change, so each phase's peak is what a counter saw at its highest, less the parked layers'
-gradients, plus the active layer's weights, projection and optimiser state where they
-predate the step on the measured device (the counters see only what the step allocates),
-plus the batch's own state. ``Measurement`` holds the peak of every phase and their
+step. Hooks on the layers, on the method's optimiser steps (``Method.step_hooks``: an
+fp16 step that GradScaler skips still begins its phase) and on the Last head mark the
+boundaries. Within a phase the parked bytes do not change, so each phase's peak is what
+a counter saw at its highest, less the parked layers' gradients, plus the active layer's
+weights, projection and optimiser state where they predate the step on the measured
+device (the counters see only what the step allocates), plus the batch's own state. ``Measurement`` holds the peak of every phase and their
 maximum, the step's peak; train.py writes both into summary.json beside the plan's.
 
 The counters (``measured_by`` in summary.json):
@@ -165,6 +167,16 @@ def batch_state_bytes(method, x: torch.Tensor, y: torch.Tensor) -> int:
     return nbytes([x, y]) + sum(nbytes(_state(head, opt)) for head, opt in heads)
 
 
+def warm_up(method, x: torch.Tensor, y: torch.Tensor, max_steps: int = 64) -> int:
+    """Train ``method`` on (x, y) until every optimiser has stepped (``method.state_ready``):
+    one step, or more where fp16's GradScaler skips steps. Returns the steps taken."""
+    for steps in range(1, max_steps + 1):
+        method.train_step(x, y)
+        if method.state_ready:
+            return steps
+    raise RuntimeError(f"an optimiser has not stepped in {max_steps} steps: its gradients stay inf or NaN")
+
+
 def measure_step(method, x: torch.Tensor, y: torch.Tensor) -> tuple[StepStats, Measurement]:
     """Run ``method.train_step(x, y)``; return its StepStats and the Measurement of its working set.
 
@@ -174,9 +186,12 @@ def measure_step(method, x: torch.Tensor, y: torch.Tensor) -> tuple[StepStats, M
     layers' gradients) do not change, so each phase's peak is read from the counter when it
     ends, less them, plus the active layer's state where it predates the step. For an
     end-to-end method (BP) nothing is parked: every weight and all optimiser state count.
-    Call this after at least one step, so that optimiser state already exists, with
-    gradients cleared (every Method leaves them so).
+    Call this once every optimiser has stepped (``method.state_ready``, ``warm_up``), so
+    that its state already exists, with gradients cleared (every Method leaves them so):
+    state made during the measured step would count as working set in every later phase.
     """
+    if not method.state_ready:
+        raise ValueError("measure_step needs optimiser state from an earlier step: call warm_up first")
     net = method.net
     n = len(net.layers)
     counter, how = _counter(x.device)
@@ -204,15 +219,22 @@ def measure_step(method, x: torch.Tensor, y: torch.Tensor) -> tuple[StepStats, M
         return mine - sum(grads)
 
     phases = _Phases(counter, n, working_set_adjustment)
+    layer_of = {f"layer{i + 1}": i for i in range(n)}
+
+    def enter_step(name: str) -> None:   # a layer's optimiser steps: its phase, even where fp16 skips the step
+        if name in layer_of:
+            phases.enter(layer_of[name])
+
     hooks = [net.last_head.register_forward_pre_hook(lambda *_: phases.enter(None))]   # the heads' phase
     for i, layer in enumerate(net.layers):
         hooks.append(layer.register_forward_pre_hook(lambda *_, i=i: phases.enter(i)))
-        hooks.append(method.optimizers[f"layer{i + 1}"].register_step_pre_hook(lambda *_, i=i: phases.enter(i)))
+    method.step_hooks.append(enter_step)
     try:
         with counter:
             stats = method.train_step(x, y)
             phases.close()
     finally:
+        method.step_hooks.remove(enter_step)
         for h in hooks:
             h.remove()
     layers = tuple(p + batch_state for p in phases.layers)

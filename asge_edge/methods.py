@@ -5,7 +5,8 @@ batch (raw uint8 pixels ``x`` (B, C, H, W), which ``ASGENet.normalize`` scales, 
 ``y`` (B,)) into parameter updates via
 ``train_step``, returning per-layer statistics. It knows nothing of epochs, data,
 evaluation, checkpoints or progress bars: the trainer owns those. New local-learning
-methods (block-wise hybrids, Forward-Forward variants) subclass ``Method`` and are
+methods (block-wise hybrids, Forward-Forward variants) subclass ``Method``, make their
+optimisers with ``_add_optimizer`` (so that ``state_ready`` sees them step), and are
 added to ``METHODS``; the trainer needs no change.
 
 - ``ASGEMethod``: the paper. Layer l steps its own optimiser on its own local
@@ -28,7 +29,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -103,8 +104,24 @@ class Method(ABC):
         self.device_type = device_type or next(net.parameters()).device.type
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.scalers: dict[str, torch.amp.GradScaler] = {}
+        self._stepped: set[str] = set()           # optimisers that have stepped: their state exists
+        self.step_hooks: list[Callable[[str], None]] = []   # each called with a name as ``step`` begins
         self.offloader: Offloader | None = None   # --offload (streaming methods): layers parked in host memory
         self.world: World | None = None          # torchrun: data parallelism (distributed.py)
+
+    def _add_optimizer(self, name: str, params) -> None:
+        """Optimiser ``name`` for ``params`` (make_optimizer), watched for its first step."""
+        opt = make_optimizer(params, self.cfg, self.net.cfg.width)
+        opt.register_step_post_hook(lambda *_: self._stepped.add(name))
+        self.optimizers[name] = opt
+
+    @property
+    def state_ready(self) -> bool:
+        """Whether every optimiser has stepped, so that its state exists, as in every later
+        step. Under fp16 a GradScaler skips the step of gradients that hold inf or NaN, as
+        the first steps' large scale often gives, and SGD's momentum is made only by a step
+        taken; memory is measured once this holds (memory.measure_step)."""
+        return self._stepped >= self.optimizers.keys()
 
     def _add_scalers(self, names) -> None:
         if self.precision == "fp16":
@@ -139,7 +156,11 @@ class Method(ABC):
         (scaler.scale(loss) if scaler is not None else loss).backward()
 
     def step(self, name: str) -> None:
-        """Step optimiser ``name`` on its accumulated gradients, then drop them."""
+        """Step optimiser ``name`` on its accumulated gradients, then drop them. The
+        ``step_hooks`` run first, where the optimiser's own step hooks would miss a step
+        that fp16's GradScaler skips (memory.measure_step reads its phases from them)."""
+        for hook in self.step_hooks:
+            hook(name)
         opt, scaler = self.optimizers[name], self.scalers.get(name)
         if scaler is not None:
             scaler.step(opt)
@@ -177,6 +198,8 @@ class Method(ABC):
         """
         for name, opt in self.optimizers.items():
             opt.load_state_dict(state[name])
+            if opt.state:   # it has stepped (one that keeps no state, SGD without momentum, shows at its next step)
+                self._stepped.add(name)
             for p, st in opt.state.items():
                 for k, v in st.items():
                     if isinstance(v, torch.Tensor) and v.shape == p.shape:
@@ -203,9 +226,9 @@ class ASGEMethod(Method):
     def __init__(self, net: ASGENet, cfg: TrainConfig, precision: str = "fp32", device_type: str | None = None):
         super().__init__(net, cfg, precision, device_type)
         for i, layer in enumerate(net.layers):
-            self.optimizers[f"layer{i + 1}"] = make_optimizer(layer.conv.parameters(), cfg, net.cfg.width)
+            self._add_optimizer(f"layer{i + 1}", layer.conv.parameters())
         for name in HEADS:
-            self.optimizers[name] = make_optimizer(getattr(net, f"{name}_head").parameters(), cfg, net.cfg.width)
+            self._add_optimizer(name, getattr(net, f"{name}_head").parameters())
         self.micro_batch: int | None = None   # streaming: images per micro-batch (None: the whole batch)
         self._add_scalers([f"layer{i + 1}" for i in range(len(net.layers))])   # heads stay fp32
 
@@ -342,7 +365,7 @@ class BPMethod(Method):
     def __init__(self, net: ASGENet, cfg: TrainConfig, precision: str = "fp32", device_type: str | None = None):
         super().__init__(net, cfg, precision, device_type)
         params = [p for layer in net.layers for p in layer.conv.parameters()]
-        self.optimizers["net"] = make_optimizer(params + list(net.last_head.parameters()), cfg, net.cfg.width)
+        self._add_optimizer("net", params + list(net.last_head.parameters()))
         self._add_scalers(["net"])
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> StepStats:

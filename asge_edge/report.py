@@ -89,7 +89,8 @@ def _peak_phase(plan: Plan) -> str:
 def memory_line(memory: dict[str, Any]) -> str:
     """summary.json's ``memory`` record in one line: the measured peak beside the plan and budget."""
     budget = "no budget" if memory["budget_bytes"] is None else f"budget {format_size(memory['budget_bytes'])}"
-    measured = ("not measured (measured on a run's second step, once optimiser state exists; this run had one)"
+    measured = ("not measured (memory is measured from the second step on, once every optimiser has stepped; "
+                "this run ended before)"
                 if memory["measured_peak_bytes"] is None else
                 f"measured peak {format_size(memory['measured_peak_bytes'])} ({memory['measured_by']})")
     return (f"training working set: {measured}, planned {format_size(memory['planned_peak_bytes'])}, {budget}, "

@@ -217,7 +217,7 @@ def _run_epoch(method: Method, cfg: RunConfig, splits, device, epoch: int, step:
     (its workers ended with it), ``before_step`` runs once more and must raise, as the
     signal is this process's. ``after_step(ep, step)`` runs after each step (checks and
     checkpoints); the first step numbered ``measure_at`` or later whose part of the batch is
-    not empty also measures memory. Under torchrun every process draws the same global batch
+    not empty, once every optimiser has stepped (``method.state_ready``), also measures memory. Under torchrun every process draws the same global batch
     and reads and trains on its part alone, which may be empty in a short last batch.
     Returns (global step, last lr, memory measurement or None).
     """
@@ -237,7 +237,7 @@ def _run_epoch(method: Method, cfg: RunConfig, splits, device, epoch: int, step:
         method.set_lr(lr)
         n = min(size, len(splits.train) - b * size)   # the global batch's images, this rank's part among them
         x, y = to_device(x, y, device)
-        if measure_at is not None and step >= measure_at and measured is None and len(y):
+        if measure_at is not None and step >= measure_at and measured is None and len(y) and method.state_ready:
             stats, measured = measure_step(method, x, y)
         else:
             stats = method.train_step(x, y)
@@ -412,7 +412,8 @@ def _train(cfg: RunConfig, opts: RunOptions, device: torch.device, world: World 
         print(_run_header(cfg, splits, device, precision, plan, off is not None,
                           (out, progress) if opts.resume else None))
     # Memory is measured on a real step once optimiser state exists: the second step of a
-    # fresh run, or the first after a resume (or the next one with images, under torchrun).
+    # fresh run, or the first after a resume (or the next one with images, under torchrun;
+    # or a later one, where fp16's GradScaler skipped the first steps).
     measure_at = None if plan is None else progress["step"] + (1 if progress["step"] == 0 else 0)
     with _Interrupt() as interrupt:
 

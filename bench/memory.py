@@ -41,7 +41,7 @@ from asge_edge.budget import format_size, parse_size
 from asge_edge.cli import parse_shape
 from asge_edge.config import ModelConfig, TrainConfig
 from asge_edge.device import to_device
-from asge_edge.memory import measure_step
+from asge_edge.memory import measure_step, warm_up
 from asge_edge.methods import ASGEMethod, BPMethod
 from asge_edge.models import ASGENet, gap, layer_specs
 from asge_edge.planner import BudgetTooSmall, plan_memory, widest_width
@@ -70,8 +70,8 @@ class CheckpointedBP(BPMethod):
 
 
 def measure(label: str, method, x, y) -> dict:
-    """A row: one warm-up step (optimiser state now exists), then the measured peak."""
-    method.train_step(x, y)
+    """A row: warm-up (every optimiser's state now exists), then the measured peak."""
+    warm_up(method, x, y)
     _, measured = measure_step(method, x, y)
     return {"label": label, "method": method, "peak": measured.peak, "how": measured.measured_by}
 

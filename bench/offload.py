@@ -49,7 +49,7 @@ from asge_edge.budget import format_size
 from asge_edge.cli import parse_shape
 from asge_edge.config import ModelConfig, TrainConfig
 from asge_edge.memory import LiveTensorBytes, batch_state_bytes, nbytes
-from asge_edge.methods import ASGEMethod, Method, StepStats, make_optimizer
+from asge_edge.methods import ASGEMethod, Method, StepStats
 from asge_edge.models import ASGENet, gap
 from asge_edge.offload import Offloader, host_tensors
 from rounds import alternate
@@ -133,8 +133,8 @@ class OffloadedBP(Method):
         super().__init__(net, cfg)
         self.micro_batch, self.offloader = micro_batch, offloader
         for i, layer in enumerate(net.layers):
-            self.optimizers[f"layer{i + 1}"] = make_optimizer(layer.conv.parameters(), cfg, net.cfg.width)
-        self.optimizers["last"] = make_optimizer(net.last_head.parameters(), cfg, net.cfg.width)
+            self._add_optimizer(f"layer{i + 1}", layer.conv.parameters())
+        self._add_optimizer("last", net.last_head.parameters())
         self.host_grads = [[torch.zeros_like(p, device=offloader.park_device) for p in layer.conv.parameters()]
                            for layer in net.layers]   # gradients accumulate here, on the host
 

@@ -25,7 +25,7 @@ from asge_edge.budget import format_size, parse_size
 from asge_edge.cli import parse_shape
 from asge_edge.config import POOLS, ModelConfig, TrainConfig
 from asge_edge.device import to_device
-from asge_edge.memory import measure_step
+from asge_edge.memory import measure_step, warm_up
 from asge_edge.methods import ASGEMethod
 from asge_edge.planner import BudgetTooSmall, plan_memory
 from workload import add_args, add_device_args, device_and_precision, make_batch, make_net
@@ -44,7 +44,7 @@ def main() -> None:
     net = make_net(ModelConfig(width=a.width, alpha=a.alpha, pool=a.pool), shape).place(device)
     method = ASGEMethod(net, TrainConfig(), precision)
     x, y = to_device(*make_batch(a.batch_size, shape), device)
-    method.train_step(x, y)   # optimiser state now exists, as in every later step
+    warm_up(method, x, y)   # every optimiser's state now exists, as in every later step
     print(f"vgg8 width {a.width}, alpha {a.alpha}, {a.pool} pool, input {a.input_shape}, batch {a.batch_size}, {precision}, {device}")
     print(f"{'budget':>8} {'micro-batch':>12} {'planned':>10} {'measured':>10} {'measured/planned':>17} "
           f"{'phases, measured/planned':>25} {'every phase within its plan':>28}")

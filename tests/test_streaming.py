@@ -9,7 +9,7 @@ from asge_edge import asge, memory
 from asge_edge.budget import format_size, parse_size
 from asge_edge.cli import main
 from asge_edge.config import ModelConfig, TrainConfig
-from asge_edge.memory import measure_step
+from asge_edge.memory import measure_step, warm_up
 from asge_edge.methods import AMP_DTYPES, ASGEMethod
 from asge_edge.models import ASGELayer, ASGENet, layer_specs
 from asge_edge.planner import BudgetTooSmall, even_micro_batch, plan_memory
@@ -183,7 +183,7 @@ def test_measured_peak_stays_within_budget(budget_scale, slice_bytes, precision,
     g = torch.Generator().manual_seed(0)
     x = torch.randint(256, (64, *shape), generator=g, dtype=torch.uint8)   # raw pixels, as data.batches yields them
     y = torch.randint(10, (64,), generator=g)
-    method.train_step(x, y)   # optimiser state now exists, as in every later step
+    warm_up(method, x, y)   # every optimiser's state now exists, as in every later step
     budget = int(plan_memory(net.specs, shape, 64, None, precision).min_budget * budget_scale)
     plan = plan_memory(net.specs, shape, 64, budget, precision)
     method.micro_batch = plan.micro_batch
@@ -199,6 +199,50 @@ def test_measured_peak_stays_within_budget(budget_scale, slice_bytes, precision,
     assert all(m <= p for m, p in zip(measured.layers, plan.layer_peaks()))
     assert measured.heads <= plan.heads_bytes
     assert measured.peak == max(*measured.layers, measured.heads)
+
+
+def _overflowing_scalers(monkeypatch):
+    """fp16's GradScalers start at a scale whose first step overflows, then drop to 1."""
+    scaler = torch.amp.GradScaler
+    monkeypatch.setattr(torch.amp, "GradScaler",
+                        lambda device: scaler(device, init_scale=2.0 ** 100, backoff_factor=2.0 ** -100))
+
+
+def test_memory_is_measured_once_every_optimiser_has_stepped(monkeypatch):
+    # A GradScaler skips a step whose fp16 gradients overflow, and SGD makes its momentum only
+    # in a step taken; measured before, that state's making counted in the phases after it
+    # (a sweep of random nets in fp16 with SGD measured peaks up to 1.34x their budget).
+    _overflowing_scalers(monkeypatch)
+    shape = (1, 8, 8)   # a wide net on small images: its optimiser steps, not its activations, set the peaks
+    net = ASGENet(ModelConfig(width=0.5), shape, 4, (0.5,), (0.25,), seed=0).to(memory_format=torch.channels_last)
+    method = ASGEMethod(net, TrainConfig(optimizer="sgd"), "fp16")
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(256, (8, *shape), generator=g, dtype=torch.uint8), torch.randint(4, (8,), generator=g)
+    method.train_step(x, y)   # every layer's step skipped; the heads (fp32) stepped
+    assert not method.state_ready and not method.optimizers["layer1"].state
+    with pytest.raises(ValueError, match="call warm_up first"):
+        measure_step(method, x, y)
+    assert warm_up(method, x, y) == 1 and method.state_ready
+    stepped = measure_step(method, x, y)[1]
+    # A layer's step that fp16 skips still begins its phase, so no phase measures more than
+    # when every layer steps. With the optimisers' own step hooks, which a skipped step never
+    # calls, layer 4's phase took in layer 5's step: 2.2 MB more.
+    scaler = method.scalers["layer5"]
+    scaler.load_state_dict({**scaler.state_dict(), "scale": 2.0 ** 100})
+    skipped = measure_step(method, x, y)[1]
+    assert scaler.get_scale() == 1.0   # layer 5's step overflowed and was skipped
+    assert all(s <= m for s, m in zip((*skipped.layers, skipped.heads), (*stepped.layers, stepped.heads)))
+
+
+def test_the_trainer_measures_memory_after_fp16_skipped_steps(monkeypatch, tmp_path):
+    _overflowing_scalers(monkeypatch)
+    budget = plan_memory(layer_specs(ModelConfig(width=0.125), (1, 16, 16), 4), (1, 16, 16), 64, None, "fp16",
+                         "sgd").min_budget
+    assert main(["train", *TINY_RUN, "--epochs", "1", "--amp", "fp16", "--optimizer", "sgd",
+                 "--memory-budget", str(budget), "--out", str(tmp_path)]) == 0
+    memory = json.loads((tmp_path / "summary.json").read_text())["memory"]
+    assert memory["measured_peak_bytes"] <= budget
+    assert all(ph["measured_peak_bytes"] <= ph["planned_peak_bytes"] for ph in memory["phases"])
 
 
 def test_the_cuda_counter_reads_what_the_cpu_tracker_reads(monkeypatch):
@@ -229,7 +273,7 @@ def test_the_cuda_counter_reads_what_the_cpu_tracker_reads(monkeypatch):
         g = torch.Generator().manual_seed(0)
         x = torch.randint(256, (64, 1, 28, 28), generator=g, dtype=torch.uint8)
         y = torch.randint(10, (64,), generator=g)
-        method.train_step(x, y)
+        warm_up(method, x, y)
         method.micro_batch = 16   # four micro-batches: every layer's gradient lives across them
         measured[counter] = measure_step(method, x, y)[1]
     assert measured["cuda"].measured_by == "cuda-peak-stats"
@@ -246,7 +290,7 @@ def test_a_large_logical_batch_is_bounded_by_the_heads_phase():
     g = torch.Generator().manual_seed(0)
     x = torch.randint(256, (batch, *shape), generator=g, dtype=torch.uint8)
     y = torch.randint(10, (batch,), generator=g)
-    method.train_step(x, y)
+    warm_up(method, x, y)
     floor = plan_memory(net.specs, shape, batch, None).min_budget
     plan = plan_memory(net.specs, shape, batch, floor)
     assert plan.peak_layer() is None and plan.planned_peak == plan.heads_bytes == floor
@@ -413,7 +457,7 @@ def test_asge_working_set_is_smaller_than_bp_at_the_same_batch():
             memory_format=torch.channels_last)
         method = method_cls(net, cfg)
         x, y = torch.rand(32, 1, 28, 28).contiguous(memory_format=torch.channels_last), torch.randint(10, (32,))
-        method.train_step(x, y)
+        warm_up(method, x, y)
         return measure_step(method, x, y)[1].peak
 
     asge, bp = peak(ASGEMethod, TrainConfig()), peak(BPMethod, TrainConfig(method="bp"))
