@@ -17,9 +17,9 @@ top, which bench/offload.py measures. These baselines live in bench/, not in the
 
 Every row is measured in this one run, side by side, with memory.measure_step (live tensor
 bytes on the CPU, CUDA peak statistics on a GPU; see its docstring for what is and is not
-counted), after one warm-up step. Then ``--steps`` rounds time one step of every row, in
-reversed order every other round, so that the machine's drift in speed hits all rows
-alike; images/s is each row's median. ``--device cuda --amp bf16`` is the issue's GPU run
+counted), after warm-up (memory.warm_up: one step, more where fp16 skips some). Then
+``--steps`` rounds time one step of every row, in reversed order every other round, so
+that the machine's drift in speed hits all rows alike; images/s is each row's median. ``--device cuda --amp bf16`` is the issue's GPU run
 (channels_last, convs in bf16); it has not been run (no GPU in the sessions that wrote it).
 
     python bench/memory.py [--width 1.0] [--input-shape 3x32x32] [--batch-size 128] [--steps 3]

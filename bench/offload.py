@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from asge_edge.budget import format_size
 from asge_edge.cli import parse_shape
 from asge_edge.config import ModelConfig, TrainConfig
-from asge_edge.memory import LiveTensorBytes, batch_state_bytes, nbytes
+from asge_edge.memory import LiveTensorBytes, batch_state_bytes, nbytes, warm_up
 from asge_edge.methods import ASGEMethod, Method, StepStats
 from asge_edge.models import ASGENet, gap
 from asge_edge.offload import Offloader, host_tensors
@@ -180,8 +180,8 @@ class OffloadedBP(Method):
 
 
 def measure(label: str, method: Method, off: SimulatedOffloader, x, y) -> dict:
-    """A row: a warm-up step (optimiser state now exists), then one step's device peak and bytes moved."""
-    method.train_step(x, y)
+    """A row: warm-up (every optimiser's state now exists), then one step's device peak and bytes moved."""
+    warm_up(method, x, y)
     off.moved = 0
     tracker = LiveTensorBytes(off.device_adjustment)
     with tracker:
