@@ -7,7 +7,8 @@ figures in docs/BENCHMARKS.md rest on them.
 - the device peak that the ledger measures for ASGE's --offload stays within the planner's
   peak for that micro-batch (offload.py says the plan is an upper bound there);
 - soak.ending fails a life on any rank's traceback or on ranks stopped at different steps,
-  and lets torchrun's own traceback on the signal pass.
+  and lets torchrun's own traceback on the signal pass;
+- plan_sweep draws what it says, and measures a net within its plan.
 """
 
 import signal
@@ -18,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
+import plan_sweep  # noqa: E402
 from offload import OffloadedBP, SimulatedOffloader, measure  # noqa: E402
 from soak import ending  # noqa: E402
 from workload import make_batch, make_net  # noqa: E402
@@ -87,3 +89,17 @@ def test_soak_judges_a_torchrun_life_by_its_ranks_lines():
     assert ending(-term, "", term, 2) == "ended by the signal"   # before torchrun's
     assert ending(128 + term, line, term, 1) == "saved and stopped"
     assert ending(1, line + torchrun, term, 1) is None   # one process prints no torchrun traceback
+
+
+def test_plan_sweep_draws_its_ranges_and_measures_within_the_plan():
+    import random
+
+    rng = random.Random(0)
+    configs = [plan_sweep.draw(rng) for _ in range(200)]
+    assert {c["precision"] for c in configs} == {"fp32", "bf16", "fp16"} and {c["pool"] for c in configs} == {
+        "rms", "avg", "max"}
+    assert all(8 <= min(c["shape"][1:]) <= max(c["shape"][1:]) <= 40 for c in configs)
+    small = {"arch": "vgg8", "width": 0.125, "alpha": 1.5, "pool": "avg", "precision": "fp16", "optimizer": "sgd",
+             "shape": (3, 13, 9), "batch": 7, "classes": 3, "budget_scale": 1.0}   # uneven patches, fp16 with SGD
+    worst, micro = plan_sweep.measure(small, torch.device("cpu"), seed=0)
+    assert 0.85 <= worst <= 1.0 and micro == "1 x 7"
