@@ -1,9 +1,8 @@
 """Measuring the training working set: CUDA peak statistics, or live tensor bytes on the CPU.
 
-Contract: ``measure_step(method, x, y)`` runs one training step, once ``warm_up`` (or
-training) has made every optimiser's state, and returns the peak
-bytes of its working set, per phase and over the step: the quantity the planner
-(planner.py) bounds, per layer and over the step:
+Contract: ``measure_step(method, x, y)``, once every optimiser's state exists (after
+``warm_up``, or training), runs one training step and returns the peak bytes of its
+working set, per phase and over the step: the quantity the planner (planner.py) bounds:
     the active layer's state (weights, gradients, optimiser state, fixed projection)
   + the activations and temporaries in flight
   + the logical batch's own state (input batch, labels, GAP features, and the heads'
@@ -18,8 +17,9 @@ fp16 step that GradScaler skips still begins its phase) and on the Last head mar
 boundaries. Within a phase the parked bytes do not change, so each phase's peak is what
 a counter saw at its highest, less the parked layers' gradients, plus the active layer's
 weights, projection and optimiser state where they predate the step on the measured
-device (the counters see only what the step allocates), plus the batch's own state. ``Measurement`` holds the peak of every phase and their
-maximum, the step's peak; train.py writes both into summary.json beside the plan's.
+device (the counters see only what the step allocates), plus the batch's own state.
+``Measurement`` holds the peak of every phase and their maximum, the step's peak;
+train.py writes both into summary.json beside the plan's.
 
 The counters (``measured_by`` in summary.json):
 - ``cuda-peak-stats``: torch.cuda.memory_allocated since the step began, its peak read
