@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import re
 
+from .budget import format_size
+
 # torch's CPU allocator: "DefaultCPUAllocator: can't allocate memory: you tried to allocate 4608000000000 bytes";
 # CUDA's (torch.OutOfMemoryError): "CUDA out of memory. Tried to allocate 20.00 GiB. ..."
 _CPU_BYTES = re.compile(r"can't allocate memory: you tried to allocate (\d+) bytes")
@@ -42,8 +44,6 @@ def out_of_memory(e: BaseException, command: str) -> UserError | None:
     if not (isinstance(e, MemoryError)
             or isinstance(e, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)):
         return None
-    from .budget import format_size
-
     cpu, cuda = _CPU_BYTES.search(text), _CUDA_SIZE.search(text)
     size = format_size(int(cpu.group(1))) if cpu else cuda.group(1) if cuda else None
     what = f"out of memory: an allocation of {size} failed" if size else "out of memory"

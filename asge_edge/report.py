@@ -101,8 +101,10 @@ def memory_table(memory: dict[str, Any]) -> str:
     """summary.json's ``memory`` phases as a table: each phase's planned and measured peak.
     A record written before phases were measured has none, and gives no table; nor does one
     whose step was not measured."""
+    if memory["measured_peak_bytes"] is None:
+        return ""
     lines = [f"{'phase':>8} {'planned':>12} {'measured':>12} {'measured/planned':>17}"]
-    for ph in memory.get("phases", []) if memory["measured_peak_bytes"] is not None else []:
+    for ph in memory.get("phases", []):
         planned, measured = ph["planned_peak_bytes"], ph["measured_peak_bytes"]
         lines.append(f"{ph['phase']:>8} {format_size(planned):>12} {format_size(measured):>12} "
                      f"{measured / planned:>17.3f}")

@@ -386,8 +386,7 @@ def _train(cfg: RunConfig, opts: RunOptions, device: torch.device, world: World 
     plan = configure_streaming(cfg, method, device)
     off = method.offloader
     tc = cfg.train
-    size = _global_batch(world, tc.batch_size)
-    steps_per_epoch = math.ceil(len(splits.train) / size)
+    steps_per_epoch = math.ceil(len(splits.train) / _global_batch(world, tc.batch_size))
     total = tc.epochs * steps_per_epoch
     opts = replace(opts, quiet=opts.quiet or not writer)
 
@@ -477,10 +476,9 @@ def _train(cfg: RunConfig, opts: RunOptions, device: torch.device, world: World 
             check_finite(ep, step)
             if measured is not None:
                 measure_at = None
-            if measured is not None or (plan is not None and progress.get("memory") is None):
+            memory = progress.get("memory")
+            if measured is not None or (plan is not None and memory is None):   # the plan alone until measured
                 memory = _memory_record(plan, measured, tc.memory_budget, precision, off is not None)
-            else:
-                memory = progress.get("memory")
             if device.type == "cuda":
                 torch.cuda.synchronize()
             seconds = ep.seconds + time.perf_counter() - t0
