@@ -6,8 +6,8 @@ config.json, summary.json) and writes, without being asked for more:
   layer, chosen on validation) or the whole net with its Fusion head, as one ONNX file
   (``opts.out``, or its default name inside ``opts.out`` where that is a folder or ends in "/");
   then runs the full ONNX checker, compares ONNX Runtime with the PyTorch network at
-  batch 1 and 17 against ``verify.ONNX_RTOL`` (``HALF_RTOL`` with ``--half``) of the logits'
-  scale (``verify.logit_scale``) and measures
+  batch 1 and 17 against ``verify.tolerance`` of the logits' scale (``verify.logit_scale``):
+  ONNX_RTOL, or with ``--half`` HALF_RTOL_PER_CONV per convolution on the path; and measures
   ONNX Runtime's latency per image. ``--format tensorrt`` then checks the graph against
   TensorRT's op set and builds an engine, or stops with the trtexec command (exit 2);
 - or, with ``--exits``, a cascade directory (cascade.py), its threshold calibrated on the
@@ -42,7 +42,7 @@ from .inputs import load_images
 from .tensorrt import build_engine, compatibility_problems
 from .to_c import write_c_model
 from .to_onnx import DEFAULT_OPSET, export_onnx, read_metadata
-from .verify import HALF_RTOL, ONNX_RTOL, latency_ms, parity, session
+from .verify import latency_ms, parity, session, tolerance
 
 FORMATS = ("onnx", "tensorrt", "c")
 INFER_BATCH = 256
@@ -144,7 +144,7 @@ def export_run(run_dir: Path, opts: ExportOptions) -> dict[str, Any]:
     t0 = time.perf_counter()
     model = export_onnx(module, shape, path, "images", ["logits"], opts.opset, meta)
     diffs = parity(path, reference, shape)
-    tol = HALF_RTOL if opts.half else ONNX_RTOL
+    tol = tolerance(opts.half, len(module.layers))
     report = {"onnx": str(path), "bytes": path.stat().st_size, "export_seconds": time.perf_counter() - t0,
               "strategy": meta["strategy"], "exit_layer": meta["exit_layer"], "val_accuracy": meta["val_accuracy"],
               "parity_max_abs_diff": {b: d for b, (d, _) in diffs.items()},
