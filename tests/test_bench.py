@@ -8,7 +8,8 @@ figures in docs/BENCHMARKS.md rest on them.
   peak for that micro-batch (offload.py says the plan is an upper bound there);
 - soak.ending fails a life on any rank's traceback or on ranks stopped at different steps,
   and lets torchrun's own traceback on the signal pass;
-- plan_sweep draws what it says, and measures a net within its plan.
+- plan_sweep draws what it says, and measures a net within its plan;
+- export_sweep draws what it says, and runs its three checks on a net.
 """
 
 import signal
@@ -19,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
+import export_sweep  # noqa: E402
 import plan_sweep  # noqa: E402
 from offload import OffloadedBP, SimulatedOffloader, measure  # noqa: E402
 from soak import ending  # noqa: E402
@@ -103,3 +105,18 @@ def test_plan_sweep_draws_its_ranges_and_measures_within_the_plan():
              "shape": (3, 13, 9), "batch": 7, "classes": 3, "budget_scale": 1.0}   # uneven patches, fp16 with SGD
     worst, micro = plan_sweep.measure(small, torch.device("cpu"), seed=0)
     assert 0.85 <= worst <= 1.0 and micro == "1 x 7"
+
+
+def test_export_sweep_draws_its_ranges_and_checks_exit_fusion_and_firmware(tmp_path):
+    import random
+
+    from export.firmware import build_fsim
+
+    rng = random.Random(0)
+    configs = [export_sweep.draw(rng, half=False) for _ in range(200)]
+    assert {c["pool"] for c in configs} == {"rms", "avg", "max"} and {c["half"] for c in configs} == {True, False}
+    assert all(c["half"] for c in (export_sweep.draw(rng, half=True) for _ in range(20)))
+    small = {"arch": "vgg8", "width": 0.125, "alpha": 1.5, "pool": "avg", "shape": (3, 13, 9), "classes": 3,
+             "half": False, "fusion": True, "exit": 0.1}   # exit 1: P = 6 on 13x9, uneven patches
+    ratios = export_sweep.check(small, 0, build_fsim(), tmp_path)
+    assert set(ratios) == {"exit 1", "fusion", "fsim"} and all(0 < r <= 1.0 for r in ratios.values())
