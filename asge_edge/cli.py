@@ -345,6 +345,12 @@ def _cmd_export(a: argparse.Namespace) -> int:
               f"arena (RAM) {report['arena_bytes']:,} B, model (flash) {report['flash_bytes']:,} B")
     elif "cascade" in report:
         print(f"cascade of exits {report['exits']} in {report['cascade']}, threshold {report['threshold']:.4g}")
+        for p in report["exit_parity"]:
+            worst = max(p["max_abs_diff"].values())
+            print(f"ONNX Runtime vs PyTorch, exit {p['exit_layer']}: max abs diff {worst:.2e} over batches "
+                  f"{', '.join(map(str, p['max_abs_diff']))}, {worst / p['logit_scale']:.1e} of the logit scale "
+                  f"{p['logit_scale']:.3g} ({'within' if worst <= p['tolerance'] * p['logit_scale'] else 'OVER'} "
+                  f"tolerance {p['tolerance']:g})")
         if "val_accuracy" in report:
             print(f"validation: accuracy {100 * report['val_accuracy']:.2f}% (Best-Pred "
                   f"{100 * report['val_best_pred_accuracy']:.2f}%), mean exit depth {report['val_mean_exit_depth']:.2f} layers")

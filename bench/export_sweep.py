@@ -29,7 +29,7 @@ from export.firmware import build_fsim, compare, run_fsim
 from export.graph import FusionNet, Stage
 from export.to_c import C_NMSE_TOL, write_c_model
 from export.to_onnx import DEFAULT_OPSET, export_onnx
-from export.verify import ONNX_RTOL, logit_scale, parity, session, tolerance
+from export.verify import ONNX_RTOL, logit_scale, parity, runner, tolerance
 
 
 def draw(rng: random.Random, half: bool) -> dict:
@@ -46,7 +46,7 @@ def onnx_ratio(module: torch.nn.Module, reference, shape: tuple[int, int, int], 
     """Largest ONNX Runtime vs PyTorch difference over its tolerance, over the parity batches."""
     export_onnx(module, shape, path, "images", ["logits"], DEFAULT_OPSET, {})
     tol = tolerance(half, len(module.layers))
-    return max(d / (tol * scale) for d, scale in parity(path, reference, shape).values())
+    return max(d / (tol * scale) for d, scale in parity(runner(path), reference, shape).values())
 
 
 def check(c: dict, seed: int, fsim: Path, tmp: Path) -> dict[str, float]:
@@ -64,7 +64,7 @@ def check(c: dict, seed: int, fsim: Path, tmp: Path) -> dict[str, float]:
         sizes = write_c_model(net, k, tmp / "c", "export_sweep")
         x = torch.rand(8, *shape, generator=torch.Generator().manual_seed(seed)).numpy()   # B, C, H, W
         logits, _, _ = run_fsim(fsim, tmp / "c" / "model.bin", x, arena=sizes["arena_bytes"])
-        ref = session(tmp / "exit.onnx").run(None, {"images": x})[0]                     # B, N
+        ref = runner(tmp / "exit.onnx")(x)                                                # B, N
         nmse, max_abs = compare(logits, ref)
         ratios["fsim"] = max(nmse / C_NMSE_TOL, max_abs / (ONNX_RTOL * logit_scale(ref)))
     return ratios

@@ -10,7 +10,9 @@ config.json, summary.json) and writes, without being asked for more:
   ONNX_RTOL, or with ``--half`` HALF_RTOL_PER_CONV per convolution on the path; and measures
   ONNX Runtime's latency per image. ``--format tensorrt`` then checks the graph against
   TensorRT's op set and builds an engine, or stops with the trtexec command (exit 2);
-- or, with ``--exits``, a cascade directory (cascade.py), its threshold calibrated on the
+- or, with ``--exits``, a cascade directory (cascade.py), each exit's logits through the
+  chain of stages compared with the PyTorch network's as above (``exit_parity``, against the
+  tolerance of the exit's depth), its threshold calibrated on the
   validation split when ``--threshold auto`` (on as many of its images, evenly spaced, as
   fit in CALIBRATION_BYTES in fp32: all of them but for large folder datasets);
 - or, with ``--format c --early-exit``, model.bin and model.h for firmware_sim (to_c.py),
@@ -42,7 +44,7 @@ from .inputs import load_images
 from .tensorrt import build_engine, compatibility_problems
 from .to_c import write_c_model
 from .to_onnx import DEFAULT_OPSET, export_onnx, read_metadata
-from .verify import latency_ms, parity, session, tolerance
+from .verify import latency_ms, parity, runner, session, tolerance
 
 FORMATS = ("onnx", "tensorrt", "c")
 INFER_BATCH = 256
@@ -143,7 +145,7 @@ def export_run(run_dir: Path, opts: ExportOptions) -> dict[str, Any]:
     _make_dir(path.parent)
     t0 = time.perf_counter()
     model = export_onnx(module, shape, path, "images", ["logits"], opts.opset, meta)
-    diffs = parity(path, reference, shape)
+    diffs = parity(runner(path), reference, shape)
     tol = tolerance(opts.half, len(module.layers))
     report = {"onnx": str(path), "bytes": path.stat().st_size, "export_seconds": time.perf_counter() - t0,
               "strategy": meta["strategy"], "exit_layer": meta["exit_layer"], "val_accuracy": meta["val_accuracy"],
@@ -187,11 +189,12 @@ def _export_cascade(run_dir: Path, cfg, net, summary: dict, opts: ExportOptions)
             raise UserError(f"--threshold {opts.threshold!r}: give auto or a number in (0, 1]")
     meta = _metadata(cfg, summary, "cascade", None, None, opts.half)
     spec = cas.write_stages(net, exits, out, opts.opset, opts.half, meta)
-    report: dict[str, Any] = {"cascade": str(out), "exits": list(exits)}
+    stages = cas.Cascade(out, spec=spec)
+    parities = [_exit_parity(stages, i, net, opts.half, tuple(cfg.info.input_shape)) for i in range(len(exits))]
+    report: dict[str, Any] = {"cascade": str(out), "exits": list(exits), "exit_parity": parities}
     if opts.threshold == "auto":
-        runner = cas.Cascade(out, spec=spec)
         images, labels = _calibration_images(load_splits(cfg.data).val, tuple(cfg.info.input_shape))
-        logits = np.concatenate([runner.all_exits(images[i:i + INFER_BATCH])
+        logits = np.concatenate([stages.all_exits(images[i:i + INFER_BATCH])
                                  for i in range(0, len(images), INFER_BATCH)], axis=1)   # S, B, N
         target = summary["layer_val_accuracy"][summary["best_layer"] - 1]
         threshold, acc, depth = cas.calibrate(logits, labels, list(exits), target)
@@ -200,8 +203,17 @@ def _export_cascade(run_dir: Path, cfg, net, summary: dict, opts: ExportOptions)
     spec["threshold"] = threshold
     write_json(out / cas.CASCADE_FILE, spec)
     report["threshold"] = threshold
-    report["ok"] = True
+    report["ok"] = all(p["ok"] for p in parities)
     return report
+
+
+def _exit_parity(stages: cas.Cascade, i: int, net, half: bool, shape: tuple[int, int, int]) -> dict[str, Any]:
+    """The cascade's exit i (0-based) through its chain of stages against the PyTorch network."""
+    k = stages.exits[i]
+    diffs = parity(lambda x: stages.all_exits(x)[i], lambda x: net.exit_logits(x, k), shape)
+    tol, scale = tolerance(half, k), next(iter(diffs.values()))[1]
+    return {"exit_layer": k, "max_abs_diff": {b: d for b, (d, _) in diffs.items()}, "logit_scale": scale,
+            "tolerance": tol, "ok": all(d <= tol * scale for d, _ in diffs.values())}
 
 
 def infer(target: Path, images_path: Path, threshold: float | None = None) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """ONNX Runtime against PyTorch, and ONNX Runtime's latency.
 
-Contract: ``parity`` runs an exported model in ONNX Runtime (CPU) and a PyTorch
+Contract: ``parity`` runs an exported model in ONNX Runtime (CPU; ``runner`` makes the
+function for one .onnx file) and a PyTorch
 reference on the same seeded [0, 1] images at each batch size and returns, per batch, the
 max abs difference of the first output and the ``logit_scale`` of the reference's logits
 over all the batches' images; a difference is within tolerance when it is at most the
@@ -64,19 +65,25 @@ def session(path: Path, threads: int = 0) -> ort.InferenceSession:
         raise UserError(f"ONNX Runtime cannot load {path} ({type(e).__name__}); export it again") from None
 
 
-def parity(path: Path, reference: Callable[[torch.Tensor], torch.Tensor], input_shape: tuple[int, ...],
-           batches: tuple[int, ...] = PARITY_BATCHES, seed: int = 0) -> dict[int, tuple[float, float]]:
-    """(max abs difference between ONNX Runtime and ``reference``, the logit_scale of the
-    reference over every batch) per batch size."""
+def runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
+    """The model at ``path`` in ONNX Runtime as a function: its one input -> its first output."""
     sess = session(path)
     name = sess.get_inputs()[0].name
+    return lambda x: sess.run(None, {name: x})[0]
+
+
+def parity(run: Callable[[np.ndarray], np.ndarray], reference: Callable[[torch.Tensor], torch.Tensor],
+           input_shape: tuple[int, ...], batches: tuple[int, ...] = PARITY_BATCHES,
+           seed: int = 0) -> dict[int, tuple[float, float]]:
+    """(max abs difference between ``run`` (ONNX Runtime) and ``reference``, the logit_scale of
+    the reference over every batch) per batch size."""
     gen = torch.Generator().manual_seed(seed)
     diffs, refs = {}, []
     for b in batches:
         x = torch.rand(b, *input_shape, generator=gen)                      # B, C, H, W
         with torch.no_grad():
             refs.append(reference(x).float().numpy())                       # B, N
-        out = sess.run(None, {name: x.numpy()})[0]                          # B, N
+        out = run(x.numpy())                                                # B, N
         diffs[b] = float(np.abs(out - refs[-1]).max())
     scale = logit_scale(np.concatenate(refs))
     return {b: (d, scale) for b, d in diffs.items()}

@@ -21,7 +21,7 @@ from export import cascade
 from export.cascade import NEVER, Cascade, calibrate
 from export.graph import Stage
 from export.tensorrt import compatibility_problems, trtexec_command
-from export.verify import ONNX_RTOL, logit_scale, parity, tolerance
+from export.verify import ONNX_RTOL, logit_scale, parity, runner, tolerance
 
 
 def _export(args, capsys):
@@ -154,7 +154,7 @@ def test_half_parity_passes_correct_exports(tmp_path, arch, width, alpha, pool, 
                   (0.5,) * shape[0], (0.25,) * shape[0], seed=seed).eval()
     to_onnx.export_onnx(Stage(net, 0, k, half=True), shape, tmp_path / "e.onnx", "images", ["logits"],
                         to_onnx.DEFAULT_OPSET, {})
-    diffs = parity(tmp_path / "e.onnx", lambda x: net.exit_logits(x, k), shape)
+    diffs = parity(runner(tmp_path / "e.onnx"), lambda x: net.exit_logits(x, k), shape)
     scales = {scale for _, scale in diffs.values()}
     assert len(scales) == 1                                  # one scale, the net's, for every batch
     assert all(d <= tolerance(True, k) * scale for d, scale in diffs.values())
@@ -229,6 +229,29 @@ def test_cascade_outputs_equal_the_network_up_to_the_chosen_exit(cascade_dir, te
                 ref = net.exit_logits(torch.from_numpy(x[rows]), k).numpy()
             assert np.abs(res.logits[rows] - ref).max() <= ONNX_RTOL * logit_scale(ref)
     assert (Cascade(cascade_dir).run(x, NEVER).exit_layer == 7).all()
+
+
+def test_cascade_export_checks_every_exit_through_its_chain_of_stages(tiny_run, tmp_path, capsys):
+    report = _export([str(tiny_run), "--exits", "1,3,7", "--threshold", "0.9", "--half", "--out", str(tmp_path)], capsys)
+    assert report["ok"] and [p["exit_layer"] for p in report["exit_parity"]] == [1, 3, 7]
+    for p in report["exit_parity"]:
+        assert p["ok"] and p["tolerance"] == tolerance(True, p["exit_layer"]) and list(p["max_abs_diff"]) == ["1", "17"]
+        assert 0 < max(p["max_abs_diff"].values()) <= p["tolerance"] * p["logit_scale"]
+
+
+def test_a_cascade_stage_that_strays_from_the_network_fails_the_export(tiny_run, tmp_path, capsys, monkeypatch):
+    class Off(Stage):   # the stage ending at layer 3 adds 1 to its logits
+        def forward(self, x):
+            out = super().forward(x)
+            if self.end != 3:
+                return out
+            return (out[0], out[1] + 1.0) if self.features else out + 1.0
+
+    monkeypatch.setattr(cascade, "Stage", Off)
+    assert main(["export", str(tiny_run), "--exits", "1,3,7", "--threshold", "0.9", "--out", str(tmp_path)]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.endswith("(within tolerance 0.0001)") for line in lines if "ONNX Runtime vs PyTorch" in line] == [
+        True, False, True]
 
 
 def test_calibrate_picks_the_shallowest_threshold_within_tolerance():
