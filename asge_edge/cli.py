@@ -3,7 +3,8 @@
 Contract: no logic lives here beyond turning flags into configs. ``main(argv)``
 returns the exit code: 0 on success, 2 on any user error (bad flag, missing data,
 unreadable checkpoint), printed as one line ``asge-edge: error: ...`` on stderr with
-no traceback, and 130 or 143 where SIGINT or SIGTERM stopped a run that saved its state.
+no traceback, 130 or 143 where SIGINT or SIGTERM stopped a run that saved its state, and
+141, silently, where stdout's reader went away (a pipe into ``head``).
 Tests call ``main([...])`` in-process.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -23,6 +25,8 @@ from .data import (DATASETS, FOLDER_IMAGE_SIZE, SYNTHETIC_CLASSES, SYNTHETIC_SHA
 from .device import AMP_MODES, DEVICES
 from .errors import Interrupted, UserError, out_of_memory
 from .models import PRESETS
+
+SIGPIPE_EXIT = 128 + 13   # what a shell reports for a writer that SIGPIPE stopped, as `yes | head` does
 
 
 class _Parser(argparse.ArgumentParser):
@@ -406,7 +410,12 @@ def main(argv: list[str] | None = None) -> int:
         args.typed = {token.split("=", 1)[0] for token in argv if token.startswith("--")}   # the flags as typed
         commands = {"train": _cmd_train, "eval": _cmd_eval, "plan": _cmd_plan, "export": _cmd_export,
                     "simulate": _cmd_simulate, "infer": _cmd_infer}
-        return commands[args.command](args)
+        code = commands[args.command](args)
+        sys.stdout.flush()   # here, so that a reader gone away is caught below, not at exit
+        return code
+    except BrokenPipeError:   # stdout's reader went away (``asge-edge plan --json | head``)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # Python's exit flush must not fail again
+        return SIGPIPE_EXIT
     except UserError as e:
         print(f"asge-edge: error: {e}", file=sys.stderr)
         return 2

@@ -1,5 +1,6 @@
 """User errors: one line on stderr, exit code 2, no traceback, nothing overwritten."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -283,3 +284,12 @@ def test_console_script_prints_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "asge_edge", "train", "--width", "0"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_reader_gone_from_stdout_stops_quietly_as_a_pipes_writer_does():
+    read_end, write_end = os.pipe()
+    os.close(read_end)   # no reader at all, so the first write fails, whatever the timing
+    done = subprocess.run([sys.executable, "-m", "asge_edge", "plan", "--input-shape", "3x32x32", "--json"],
+                          stdout=write_end, stderr=subprocess.PIPE, text=True)
+    os.close(write_end)
+    assert done.returncode == 141 and done.stderr == ""
