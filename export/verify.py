@@ -1,15 +1,14 @@
 """ONNX Runtime against PyTorch, and ONNX Runtime's latency.
 
 Contract: ``parity`` runs an exported model in ONNX Runtime (CPU; ``runner`` makes the
-function for one .onnx file) and a PyTorch
-reference on the same seeded [0, 1] images at each batch size and returns, per batch, the
-max abs difference of the first output and the ``logit_scale`` of the reference's logits
-over all the batches' images; a difference is within tolerance when it is at most the
-tolerance times that scale. The scale is the net's, taken over every image: rounding errors
-follow the size of the terms a logit sums, and one image's logits can be small where its
-terms cancel (a batch of one judged on its own scale failed correct fp16 exports). ``latency_ms`` is ONNX
-Runtime's median time per image at batch 1 on one thread (the embedded case), after
-warm-up. ``tolerance`` gives the bound a difference is judged against, from the named
+function for one .onnx file) and a PyTorch reference on the same seeded [0, 1] images at
+each batch size and returns, per batch, the max abs difference of the first output and the
+``logit_scale`` of the reference's logits over all the batches' images; a difference is
+within tolerance when it is at most the tolerance times that scale. The scale is the
+net's, taken over every image: rounding errors follow the size of the terms a logit sums,
+and one image's logits can be small where its terms cancel (a batch of one judged on its
+own scale failed correct fp16 exports). ``latency_ms`` is ONNX Runtime's median time per
+image at batch 1 on one thread (the embedded case), after warm-up. ``tolerance`` gives the bound a difference is judged against, from the named
 constants below, measured on the CPU-sized VGG8, a full-width one and random nets
 (docs/BENCHMARKS.md, export section).
 """
