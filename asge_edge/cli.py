@@ -380,13 +380,15 @@ def _cmd_simulate(a: argparse.Namespace) -> int:
     r = simulate(a.run_dir, a.ram, a.samples, a.exit_layer, a.data_root)
     if a.json:
         print(json.dumps(r, indent=2))
-        return 0
+        return 0 if r["ok"] else 1
     print(f"firmware_sim, early exit at layer {r['exit_layer']}, {r['samples']} test images")
     print(f"accuracy {100 * r['accuracy']:.2f}% (ONNX Runtime {100 * r['ort_accuracy']:.2f}%), max abs diff vs "
-          f"ONNX Runtime {r['max_abs_diff_vs_ort']:.2e} (normalised MSE {r['nmse_vs_ort']:.1e})")
+          f"ONNX Runtime {r['max_abs_diff_vs_ort']:.2e}, {r['max_abs_diff_vs_ort'] / r['logit_scale']:.1e} of the "
+          f"logit scale {r['logit_scale']:.3g} (tolerance {r['tolerance']:g}), normalised MSE {r['nmse_vs_ort']:.1e} "
+          f"(tolerance {r['nmse_tolerance']:g}): {'within' if r['ok'] else 'OVER'}")
     print(f"arena (RAM) {r['arena_bytes']:,} B of {r['ram_bytes']:,} B, model (flash) {r['flash_bytes']:,} B, "
           f"{r['us_per_image']:.0f} us per image (one thread)")
-    return 0
+    return 0 if r["ok"] else 1
 
 
 def _cmd_infer(a: argparse.Namespace) -> int:

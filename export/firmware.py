@@ -11,7 +11,11 @@ Contract:
   Best-Pred exit to C and to ONNX (under RUN_DIR/firmware), refuses a model whose arena
   exceeds ``ram`` (exit 2), runs ``samples`` test images, evenly spaced over the test split
   (data.spread), through fsim and ONNX Runtime, and reports accuracy, the max abs
-  difference, the arena and flash bytes and the microseconds per image.
+  difference, the arena and flash bytes and the microseconds per image; ``ok`` is whether
+  fsim's logits are within ``to_c.C_NMSE_TOL`` of ONNX Runtime's and their max abs
+  difference within ``verify.tolerance`` (fp32: ONNX_RTOL) of the logits' scale, the bound
+  that ONNX Runtime meets against PyTorch. (The ctest fixtures judge the same difference
+  absolutely, C_MAX_ABS_TOL: their logits' scale is fixed.)
 """
 
 from __future__ import annotations
@@ -29,8 +33,8 @@ from asge_edge.data import default_workers, load_splits, split_tensors, spread
 from asge_edge.errors import UserError
 
 from .pipeline import ExportOptions, export_run, load_asge_run
-from .to_c import arena_bytes, write_c_model
-from .verify import session
+from .to_c import C_NMSE_TOL, arena_bytes, write_c_model
+from .verify import logit_scale, session, tolerance
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ("CMakeLists.txt", "firmware_sim/src/fsim.c", "firmware_sim/src/fsim_main.c", "firmware_sim/include/fsim.h")
@@ -100,7 +104,10 @@ def simulate(run_dir: Path, ram: int, samples: int = 1000, exit_layer: int | Non
     logits, us, used = run_fsim(build_fsim(), out / "model.bin", x, arena=ram)
     ref = np.concatenate([session(out / "model.onnx").run(None, {"images": x[i:i + 256]})[0] for i in range(0, n, 256)])
     nmse, max_abs = compare(logits, ref)
+    scale, tol = logit_scale(ref), tolerance(False, k)
     return {"exit_layer": k, "samples": n, "accuracy": float((logits.argmax(1) == y).mean()),
             "ort_accuracy": float((ref.argmax(1) == y).mean()), "max_abs_diff_vs_ort": max_abs, "nmse_vs_ort": nmse,
+            "logit_scale": scale, "tolerance": tol, "nmse_tolerance": C_NMSE_TOL,
+            "ok": max_abs <= tol * scale and nmse <= C_NMSE_TOL,
             "arena_bytes": used, "flash_bytes": sizes["flash_bytes"], "us_per_image": us, "ram_bytes": ram,
             "model_bin": sizes["model_bin"], "model_h": sizes["model_h"]}

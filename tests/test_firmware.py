@@ -12,6 +12,7 @@ from asge_edge.cli import main
 from asge_edge.config import ModelConfig
 from asge_edge.data import load_splits
 from asge_edge.models import layer_specs
+from export import firmware
 from export.firmware import ROOT, build_fsim, compare, run_fsim
 from export.graph import LayerTrace
 from export.to_c import C_MAX_ABS_TOL, C_NMSE_TOL, arena_bytes
@@ -153,9 +154,23 @@ def test_simulate_matches_onnx_runtime(tiny_run, capsys):
     build_fsim()   # the release build that simulate uses
     assert main(["simulate", str(tiny_run), "--ram", "256KB", "--samples", "64", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
-    assert r["samples"] == 64 and r["accuracy"] == r["ort_accuracy"] > 0.85
+    assert r["samples"] == 64 and r["accuracy"] == r["ort_accuracy"] > 0.85 and r["ok"]
     assert r["max_abs_diff_vs_ort"] <= C_MAX_ABS_TOL and r["arena_bytes"] <= r["ram_bytes"]
+    assert 0 < r["max_abs_diff_vs_ort"] <= r["tolerance"] * r["logit_scale"] and r["nmse_vs_ort"] <= r["nmse_tolerance"]
     assert r["flash_bytes"] == Path(r["model_bin"]).stat().st_size and r["us_per_image"] > 0
+
+
+def test_simulate_fails_where_the_c_runtime_strays_from_onnx_runtime(tiny_run, capsys, monkeypatch):
+    build_fsim()
+    run = firmware.run_fsim
+
+    def off_by_a_hundredth(*args, **kwargs):
+        logits, *rest = run(*args, **kwargs)
+        return (logits + 0.01, *rest)
+
+    monkeypatch.setattr(firmware, "run_fsim", off_by_a_hundredth)
+    assert main(["simulate", str(tiny_run), "--ram", "256KB", "--samples", "16"]) == 1
+    assert capsys.readouterr().out.splitlines()[1].endswith(": OVER")
 
 
 def test_simulate_reads_an_imagefolder_test_set(folder_run, capsys):
