@@ -217,8 +217,9 @@ def _run_epoch(method: Method, cfg: RunConfig, splits, device, epoch: int, step:
     (its workers ended with it), ``before_step`` runs once more and must raise, as the
     signal is this process's. ``after_step(ep, step)`` runs after each step (checks and
     checkpoints); the first step numbered ``measure_at`` or later whose part of the batch is
-    not empty, once every optimiser has stepped (``method.state_ready``), also measures memory. Under torchrun every process draws the same global batch
-    and reads and trains on its part alone, which may be empty in a short last batch.
+    not empty, once every optimiser has stepped (``method.state_ready``), also measures
+    memory. Under torchrun every process draws the same global batch and reads and trains
+    on its part alone, which may be empty in a short last batch.
     Returns (global step, last lr, memory measurement or None).
     """
     tc = cfg.train

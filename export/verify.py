@@ -2,15 +2,16 @@
 
 Contract: ``parity`` runs an exported model in ONNX Runtime (CPU; ``runner`` makes the
 function for one .onnx file) and a PyTorch reference on the same seeded [0, 1] images at
-each batch size and returns, per batch, the max abs difference of the first output and the
+each batch size and returns the max abs difference of the first output per batch, and the
 ``logit_scale`` of the reference's logits over all the batches' images; a difference is
 within tolerance when it is at most the tolerance times that scale. The scale is the
 net's, taken over every image: rounding errors follow the size of the terms a logit sums,
 and one image's logits can be small where its terms cancel (a batch of one judged on its
-own scale failed correct fp16 exports). ``latency_ms`` is ONNX Runtime's median time per
-image at batch 1 on one thread (the embedded case), after warm-up. ``tolerance`` gives the bound a difference is judged against, from the named
-constants below, measured on the CPU-sized VGG8, a full-width one and random nets
-(docs/BENCHMARKS.md, export section).
+own scale failed correct fp16 exports). ``tolerance`` gives the bound a difference is
+judged against, from the named constants below, measured on the CPU-sized VGG8, a
+full-width one and random nets (docs/BENCHMARKS.md, export section). ``latency_ms`` is
+ONNX Runtime's median time per image at batch 1 on one thread (the embedded case), after
+warm-up.
 """
 
 from __future__ import annotations
@@ -73,9 +74,9 @@ def runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
 
 def parity(run: Callable[[np.ndarray], np.ndarray], reference: Callable[[torch.Tensor], torch.Tensor],
            input_shape: tuple[int, ...], batches: tuple[int, ...] = PARITY_BATCHES,
-           seed: int = 0) -> dict[int, tuple[float, float]]:
-    """(max abs difference between ``run`` (ONNX Runtime) and ``reference``, the logit_scale of
-    the reference over every batch) per batch size."""
+           seed: int = 0) -> tuple[dict[int, float], float]:
+    """({batch size: max abs difference between ``run`` (ONNX Runtime) and ``reference``}, the
+    logit_scale of the reference over every batch)."""
     gen = torch.Generator().manual_seed(seed)
     diffs, refs = {}, []
     for b in batches:
@@ -84,8 +85,7 @@ def parity(run: Callable[[np.ndarray], np.ndarray], reference: Callable[[torch.T
             refs.append(reference(x).float().numpy())                       # B, N
         out = run(x.numpy())                                                # B, N
         diffs[b] = float(np.abs(out - refs[-1]).max())
-    scale = logit_scale(np.concatenate(refs))
-    return {b: (d, scale) for b, d in diffs.items()}
+    return diffs, logit_scale(np.concatenate(refs))
 
 
 def latency_ms(path: Path, input_shape: tuple[int, ...], runs: int = 50, warmup: int = 5) -> float:
