@@ -367,6 +367,150 @@ def _epoch_line(epoch: str, seconds: float, images: int, val: Accuracy, best: bo
     return " | ".join(parts) + (" *" if best else "")
 
 
+class _Epochs:
+    """The epoch loop of one run, and what it does at each step boundary and epoch end.
+
+    It owns the run's ``progress`` (epoch, global step, training seconds, best validation
+    score and its epoch, the memory record, optimiser scalers and, mid-epoch, the epoch's
+    running sums: what state.safetensors carries) and its ``history`` (metrics.jsonl's
+    lines). Rank 0 alone (``writer``) selects, saves and prints; under torchrun every rank
+    runs the same loop and asks the same questions at the same points (``agreed_signal``).
+    """
+
+    def __init__(self, out: Path, cfg: RunConfig, opts: RunOptions, method: Method, splits, device: torch.device,
+                 world: World | None, plan: Plan | None, interrupt: _Interrupt, progress: dict[str, Any],
+                 history: list[dict[str, Any]]):
+        self.out, self.cfg, self.opts, self.method, self.splits = out, cfg, opts, method, splits
+        self.device, self.world, self.plan, self.interrupt = device, world, plan, interrupt
+        self.progress, self.history = progress, history
+        self.writer = world is None or world.is_main
+        self.steps_per_epoch = math.ceil(len(splits.train) / _global_batch(world, cfg.train.batch_size))
+        # Memory is measured on a real step once optimiser state exists: the second step of a
+        # fresh run, or the first after a resume (or the next one with images, under torchrun;
+        # or a later one, where fp16's GradScaler skipped the first steps).
+        self.measure_at = None if plan is None else progress["step"] + (1 if progress["step"] == 0 else 0)
+        self.epoch, self.t0 = 0, 0.0   # the epoch under way, and when its training (re)started
+
+    def agreed_signal(self) -> int | None:
+        """The signal that stops the run, if any. Under torchrun, every rank asks at the same
+        points (before each step, at each epoch's end) and gets the same answer, so all stop
+        at one step, where rank 0 saves; with one process, this process's signal."""
+        signum = self.interrupt.signum
+        return signum if self.world is None else self.world.max_signal(signum)
+
+    def check_finite(self, ep: EpochProgress, step: int) -> None:
+        """Stop if a loss went non-finite: the epoch's running sums carry any bad step, so
+        checking them before each save (and every PROGRESS_EVERY steps) is enough, and each
+        step needs no device sync of its own."""
+        bad = self.method.nonfinite_losses(ep.loss_sum, ep.head_sum)
+        if bad:
+            raise UserError(f"the loss of {', '.join(bad)} became non-finite in epoch {self.epoch} by step {step}; "
+                            f"stopped, and the last good checkpoint in {self.out} is kept (try a lower --lr)")
+
+    def save_partial(self, ep: EpochProgress, step: int, seconds: float) -> None:
+        """The state mid-epoch: ``ep``'s batches done, in ``seconds`` of training."""
+        now = EpochProgress(ep.batches, ep.seen, ep.loss_sum, ep.correct, ep.head_sum, seconds)
+        save_state(self.out, self.method.net, self.method.state_dict(),
+                   {**self.progress, "step": step, "partial": now.to_dict(), "scalers": self.method.scaler_state()})
+
+    def interrupted(self, step: int, signum: int) -> Interrupted:
+        return Interrupted(f"interrupted ({signal.Signals(signum).name}) at epoch {self.epoch}, step {step}; "
+                           f"the state is saved in {self.out}: continue with --resume --out {self.out}", signum)
+
+    def checkpoint(self, ep: EpochProgress, step: int) -> None:
+        """Check and save (rank 0) the state after ``step``, the last one done."""
+        self.check_finite(ep, step)
+        if self.writer:
+            self.save_partial(ep, step, ep.seconds + time.perf_counter() - self.t0)
+
+    def before_step(self, ep: EpochProgress, step: int) -> None:
+        """Stop after ``step`` where a signal came. Every rank asks once its next batch is in
+        hand, or its loader has stopped on the signal, and before the step's first
+        collective: so all ranks stop at one step, even one whose DataLoader workers the
+        signal ended (torchrun signals each rank's process group, workers and all)."""
+        signum = self.agreed_signal()
+        if signum:
+            self.checkpoint(ep, step)
+            raise self.interrupted(step, signum)
+
+    def after_step(self, ep: EpochProgress, step: int) -> None:
+        if self.opts.checkpoint_every and step % self.opts.checkpoint_every == 0:
+            self.checkpoint(ep, step)
+        elif step % PROGRESS_EVERY == 0:
+            self.check_finite(ep, step)
+
+    def run(self) -> None:
+        """Train every epoch not done yet; validate, select and save after each."""
+        tc = self.cfg.train
+        for epoch in range(self.progress["epoch"] + 1, tc.epochs + 1):
+            self.epoch, partial = epoch, self.progress.get("partial")
+            ep = (EpochProgress.from_dict(partial, self.device) if partial else
+                  EpochProgress.start(len(self.method.net.layers), self.device))
+            pbar = None if self.opts.quiet else progress_bar(self.steps_per_epoch, f"epoch {epoch}/{tc.epochs}",
+                                                             ep.batches)
+            self.t0 = time.perf_counter()
+            step, lr, measured = _run_epoch(self.method, self.cfg, self.splits, self.device, epoch,
+                                            self.progress["step"], tc.epochs * self.steps_per_epoch, pbar, ep,
+                                            self.before_step, self.after_step, self.measure_at, self.opts.workers,
+                                            self.world, stop=lambda: self.interrupt.requested)
+            self.check_finite(ep, step)
+            if measured is not None:
+                self.measure_at = None
+            memory = self.progress.get("memory")
+            if measured is not None or (self.plan is not None and memory is None):   # the plan alone until measured
+                memory = _memory_record(self.plan, measured, tc.memory_budget, self.method.precision,
+                                        self.method.offloader is not None)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = ep.seconds + time.perf_counter() - self.t0
+            if pbar is not None:
+                pbar.close()
+            self._end_epoch(ep, step, lr, seconds, memory)
+
+    def _end_epoch(self, ep: EpochProgress, step: int, lr: float, seconds: float, memory: dict[str, Any] | None) -> None:
+        """Validate the epoch just trained; on rank 0, record it, keep the model where it is the
+        best so far, and save the state; then stop where a signal came."""
+        try:   # under torchrun every rank validates its block of the split
+            val = evaluate(self.method.net, self.splits.val, self.device, type(self.method),
+                           offloader=self.method.offloader, workers=self.opts.workers,
+                           label=None if self.opts.quiet else "validation", stop=lambda: self.interrupt.requested,
+                           world=self.world)
+        except Stopped:   # a signal during validation: the epoch's training is kept, --resume validates
+            if self.writer:
+                self.save_partial(ep, step, seconds)
+            raise self.interrupted(step, self.agreed_signal()) from None
+        if not self.writer:   # rank 0 selects and writes; the weights are the same everywhere
+            self.progress = {**self.progress, "epoch": self.epoch, "step": step, "partial": None}
+        else:
+            self._record_epoch(ep, step, lr, seconds, memory, val)
+        # a signal during validation's last batch: the epoch's state is saved (by rank 0, before
+        # the other ranks hear of it)
+        signum = self.agreed_signal()
+        if signum:
+            raise self.interrupted(step, signum)
+
+    def _record_epoch(self, ep: EpochProgress, step: int, lr: float, seconds: float, memory: dict[str, Any] | None,
+                      val: Accuracy) -> None:
+        """Rank 0's end of an epoch: metrics, selection on validation, checkpoints, plot, line."""
+        tc, out, net, progress = self.cfg.train, self.out, self.method.net, self.progress
+        record = _epoch_record(self.epoch, lr, seconds, ep.seen, ep.loss_sum, ep.correct, ep.head_sum, val)
+        score = val.strategy(self.method.select, best_layer(val.layers))
+        progress = {"epoch": self.epoch, "step": step, "train_seconds": progress["train_seconds"] + seconds,
+                    "best": progress["best"], "best_epoch": progress["best_epoch"], "memory": memory,
+                    "scalers": self.method.scaler_state(), "partial": None}
+        if score > progress["best"]:
+            progress.update(best=score, best_epoch=self.epoch)
+            save_model(out, net, self.cfg, {"epoch": self.epoch, "val_accuracy": score})
+        self.progress = progress
+        self.history.append(record)
+        write_metrics(out / "metrics.jsonl", self.history)
+        save_state(out, net, self.method.state_dict(), progress)
+        plot_layer_accuracy(self.history, out / "layer_accuracy.png",
+                            f"{tc.method} {self.cfg.model.arch} on {self.cfg.data.dataset}")
+        if not self.opts.quiet:
+            print(_epoch_line(f"{self.epoch}/{tc.epochs}", seconds, ep.seen, val, progress["best_epoch"] == self.epoch))
+
+
 def _train(cfg: RunConfig, opts: RunOptions, device: torch.device, world: World | None) -> dict[str, Any]:
     """train() once the process group (if any) is joined; every rank but 0 returns {}."""
     out = Path(opts.out)
@@ -385,10 +529,6 @@ def _train(cfg: RunConfig, opts: RunOptions, device: torch.device, world: World 
     method = make_method(net, cfg.train, precision, device.type)
     method.world = world
     plan = configure_streaming(cfg, method, device)
-    off = method.offloader
-    tc = cfg.train
-    steps_per_epoch = math.ceil(len(splits.train) / _global_batch(world, tc.batch_size))
-    total = tc.epochs * steps_per_epoch
     opts = replace(opts, quiet=opts.quiet or not writer)
 
     progress: dict[str, Any] = {"epoch": 0, "step": 0, "train_seconds": 0.0, "best": -1.0, "best_epoch": 0,
@@ -409,123 +549,20 @@ def _train(cfg: RunConfig, opts: RunOptions, device: torch.device, world: World 
                         f"{progress['epoch']}; restore it, or train anew with --force")
 
     if not opts.quiet:
-        print(_run_header(cfg, splits, device, precision, plan, off is not None,
+        print(_run_header(cfg, splits, device, precision, plan, method.offloader is not None,
                           (out, progress) if opts.resume else None))
-    # Memory is measured on a real step once optimiser state exists: the second step of a
-    # fresh run, or the first after a resume (or the next one with images, under torchrun;
-    # or a later one, where fp16's GradScaler skipped the first steps).
-    measure_at = None if plan is None else progress["step"] + (1 if progress["step"] == 0 else 0)
     with _Interrupt() as interrupt:
-
-        def agreed_signal() -> int | None:
-            """The signal that stops the run, if any. Under torchrun, every rank asks at the same
-            points (before each step, at each epoch's end) and gets the same answer, so all stop
-            at one step, where rank 0 saves; with one process, this process's signal."""
-            return interrupt.signum if world is None else world.max_signal(interrupt.signum)
-
-        for epoch in range(progress["epoch"] + 1, tc.epochs + 1):
-            partial = progress.get("partial")
-            ep = (EpochProgress.from_dict(partial, device) if partial else
-                  EpochProgress.start(len(net.layers), device))
-            pbar = None if opts.quiet else progress_bar(steps_per_epoch, f"epoch {epoch}/{tc.epochs}", ep.batches)
-            t0 = time.perf_counter()
-
-            def check_finite(ep: EpochProgress, step: int, epoch=epoch) -> None:
-                """Stop if a loss went non-finite: the epoch's running sums carry any bad step,
-                so checking them before each save (and every PROGRESS_EVERY steps) is enough,
-                and each step needs no device sync of its own."""
-                bad = method.nonfinite_losses(ep.loss_sum, ep.head_sum)
-                if bad:
-                    raise UserError(f"the loss of {', '.join(bad)} became non-finite in epoch {epoch} by step {step}; "
-                                    f"stopped, and the last good checkpoint in {out} is kept (try a lower --lr)")
-
-            def save_partial(ep: EpochProgress, step: int, seconds: float) -> None:
-                """The state mid-epoch: ``ep``'s batches done, in ``seconds`` of training."""
-                now = EpochProgress(ep.batches, ep.seen, ep.loss_sum, ep.correct, ep.head_sum, seconds)
-                save_state(out, net, method.state_dict(), {**progress, "step": step, "partial": now.to_dict(),
-                                                            "scalers": method.scaler_state()})
-
-            def interrupted(step: int, signum: int, epoch=epoch) -> Interrupted:
-                return Interrupted(f"interrupted ({signal.Signals(signum).name}) at epoch {epoch}, step {step}; "
-                                   f"the state is saved in {out}: continue with --resume --out {out}", signum)
-
-            def checkpoint(ep: EpochProgress, step: int, t0=t0) -> None:
-                """Check and save (rank 0) the state after ``step``, the last one done."""
-                check_finite(ep, step)
-                if writer:
-                    save_partial(ep, step, ep.seconds + time.perf_counter() - t0)
-
-            def before_step(ep: EpochProgress, step: int) -> None:
-                """Stop after ``step`` where a signal came. Every rank asks once its next batch is
-                in hand, or its loader has stopped on the signal, and before the step's first
-                collective: so all ranks stop at one step, even one whose DataLoader workers
-                the signal ended (torchrun signals each rank's process group, workers and all)."""
-                signum = agreed_signal()
-                if signum:
-                    checkpoint(ep, step)
-                    raise interrupted(step, signum)
-
-            def after_step(ep: EpochProgress, step: int) -> None:
-                if opts.checkpoint_every and step % opts.checkpoint_every == 0:
-                    checkpoint(ep, step)
-                elif step % PROGRESS_EVERY == 0:
-                    check_finite(ep, step)
-
-            step, lr, measured = _run_epoch(method, cfg, splits, device, epoch, progress["step"], total, pbar, ep,
-                                            before_step, after_step, measure_at, opts.workers, world,
-                                            stop=lambda: interrupt.requested)
-            check_finite(ep, step)
-            if measured is not None:
-                measure_at = None
-            memory = progress.get("memory")
-            if measured is not None or (plan is not None and memory is None):   # the plan alone until measured
-                memory = _memory_record(plan, measured, tc.memory_budget, precision, off is not None)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            seconds = ep.seconds + time.perf_counter() - t0
-            if pbar is not None:
-                pbar.close()
-            try:   # under torchrun every rank validates its block of the split
-                val = evaluate(net, splits.val, device, type(method), offloader=off, workers=opts.workers,
-                               label=None if opts.quiet else "validation", stop=lambda: interrupt.requested,
-                               world=world)
-            except Stopped:   # a signal during validation: the epoch's training is kept, --resume validates
-                if writer:
-                    save_partial(ep, step, seconds)
-                raise interrupted(step, agreed_signal()) from None
-            if not writer:   # rank 0 selects and writes; the weights are the same everywhere
-                progress = {**progress, "epoch": epoch, "step": step, "partial": None}
-                signum = agreed_signal()   # with rank 0, once it has saved
-                if signum:
-                    raise interrupted(step, signum)
-                continue
-            record = _epoch_record(epoch, lr, seconds, ep.seen, ep.loss_sum, ep.correct, ep.head_sum, val)
-            score = val.strategy(method.select, best_layer(val.layers))
-            progress = {"epoch": epoch, "step": step, "train_seconds": progress["train_seconds"] + seconds,
-                        "best": progress["best"], "best_epoch": progress["best_epoch"], "memory": memory,
-                        "scalers": method.scaler_state(), "partial": None}
-            if score > progress["best"]:
-                progress.update(best=score, best_epoch=epoch)
-                save_model(out, net, cfg, {"epoch": epoch, "val_accuracy": score})
-            history.append(record)
-            write_metrics(out / "metrics.jsonl", history)
-            save_state(out, net, method.state_dict(), progress)
-            plot_layer_accuracy(history, out / "layer_accuracy.png", f"{tc.method} {cfg.model.arch} on {cfg.data.dataset}")
-            if not opts.quiet:
-                print(_epoch_line(f"{epoch}/{tc.epochs}", seconds, ep.seen, val, progress["best_epoch"] == epoch))
-            signum = agreed_signal()   # a signal during validation's last batch: the epoch's state is saved
-            if signum:
-                raise interrupted(step, signum)
-
+        epochs = _Epochs(out, cfg, opts, method, splits, device, world, plan, interrupt, progress, history)
+        epochs.run()
         try:   # under torchrun every rank tests its block of the split
-            run_cfg, specs, test = test_selected(out, device, splits, off, opts.workers,
+            run_cfg, specs, test = test_selected(out, device, splits, method.offloader, opts.workers,
                                                  label=None if opts.quiet else "test",
                                                  stop=lambda: interrupt.requested, world=world)
         except Stopped:   # training is done and saved; --resume goes straight to the test
-            signum = agreed_signal()
+            signum = epochs.agreed_signal()
             raise Interrupted(f"interrupted ({signal.Signals(signum).name}) after training, while testing; "
                               f"the state is saved in {out}: finish with --resume --out {out}", signum) from None
-        return finish(out, history, progress, device, splits, run_cfg, specs, test, opts.quiet) if writer else {}
+        return finish(out, epochs.history, epochs.progress, device, splits, run_cfg, specs, test, opts.quiet) if writer else {}
 
 
 def test_selected(out: Path, device: torch.device, splits, offloader: Offloader | None = None, workers: int = 0,
