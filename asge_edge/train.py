@@ -204,60 +204,6 @@ class EpochProgress:
         return cls(d["batches"], d["seen"], t(d["loss_sum"]), t(d["correct"]), t(d["head_sum"]), d["seconds"])
 
 
-def _run_epoch(method: Method, cfg: RunConfig, splits, device, epoch: int, step: int, total: int, pbar,
-               ep: EpochProgress, before_step, after_step, measure_at: int | None = None, workers: int = 0,
-               world: World | None = None, stop: Callable[[], bool] | None = None) -> tuple:
-    """Train the batches of ``epoch`` that ``ep`` has not done yet, updating ``ep``.
-
-    The epoch's order and augmentation come from a generator seeded by (seed, epoch), and
-    the batches already done are drawn again and skipped, so a resumed epoch sees exactly
-    the batches an uninterrupted one would. ``before_step(ep, step)`` runs once the next
-    batch is in hand, before any of its work, with ``step`` the last step done; it stops
-    the run by raising. ``stop`` goes to ``batches``: where the loader fails after a signal
-    (its workers ended with it), ``before_step`` runs once more and must raise, as the
-    signal is this process's. ``after_step(ep, step)`` runs after each step (checks and
-    checkpoints); the first step numbered ``measure_at`` or later whose part of the batch is
-    not empty, once every optimiser has stepped (``method.state_ready``), also measures
-    memory. Under torchrun every process draws the same global batch and reads and trains
-    on its part alone, which may be empty in a short last batch.
-    Returns (global step, last lr, memory measurement or None).
-    """
-    tc = cfg.train
-    lr0, lr_min = cfg.lr_range
-    lr, measured = cosine_lr(max(step - 1, 0), total, lr0, lr_min), None   # the last step's, where none is left
-    gen = _epoch_generator(tc.seed, epoch)
-    size = _global_batch(world, tc.batch_size)
-    part = (0, 1) if world is None else world.part
-    loader = batches(splits.train, size, gen, cfg.data.augment, workers, stop, part)
-    for b, batch in enumerate(_until_stopped(loader)):
-        if batch is not None and b < ep.batches:
-            continue
-        before_step(ep, step)   # raises where a signal came, as it must have where batch is None
-        x, y = batch
-        lr = cosine_lr(step, total, lr0, lr_min)
-        method.set_lr(lr)
-        n = min(size, len(splits.train) - b * size)   # the global batch's images, this rank's part among them
-        x, y = to_device(x, y, device)
-        if measure_at is not None and step >= measure_at and measured is None and len(y) and method.state_ready:
-            stats, measured = measure_step(method, x, y)
-        else:
-            stats = method.train_step(x, y)
-        ep.loss_sum += stats.layer_loss
-        ep.correct += stats.layer_correct
-        ep.head_sum += stats.head_loss
-        ep.seen += n
-        ep.batches += 1
-        step += 1
-        after_step(ep, step)
-        if pbar is not None:
-            pbar.update(1)
-            if ep.batches == 1 or step % PROGRESS_EVERY == 0:   # from each epoch's first step on
-                # the first step's losses are drawn at once, later ones at the next update: an
-                # epoch shorter than tqdm's refresh interval would otherwise never show any
-                pbar.set_postfix_str(_progress_postfix(ep.loss_sum, ep.head_sum, ep.seen), refresh=ep.batches == 1)
-    return step, lr, measured
-
-
 def _until_stopped(loader: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[tuple | None]:
     """The loader's batches, then None where it raised ``Stopped``: a signal ended its workers."""
     try:
@@ -439,6 +385,60 @@ class _Epochs:
         elif step % PROGRESS_EVERY == 0:
             self.check_finite(ep, step)
 
+    def train_epoch(self, ep: EpochProgress, pbar) -> tuple[int, float, Measurement | None]:
+        """Train the batches of the current epoch that ``ep`` has not done yet, updating ``ep``.
+
+        The epoch's order and augmentation come from a generator seeded by (seed, epoch), and
+        the batches already done are drawn again and skipped, so a resumed epoch sees exactly
+        the batches an uninterrupted one would. ``before_step`` runs once the next batch is in
+        hand, before any of its work; it stops the run by raising. Where the loader fails
+        after a signal (its workers ended with it), ``before_step`` runs once more and raises,
+        as the signal is this process's. ``after_step`` runs after each step (checks and
+        checkpoints). The first step numbered ``measure_at`` or later whose part of the batch
+        is not empty, once every optimiser has stepped (``method.state_ready``), also measures
+        memory. Under torchrun every process draws the same global batch and reads and trains
+        on its part alone, which may be empty in a short last batch.
+
+        Returns:
+            (global step, last lr, memory measurement or None).
+        """
+        method, tc, world, n_train = self.method, self.cfg.train, self.world, len(self.splits.train)
+        step, total = self.progress["step"], tc.epochs * self.steps_per_epoch
+        lr0, lr_min = self.cfg.lr_range
+        lr, measured = cosine_lr(max(step - 1, 0), total, lr0, lr_min), None   # the last step's, where none is left
+        size = _global_batch(world, tc.batch_size)
+        loader = batches(self.splits.train, size, _epoch_generator(tc.seed, self.epoch), self.cfg.data.augment,
+                         self.opts.workers, lambda: self.interrupt.requested, (0, 1) if world is None else world.part)
+        for b, batch in enumerate(_until_stopped(loader)):
+            if batch is not None and b < ep.batches:
+                continue
+            self.before_step(ep, step)   # raises where a signal came, as it must have where batch is None
+            x, y = batch
+            lr = cosine_lr(step, total, lr0, lr_min)
+            method.set_lr(lr)
+            n = min(size, n_train - b * size)   # the global batch's images, this rank's part among them
+            x, y = to_device(x, y, self.device)
+            if (self.measure_at is not None and step >= self.measure_at and measured is None and len(y)
+                    and method.state_ready):
+                stats, measured = measure_step(method, x, y)
+            else:
+                stats = method.train_step(x, y)
+            ep.loss_sum += stats.layer_loss
+            ep.correct += stats.layer_correct
+            ep.head_sum += stats.head_loss
+            ep.seen += n
+            ep.batches += 1
+            step += 1
+            self.after_step(ep, step)
+            if pbar is not None:
+                pbar.update(1)
+                if ep.batches == 1 or step % PROGRESS_EVERY == 0:   # from each epoch's first step on
+                    # the first step's losses are drawn at once, later ones at the next update: an
+                    # epoch shorter than tqdm's refresh interval would otherwise never show any
+                    pbar.set_postfix_str(_progress_postfix(ep.loss_sum, ep.head_sum, ep.seen),
+                                         refresh=ep.batches == 1)
+        return step, lr, measured
+
     def run(self) -> None:
         """Train every epoch not done yet; validate, select and save after each."""
         tc = self.cfg.train
@@ -449,10 +449,7 @@ class _Epochs:
             pbar = None if self.opts.quiet else progress_bar(self.steps_per_epoch, f"epoch {epoch}/{tc.epochs}",
                                                              ep.batches)
             self.t0 = time.perf_counter()
-            step, lr, measured = _run_epoch(self.method, self.cfg, self.splits, self.device, epoch,
-                                            self.progress["step"], tc.epochs * self.steps_per_epoch, pbar, ep,
-                                            self.before_step, self.after_step, self.measure_at, self.opts.workers,
-                                            self.world, stop=lambda: self.interrupt.requested)
+            step, lr, measured = self.train_epoch(ep, pbar)
             self.check_finite(ep, step)
             if measured is not None:
                 self.measure_at = None

@@ -168,17 +168,17 @@ def test_progress_bar_into_a_log_is_not_redrawn_by_tqdms_monitor(monkeypatch):
 
 def _interrupted_in_epoch_2(monkeypatch, args, out):
     """Run ``train args --out out``, interrupted as epoch 2 starts (exit 130)."""
-    import asge_edge.train as train_mod
-    real = train_mod._run_epoch
+    from asge_edge.train import _Epochs
+    real = _Epochs.train_epoch
 
-    def crash_on_epoch_2(method, cfg, splits, device, epoch, *rest, **options):
-        if epoch == 2:
+    def crash_on_epoch_2(self, *rest):
+        if self.epoch == 2:
             raise KeyboardInterrupt
-        return real(method, cfg, splits, device, epoch, *rest, **options)
+        return real(self, *rest)
 
-    monkeypatch.setattr(train_mod, "_run_epoch", crash_on_epoch_2)
+    monkeypatch.setattr(_Epochs, "train_epoch", crash_on_epoch_2)
     assert main(["train", *args, "--out", str(out)]) == 130
-    monkeypatch.setattr(train_mod, "_run_epoch", real)
+    monkeypatch.setattr(_Epochs, "train_epoch", real)
 
 
 def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypatch):
