@@ -96,6 +96,7 @@ class Method(ABC):
     strategies: ClassVar[tuple[str, ...]]   # prediction strategies this method trains
     layer_losses: ClassVar[bool]            # whether every layer has a loss of its own
     select: ClassVar[str]                   # the strategy whose validation accuracy picks the checkpoint
+    streams: ClassVar[bool]                 # trains a layer at a time in micro-batches (--memory-budget, --offload)
 
     def __init__(self, net: ASGENet, cfg: TrainConfig, precision: str = "fp32", device_type: str | None = None):
         self.net = net
@@ -222,6 +223,7 @@ class ASGEMethod(Method):
     strategies = ("fusion", "last", "best")
     layer_losses = True
     select = "fusion"
+    streams = True
 
     def __init__(self, net: ASGENet, cfg: TrainConfig, precision: str = "fp32", device_type: str | None = None):
         super().__init__(net, cfg, precision, device_type)
@@ -361,6 +363,7 @@ class BPMethod(Method):
     strategies = ("last",)
     layer_losses = False
     select = "last"
+    streams = False
 
     def __init__(self, net: ASGENet, cfg: TrainConfig, precision: str = "fp32", device_type: str | None = None):
         super().__init__(net, cfg, precision, device_type)

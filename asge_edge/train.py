@@ -54,7 +54,7 @@ from .errors import Interrupted, UserError
 from .budget import format_size
 from .evaluate import Accuracy, best_layer, evaluate, trained_predictors
 from .memory import Measurement, measure_step
-from .methods import HEADS, METHODS, ASGEMethod, Method, make_method
+from .methods import HEADS, METHODS, Method, make_method
 from .offload import Offloader, make_offloader
 from .planner import BudgetTooSmall, Plan, plan_memory
 from .runlock import LOCK_FILE, run_lock
@@ -144,7 +144,7 @@ def configure_streaming(cfg: RunConfig, method: Method, device: torch.device) ->
     Returns:
         The plan, or None for methods that do not stream (they refuse a budget and --offload).
     """
-    if not isinstance(method, ASGEMethod):
+    if not method.streams:
         for flag, given in (("--memory-budget", cfg.train.memory_budget is not None), ("--offload", cfg.train.offload)):
             if given:
                 raise UserError(f"{flag} streams ASGE layer by layer; --method {cfg.train.method} cannot stream, drop {flag}")
