@@ -313,8 +313,9 @@ def _epoch_line(epoch: str, seconds: float, images: int, val: Accuracy, best: bo
     return " | ".join(parts) + (" *" if best else "")
 
 
-class _Epochs:
-    """The epoch loop of one run, and what it does at each step boundary and epoch end.
+class _Run:
+    """One run once it is set up: the epoch loop, what it does at each step boundary and
+    epoch end, and the test of the selected checkpoint.
 
     It owns the run's ``progress`` (epoch, global step, training seconds, best validation
     score and its epoch, the memory record, optimiser scalers and, mid-epoch, the epoch's
@@ -439,7 +440,7 @@ class _Epochs:
                                          refresh=ep.batches == 1)
         return step, lr, measured
 
-    def run(self) -> None:
+    def train(self) -> None:
         """Train every epoch not done yet; validate, select and save after each."""
         tc = self.cfg.train
         for epoch in range(self.progress["epoch"] + 1, tc.epochs + 1):
@@ -507,6 +508,22 @@ class _Epochs:
         if not self.opts.quiet:
             print(_epoch_line(f"{self.epoch}/{tc.epochs}", seconds, ep.seen, val, progress["best_epoch"] == self.epoch))
 
+    def test(self) -> dict[str, Any]:
+        """Test the selected checkpoint, every rank its block of the split; on rank 0, write
+        summary.json and print the table. Returns the summary (rank 0) or {} (the others)."""
+        try:
+            cfg, specs, test = test_selected(self.out, self.device, self.splits, self.method.offloader,
+                                             self.opts.workers, label=None if self.opts.quiet else "test",
+                                             stop=lambda: self.interrupt.requested, world=self.world)
+        except Stopped:   # training is done and saved; --resume goes straight to the test
+            signum = self.agreed_signal()
+            raise Interrupted(f"interrupted ({signal.Signals(signum).name}) after training, while testing; the "
+                              f"state is saved in {self.out}: finish with --resume --out {self.out}", signum) from None
+        if not self.writer:
+            return {}
+        return finish(self.out, self.history, self.progress, self.device, self.splits, cfg, specs, test,
+                      self.opts.quiet)
+
 
 def _train(cfg: RunConfig, opts: RunOptions, device: torch.device, world: World | None) -> dict[str, Any]:
     """train() once the process group (if any) is joined; every rank but 0 returns {}."""
@@ -549,17 +566,9 @@ def _train(cfg: RunConfig, opts: RunOptions, device: torch.device, world: World 
         print(_run_header(cfg, splits, device, precision, plan, method.offloader is not None,
                           (out, progress) if opts.resume else None))
     with _Interrupt() as interrupt:
-        epochs = _Epochs(out, cfg, opts, method, splits, device, world, plan, interrupt, progress, history)
-        epochs.run()
-        try:   # under torchrun every rank tests its block of the split
-            run_cfg, specs, test = test_selected(out, device, splits, method.offloader, opts.workers,
-                                                 label=None if opts.quiet else "test",
-                                                 stop=lambda: interrupt.requested, world=world)
-        except Stopped:   # training is done and saved; --resume goes straight to the test
-            signum = epochs.agreed_signal()
-            raise Interrupted(f"interrupted ({signal.Signals(signum).name}) after training, while testing; "
-                              f"the state is saved in {out}: finish with --resume --out {out}", signum) from None
-        return finish(out, epochs.history, epochs.progress, device, splits, run_cfg, specs, test, opts.quiet) if writer else {}
+        run = _Run(out, cfg, opts, method, splits, device, world, plan, interrupt, progress, history)
+        run.train()
+        return run.test()
 
 
 def test_selected(out: Path, device: torch.device, splits, offloader: Offloader | None = None, workers: int = 0,

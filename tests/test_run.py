@@ -168,17 +168,17 @@ def test_progress_bar_into_a_log_is_not_redrawn_by_tqdms_monitor(monkeypatch):
 
 def _interrupted_in_epoch_2(monkeypatch, args, out):
     """Run ``train args --out out``, interrupted as epoch 2 starts (exit 130)."""
-    from asge_edge.train import _Epochs
-    real = _Epochs.train_epoch
+    from asge_edge.train import _Run
+    real = _Run.train_epoch
 
     def crash_on_epoch_2(self, *rest):
         if self.epoch == 2:
             raise KeyboardInterrupt
         return real(self, *rest)
 
-    monkeypatch.setattr(_Epochs, "train_epoch", crash_on_epoch_2)
+    monkeypatch.setattr(_Run, "train_epoch", crash_on_epoch_2)
     assert main(["train", *args, "--out", str(out)]) == 130
-    monkeypatch.setattr(_Epochs, "train_epoch", real)
+    monkeypatch.setattr(_Run, "train_epoch", real)
 
 
 def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypatch):
