@@ -5,7 +5,8 @@ batch (raw uint8 pixels ``x`` (B, C, H, W), which ``ASGENet.normalize`` scales, 
 ``y`` (B,)) into parameter updates via
 ``train_step``, returning per-layer statistics. It knows nothing of epochs, data,
 evaluation, checkpoints or progress bars: the trainer owns those. New local-learning
-methods (block-wise hybrids, Forward-Forward variants) subclass ``Method``, make their
+methods (block-wise hybrids, Forward-Forward variants) subclass ``Method``, set its class
+attributes (``name``, ``strategies``, ``layer_losses``, ``select``, ``streams``), make their
 optimisers with ``_add_optimizer`` (so that ``state_ready`` sees them step), and are
 added to ``METHODS``; the trainer needs no change.
 
