@@ -104,6 +104,10 @@ def export_run(run_dir: Path, opts: ExportOptions) -> dict[str, Any]:
     """Export a run; see the module docstring. Raises UserError on bad input."""
     if opts.fmt not in FORMATS:
         raise UserError(f"unknown --format {opts.fmt!r}: use onnx, tensorrt or c")
+    if opts.exits is None and opts.threshold != "auto":
+        raise UserError("--threshold sets a cascade's exit confidence; add --exits (all, or the layers such as 2,4)")
+    if opts.fmt == "c" and opts.half:
+        raise UserError("--format c writes fp32 weights, which firmware_sim computes with; drop --half")
     cfg, net, summary = load_asge_run(Path(run_dir), opts.data_root)
     if opts.exits is not None:
         if opts.fmt != "onnx":
@@ -234,6 +238,9 @@ def infer(target: Path, images_path: Path, threshold: float | None = None) -> di
     else:
         if not target.is_file():
             raise UserError(f"{target} does not exist; pass a .onnx file or a cascade directory")
+        if threshold is not None:
+            raise UserError(f"--threshold sets a cascade's exit confidence, and {target} is one model; "
+                            "drop --threshold, or pass a cascade directory")
         meta = read_metadata(target)
         if "input_shape" not in meta:
             raise UserError(f"{target} carries no asge-edge metadata; export it with 'asge-edge export'")

@@ -166,6 +166,8 @@ def test_half_parity_passes_correct_exports(tmp_path, arch, width, alpha, pool, 
     (["--exits", "all", "--format", "c"], "ONNX stages only"),
     (["--exits", "all", "--early-exit"], "give one of them"),
     (["--early-exit", "--opset", "16"], "use 17.."),
+    (["--early-exit", "--threshold", "0.9"], "add --exits"),
+    (["--early-exit", "--format", "c", "--half"], "drop --half"),
 ])
 def test_bad_export_arguments_exit_2_with_one_line(tiny_run, capsys, args, needle):
     assert main(["export", str(tiny_run), *args]) == 2
@@ -344,6 +346,15 @@ def test_infer_refuses_the_wrong_image_shape(exit_model, tmp_path, capsys):
     assert main(["infer", str(exit_model), "--images", str(tmp_path / "x.npy")]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "expects (B, 1, 16, 16)" in err
+
+
+
+def test_infer_refuses_a_threshold_for_one_model(exit_model, tmp_path, capsys):
+    """--threshold is a cascade's: given with one model, it would change nothing, so it is refused."""
+    np.save(tmp_path / "x.npy", np.zeros((2, 1, 16, 16), np.float32))
+    assert main(["infer", str(exit_model), "--images", str(tmp_path / "x.npy"), "--threshold", "0.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "drop --threshold" in err
 
 
 @pytest.mark.parametrize("name,content,needle", [
