@@ -351,8 +351,10 @@ class _Run:
         step needs no device sync of its own."""
         bad = self.method.nonfinite_losses(ep.loss_sum, ep.head_sum)
         if bad:
+            kept = (f"the last good checkpoint in {self.out} is kept" if (self.out / STATE_FILE).is_file() else
+                    "before any checkpoint was saved")
             raise UserError(f"the loss of {', '.join(bad)} became non-finite in epoch {self.epoch} by step {step}; "
-                            f"stopped, and the last good checkpoint in {self.out} is kept (try a lower --lr)")
+                            f"stopped, {kept} (try a lower --lr)")
 
     def save_partial(self, ep: EpochProgress, step: int, seconds: float) -> None:
         """The state mid-epoch: ``ep``'s batches done, in ``seconds`` of training."""

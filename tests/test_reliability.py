@@ -206,8 +206,24 @@ def test_nan_loss_stops_naming_the_layer_and_keeps_the_last_good_state(monkeypat
     out = tmp_path / "run"
     assert main(["train", *TINY_RUN, "--checkpoint-every", "2", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "layer 3" in err and "non-finite" in err
+    assert "\n" not in err and "layer 3" in err and "non-finite" in err and "the last good checkpoint" in err
     assert run_progress(out)["step"] == 4   # the checkpoint before the bad step
+
+
+def test_nan_loss_before_any_checkpoint_says_that_none_was_saved(monkeypatch, capsys, tmp_path):
+    original = ASGEMethod.train_step
+
+    def poisoned(self, x, y):
+        stats = original(self, x, y)
+        stats.layer_loss[0] = float("nan")
+        return stats
+
+    monkeypatch.setattr(ASGEMethod, "train_step", poisoned)
+    out = tmp_path / "run"
+    assert main(["train", *TINY_RUN, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "layer 1" in err and "before any checkpoint was saved" in err, err
+    assert not (out / "state.safetensors").exists()
 
 
 def _one_line(capsys, argv, needle):
