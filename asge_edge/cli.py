@@ -211,7 +211,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     x.add_argument("--format", default="onnx", choices=("onnx", "tensorrt", "c"), dest="fmt",
                    help="onnx; tensorrt (an engine, or the trtexec command); c (model.bin + model.h for firmware_sim)")
     x.add_argument("--opset", type=_positive_int, default=18)
-    x.add_argument("--half", action="store_true", help="onnx, tensorrt and cascades: fp16 convs; squares, goodness and LayerNorm stay fp32")
+    x.add_argument("--half", action="store_true",
+                   help="onnx, tensorrt and cascades: fp16 convs; squares, goodness and LayerNorm stay fp32")
     x.add_argument("--out", default=None, help="output file, or a folder to write it in (an existing one, or one "
                    "named with a trailing /; c and cascade: always a folder); default in RUN_DIR")
     x.add_argument("--exits", default=None, metavar="all|1,3,5", help="write a multi-exit cascade with these exits")

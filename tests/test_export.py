@@ -348,7 +348,6 @@ def test_infer_refuses_the_wrong_image_shape(exit_model, tmp_path, capsys):
     assert "\n" not in err and "expects (B, 1, 16, 16)" in err
 
 
-
 def test_infer_refuses_a_threshold_for_one_model(exit_model, tmp_path, capsys):
     """--threshold is a cascade's: given with one model, it would change nothing, so it is refused."""
     np.save(tmp_path / "x.npy", np.zeros((2, 1, 16, 16), np.float32))
