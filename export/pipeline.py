@@ -118,20 +118,17 @@ def export_run(run_dir: Path, opts: ExportOptions) -> dict[str, Any]:
     n = len(net.layers)
     if opts.exit_layer is not None and not opts.early_exit:
         raise UserError("--exit-layer picks the early exit; add --early-exit")
+    if opts.fmt == "c" and not opts.early_exit:
+        raise UserError("--format c exports the early-exit network; add --early-exit")
+    k = opts.exit_layer or summary["best_layer"]   # the early exit's layer
+    if opts.early_exit and not 1 <= k <= n:
+        raise UserError(f"--exit-layer {k} is out of range: this network has layers 1..{n}")
     shape = tuple(cfg.info.input_shape)
     if opts.fmt == "c":
-        if not opts.early_exit:
-            raise UserError("--format c exports the early-exit network; add --early-exit")
-        k = opts.exit_layer or summary["best_layer"]
-        if not 1 <= k <= n:
-            raise UserError(f"--exit-layer {k} is out of range: this network has layers 1..{n}")
         out = Path(opts.out) if opts.out else Path(run_dir) / "firmware"
         _make_dir(out)
         return {**write_c_model(net, k, out, str(run_dir)), "ok": True}
     if opts.early_exit:
-        k = opts.exit_layer or summary["best_layer"]
-        if not 1 <= k <= n:
-            raise UserError(f"--exit-layer {k} is out of range: this network has layers 1..{n}")
         module, reference = Stage(net, 0, k, half=opts.half), (lambda x: net.exit_logits(x, k))
         val = summary["layer_val_accuracy"][k - 1]
         meta = _metadata(cfg, summary, "best", k, val, opts.half)
