@@ -24,9 +24,11 @@ from .data import (DATASETS, FOLDER_IMAGE_SIZE, SYNTHETIC_CLASSES, SYNTHETIC_SHA
                    default_workers)
 from .device import AMP_MODES, DEVICES
 from .errors import Interrupted, UserError, out_of_memory
-from .models import PRESETS
+from .presets import EXAMPLE, PRESETS, canonical
 
 SIGPIPE_EXIT = 128 + 13   # what a shell reports for a writer that SIGPIPE stopped, as `yes | head` does
+MODEL_HELP = (f"{' or '.join(PRESETS)} (default vgg8), or your own layer list such as {EXAMPLE}: each number a "
+              "conv3x3 + ReLU layer of that many channels at --width 1, each P a 2x2 pool (--pool) after it")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -104,6 +106,13 @@ def _momentum(text: str) -> float:
     return v
 
 
+def _model(text: str) -> str:
+    try:
+        return canonical(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _size(text: str) -> int:
     try:
         return parse_size(text)
@@ -142,7 +151,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     d.add_argument("--workers", type=_non_negative_int, default=default_workers(),
                    help="imagefolder: DataLoader workers (default: one per CPU core, at most 4)")
     m = t.add_argument_group("model")
-    m.add_argument("--model", default="vgg8", choices=tuple(PRESETS))
+    m.add_argument("--model", type=_model, default="vgg8", metavar="ARCH", help=MODEL_HELP)
     m.add_argument("--width", type=_positive_float, default=1.0, help="channel multiplier (0.25: CPU-sized)")
     m.add_argument("--alpha", type=_non_negative_float, default=1.0, help="partition granularity (paper: 1.0)")
     m.add_argument("--pool", default="rms", choices=POOLS)
@@ -152,9 +161,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     o.add_argument("--batch-size", type=_positive_int, default=TrainConfig.batch_size)
     o.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS)
     o.add_argument("--lr", type=_positive_float, default=None,
-                   help="initial lr (default for AdamW: 2e-4 * clamp(100/epochs, 1, cap), the cap 15 up to "
-                   "--width 0.25 and 3.75/width above it, i.e. the paper's 2e-4 from 100 epochs on, and at 3 "
-                   "epochs 3e-3 at width 0.25 and 7.5e-4 at width 1; SGD: 0.05; see docs/RESULTS.md)")
+                   help="initial lr (default for AdamW: 2e-4 * clamp(100/epochs, 1, cap), the cap 15 where the "
+                   "widest layer has up to 128 channels (vgg8 at --width 0.25) and 15 * 128 / channels above, "
+                   "i.e. the paper's 2e-4 from 100 epochs on, and at 3 epochs 3e-3 for vgg8 at width 0.25 and "
+                   "7.5e-4 at width 1; SGD: 0.05; see docs/RESULTS.md)")
     o.add_argument("--lr-min", type=_positive_float, default=None, help="final lr of the cosine (default 1e-5)")
     o.add_argument("--weight-decay", type=_non_negative_float, default=None, help="default 1e-3 (AdamW), 1e-4 (SGD)")
     o.add_argument("--momentum", type=_momentum, default=TrainConfig.momentum, help="SGD momentum")
@@ -180,7 +190,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true", help="no progress bar or tables")
 
     pl = sub.add_parser("plan", help="show the memory plan of a streaming run (no data needed)")
-    pl.add_argument("--model", default="vgg8", choices=tuple(PRESETS))
+    pl.add_argument("--model", type=_model, default="vgg8", metavar="ARCH", help=MODEL_HELP)
     pl.add_argument("--width", type=_positive_float, default=1.0)
     pl.add_argument("--alpha", type=_non_negative_float, default=1.0)
     pl.add_argument("--pool", default="rms", choices=POOLS)

@@ -13,13 +13,15 @@ Defaults and where they come from:
   recipe for MNIST/F-MNIST/CIFAR ("Experiments").
 - lr: the paper's 2e-4 is tuned for 100-400 epochs and leaves a 3-epoch run far from
   convergence. With ``lr=None`` (the default) the run uses ``auto_lr(epochs, optimizer,
-  width)``: the paper's lr scaled by 100/epochs (constant lr x epochs), clamped to
-  [1, cap] x 2e-4. The cap is 15 (3e-3) up to width 0.25, the largest lr measured stable
-  there: at 1e-2 layers 5-7 collapse to 45-66% after one epoch. Above width 0.25 it
-  shrinks as 1/width, to no less than 1: under AdamW each weight moves by about the lr
-  whatever its fan-in, so a conv with k times the input channels moves its outputs about
-  k times as much per step. So 100 epochs or more get the paper's 2e-4 at any width. At
-  width 0.25, 10 epochs get 2e-3 and 3 epochs 3e-3; at width 1, both get 7.5e-4.
+  widest)``: the paper's lr scaled by 100/epochs (constant lr x epochs), clamped to
+  [1, cap] x 2e-4. The cap is 15 (3e-3) for nets whose widest layer has up to 128
+  channels, as VGG8 at width 0.25 does: the largest lr measured stable there (at 1e-2
+  layers 5-7 collapse to 45-66% after one epoch). Wider, it shrinks as 1/channels, to no
+  less than 1: under AdamW each weight moves by about the lr whatever its fan-in, so a
+  conv with k times the input channels moves its outputs about k times as much per step.
+  So 100 epochs or more get the paper's 2e-4 at any width. For VGG8 at width 0.25, 10
+  epochs get 2e-3 and 3 epochs 3e-3; at width 1 (512 channels), both get 7.5e-4. A layer
+  list of the user's (presets.py) follows the same rule by its own widest layer.
   docs/RESULTS.md has the runs behind these figures.
 - head_lr_scale: the Last and Fusion heads step at 3x the layers' lr. They chase features
   that move until the end of training; at 1x, Fusion ended 2.3 points below the best layer
@@ -37,13 +39,16 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from .presets import layer_list
+
 PAPER_LR = 2e-4             # paper, all datasets but ImageNet, 100 (F-MNIST) to 400 (CIFAR) epochs
 PAPER_EPOCHS = 100          # the schedule length PAPER_LR was tuned for
 PAPER_LR_MIN = 1e-5
 PAPER_WEIGHT_DECAY = 1e-3
 PAPER_BATCH = 128
 MAX_LR_SCALE = 15.0         # 15 x 2e-4 = 3e-3, the largest lr measured stable (docs/RESULTS.md)...
-MAX_LR_SCALE_WIDTH = 0.25   # ...at this width and below; wider nets get MAX_LR_SCALE x this / width
+MAX_LR_SCALE_CHANNELS = 128   # ...up to this many channels in the widest layer (VGG8 at width 0.25);
+                              # wider nets get MAX_LR_SCALE x this / their widest layer's channels
 HEAD_LR_SCALE = 3.0         # heads' lr / layers' lr, chosen on validation (docs/RESULTS.md)
 SGD_LR, SGD_LR_MIN, SGD_MOMENTUM, SGD_WEIGHT_DECAY = 0.05, 5e-4, 0.9, 1e-4   # paper, ImageNet
 
@@ -60,21 +65,21 @@ DATASET_ONLY = {"input_shape": "synthetic", "num_classes": "synthetic", "train_s
                 "image_size": "imagefolder"}
 
 
-def auto_lr(epochs: int, optimizer: str, width: float) -> float:
-    """Initial learning rate for a schedule of ``epochs`` epochs of a net of ``width`` (see
-    module docstring).
+def auto_lr(epochs: int, optimizer: str, widest: float) -> float:
+    """Initial learning rate for a schedule of ``epochs`` epochs of a net whose widest layer
+    has ``widest`` channels (ModelConfig.widest; see module docstring).
 
     SGD keeps the paper's ImageNet lr (0.05) whatever the length: it was tuned for 45 epochs.
     """
     if optimizer == "sgd":
         return SGD_LR
-    cap = min(MAX_LR_SCALE, max(1.0, MAX_LR_SCALE * MAX_LR_SCALE_WIDTH / width))
+    cap = min(MAX_LR_SCALE, max(1.0, MAX_LR_SCALE * MAX_LR_SCALE_CHANNELS / widest))
     return PAPER_LR * min(cap, max(1.0, PAPER_EPOCHS / max(1, epochs)))
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture: a preset layer list scaled by ``width``."""
+    """Architecture: a preset or the user's layer list (presets.py), scaled by ``width``."""
 
     arch: str = "vgg8"
     width: float = 1.0
@@ -82,7 +87,13 @@ class ModelConfig:
     pool: str = "rms"
 
     def __post_init__(self):
+        layer_list(self.arch)   # raises ValueError for neither a preset nor a layer list
         _check_choice("pool", self.pool, POOLS)
+
+    @property
+    def widest(self) -> float:
+        """Channels of the widest layer at this width, before rounding (what auto_lr reads)."""
+        return max(c for c, _ in layer_list(self.arch)) * self.width
 
 
 @dataclass(frozen=True)
@@ -116,7 +127,7 @@ class TrainConfig:
     epochs: int = 3
     batch_size: int = PAPER_BATCH
     optimizer: str = "adamw"
-    lr: float | None = None           # None: auto_lr(epochs, optimizer, the model's width)
+    lr: float | None = None           # None: auto_lr(epochs, optimizer, the model's widest layer)
     lr_min: float | None = None       # None: 1e-5 (AdamW) or 5e-4 (SGD)
     weight_decay: float | None = None  # None: 1e-3 (AdamW) or 1e-4 (SGD)
     momentum: float = SGD_MOMENTUM
@@ -131,15 +142,16 @@ class TrainConfig:
         _check_choice("method", self.method, METHODS)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
 
-    def lr_range(self, width: float) -> tuple[float, float]:
-        """(initial, final) lr of the cosine for a net of ``width``: --lr, else auto_lr; and
+    def lr_range(self, widest: float) -> tuple[float, float]:
+        """(initial, final) lr of the cosine for a net whose widest layer has ``widest``
+        channels: --lr, else auto_lr; and
         --lr-min, else the optimiser's default capped at the initial lr (a small --lr alone
         must not anneal upwards).
 
         Raises:
             ValueError: --lr-min is above the initial lr.
         """
-        lr = self.lr if self.lr is not None else auto_lr(self.epochs, self.optimizer, width)
+        lr = self.lr if self.lr is not None else auto_lr(self.epochs, self.optimizer, widest)
         if self.lr_min is None:
             return lr, min(SGD_LR_MIN if self.optimizer == "sgd" else PAPER_LR_MIN, lr)
         if self.lr_min > lr:
@@ -177,10 +189,10 @@ class RunConfig:
 
     @property
     def lr_range(self) -> tuple[float, float]:
-        """(initial, final) lr of the run's cosine (TrainConfig.lr_range at the model's width).
+        """(initial, final) lr of the run's cosine (TrainConfig.lr_range for the model's widest layer).
         Checked where a run starts, not here: a finished run's config must load for eval and
         export even where a later lr rule disagrees with its --lr-min."""
-        return self.train.lr_range(self.model.width)
+        return self.train.lr_range(self.model.widest)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -53,15 +53,15 @@ class StepStats:
 HEADS = ("last", "fusion")   # optimiser names of the linear heads
 
 
-def make_optimizer(params, cfg: TrainConfig, width: float) -> torch.optim.Optimizer:
+def make_optimizer(params, cfg: TrainConfig, widest: float) -> torch.optim.Optimizer:
     """AdamW (the paper's default) or SGD with momentum (the paper's ImageNet recipe), at the
-    initial lr of a net of ``width`` (TrainConfig.lr_range).
+    initial lr of a net whose widest layer has ``widest`` channels (TrainConfig.lr_range).
 
     AdamW is torch's fused kernel, on the CPU as on CUDA: one pass, no parameter-sized
     temporaries, 14.5x faster than the default per step on a 512->512 conv's 2.36M
     parameters here, and equal to it within 2.4e-7 after 5 steps (bench/adamw_fused.py).
     """
-    lr = cfg.lr_range(width)[0]
+    lr = cfg.lr_range(widest)[0]
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.resolved_weight_decay, fused=True)
     if cfg.optimizer == "sgd":
@@ -113,7 +113,7 @@ class Method(ABC):
 
     def _add_optimizer(self, name: str, params) -> None:
         """Optimiser ``name`` for ``params`` (make_optimizer), watched for its first step."""
-        opt = make_optimizer(params, self.cfg, self.net.cfg.width)
+        opt = make_optimizer(params, self.cfg, self.net.cfg.widest)
         opt.register_step_post_hook(lambda *_: self._stepped.add(name))
         self.optimizers[name] = opt
 

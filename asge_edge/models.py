@@ -1,14 +1,14 @@
 """Layer specs, the ASGE layer and the network with its three predictors.
 
 Contract:
-- ``layer_specs(model_cfg, input_shape, num_classes)`` is pure: it turns a preset
-  name, width and alpha into the exact per-layer shapes, partitions and goodness
-  sizes. Everything else (the trainer, the memory planner, the exporters) reads
+- ``layer_specs(model_cfg, input_shape, num_classes)`` is pure: it turns an
+  architecture (presets.py: a preset or a layer list), width and alpha into the exact
+  per-layer shapes, partitions and goodness sizes. Everything else (the trainer, the memory planner, the exporters) reads
   shapes from it, never from a module.
 - ``ASGENet`` takes raw [0, 1] pixels (B, C, H, W) and normalises them itself,
   so an exported graph needs no preprocessing.
 - Layer l is conv3x3 -> ReLU (activation ``a``, which the goodness reads), then
-  pool (where the preset pools) -> LayerNorm over (C, H, W) without affine
+  pool (where the architecture pools) -> LayerNorm over (C, H, W) without affine
   parameters (output ``h``, which the next layer reads). LayerNorm has no
   parameters because its output is detached before the next layer: no local loss
   could ever train them. ``ASGELayer.forward`` is the local half (a, the RMS pool's
@@ -22,14 +22,8 @@ Contract:
   classifier. Standardising gave Fusion +0.45 points after 3 epochs (docs/RESULTS.md);
   Best is ``exit_logits(x, k)``, layers 1..k only.
 
-Presets. The paper gives VGG8 as 7 convs + a linear classifier with C_l in
-{128, 256, 512} and partitions {4, 2, 1} at alpha=1 (Table 1), but not the list.
-Its Table 3 pins it further: Fusion over layers 2..7 stores 1.25 MiB of GAP
-features at batch 128 (2560 fp32 per sample) and Last 0.25 MiB (512), so layers
-2..7 carry 2560 channels: 256+256+512+512+512+512, and layer 1 has 128. Pools
-follow VGG8B of Nokland & Eidnes (2019), the local-learning VGG8 the paper cites:
-after the second, fourth and sixth conv. VGG11 is not pinned by the paper; ours
-is VGG11's conv stack (8 convs) widened to 10 local layers of 128/256/512.
+The architectures, the presets (and why VGG8's layers are these) and the user's own
+layer lists, are presets.py's.
 """
 
 from __future__ import annotations
@@ -43,15 +37,8 @@ import torch.nn.functional as F
 from .asge import (conv_relu_goodness, divides, energy_rows, energy_window, layer_norm_chw, make_projection, partition_factor,
                    pool2d, project, rms_from_energy)
 from .config import ModelConfig
+from .presets import layer_list
 
-# (out_channels, pool_after) per conv layer, at width 1.
-PRESETS: dict[str, tuple[tuple[int, bool], ...]] = {
-    "vgg8": ((128, False), (256, True), (256, False), (512, True), (512, False), (512, True), (512, False)),
-    "vgg11": (
-        (128, False), (128, True), (256, False), (256, True), (512, False),
-        (512, False), (512, True), (512, False), (512, False), (512, False),
-    ),
-}
 LN_EPS = 1e-5   # torch.nn.LayerNorm's default
 HEAD_NORM_MOMENTUM, HEAD_NORM_EPS = 0.1, 1e-5   # torch.nn.BatchNorm1d's defaults
 
@@ -90,7 +77,7 @@ class LayerSpec:
 
 
 def layer_specs(cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes: int) -> tuple[LayerSpec, ...]:
-    """Per-layer shapes for a preset at ``cfg.width`` and ``cfg.alpha``.
+    """Per-layer shapes for an architecture at ``cfg.width`` and ``cfg.alpha``.
 
     Args:
         cfg: the model config (arch, width, alpha).
@@ -101,21 +88,21 @@ def layer_specs(cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes
         One LayerSpec per conv layer.
 
     Raises:
-        ValueError: unknown preset, non-positive width, or an input too small to pool.
+        ValueError: an architecture that is neither a preset nor a layer list, a
+            non-positive width, or an input too small to pool.
     """
-    if cfg.arch not in PRESETS:
-        raise ValueError(f"unknown model {cfg.arch!r}: choose one of {', '.join(PRESETS)}")
     if cfg.width <= 0:
         raise ValueError(f"--width must be > 0, got {cfg.width}")
-    preset = PRESETS[cfg.arch]
-    chans = [max(1, round(c * cfg.width)) for c, _ in preset]
+    layers = layer_list(cfg.arch)
+    chans = [max(1, round(c * cfg.width)) for c, _ in layers]
     c_last = chans[-1]
     c_in, h, w = input_shape
     specs = []
-    for i, (c, (_, pool)) in enumerate(zip(chans, preset)):
+    for i, (c, (_, pool)) in enumerate(zip(chans, layers)):
         if pool and min(h, w) < 2:
-            smallest = 2 ** sum(p for _, p in preset)
-            raise ValueError(f"input {input_shape[1]}x{input_shape[2]} is too small for {cfg.arch}: it pools {sum(p for _, p in preset)} times, so it needs at least {smallest}x{smallest}")
+            pools = sum(p for _, p in layers)
+            raise ValueError(f"input {input_shape[1]}x{input_shape[2]} is too small for {cfg.arch}: it pools {pools} "
+                             f"times, so it needs at least {2 ** pools}x{2 ** pools}")
         p = partition_factor(cfg.alpha, c_last, c, h, w)
         specs.append(LayerSpec(i + 1, c_in, c, h, w, cfg.pool if pool else None, p, c * p * p, num_classes))
         c_in = c

@@ -1,9 +1,9 @@
-"""RAM (arena) and flash (model.bin) bytes that firmware_sim needs, per preset, width and exit.
+"""RAM (arena) and flash (model.bin) bytes that firmware_sim needs, per architecture, width and exit.
 
 From the planners alone (export/to_c.py: arena_bytes, model_bin), no training: the
 numbers docs/FIRMWARE.md quotes. Weights are random; sizes do not depend on them.
 
-    python bench/firmware_sizes.py [--model vgg8] [--widths 0.25,0.5,1.0]
+    python bench/firmware_sizes.py [--model vgg8|vgg11|LAYER-LIST] [--widths 0.25,0.5,1.0]
 """
 
 from __future__ import annotations

@@ -29,11 +29,13 @@ import numpy as np
 import torch
 
 from asge_edge.checkpoint import atomic_write
+from asge_edge.errors import UserError
 from asge_edge.models import LN_EPS, ASGENet, LayerSpec
 
 MAGIC, VERSION = 0x4D495346, 1
 ALIGN, NR = 16, 16                         # fsim.c: FSIM_ALIGN, GEMM panel width NR
 TILE = 6                                   # fsim.h: FSIM_TILE, output channels per packed weight tile
+MAX_LAYERS = 32                            # fsim.h: FSIM_MAX_LAYERS, layers fsim_model_load accepts
 KC = 256                                   # fsim.c: rows of K per im2col block
 POOL_CODES = {None: 0, "rms": 1, "avg": 2, "max": 3}
 # Parity of the C runtime against ONNX Runtime (firmware_sim/tests/tolerances.h repeats them).
@@ -103,7 +105,11 @@ def model_header(data: bytes, arena: int, source: str) -> str:
 
 
 def write_c_model(net: ASGENet, k: int, out_dir: Path, source: str) -> dict:
-    """Write model.bin and model.h for the exit at layer k into ``out_dir``; return the sizes."""
+    """Write model.bin and model.h for the exit at layer k into ``out_dir``; return the sizes.
+    Raises UserError where k is more layers than firmware_sim runs (MAX_LAYERS)."""
+    if k > MAX_LAYERS:
+        raise UserError(f"firmware_sim runs at most {MAX_LAYERS} layers, and the exit at layer {k} needs {k}; "
+                        f"pick --exit-layer {MAX_LAYERS} or less")
     out_dir.mkdir(parents=True, exist_ok=True)
     data = model_bin(net, k)
     arena = arena_bytes(net.specs, k)

@@ -23,7 +23,8 @@ def _one_line_error(capsys, argv, needle):
 
 
 @pytest.mark.parametrize("argv,needle", [
-    (["train", "--model", "vgg99"], "invalid choice"),
+    (["train", "--model", "vgg99"], "'vgg99': it is neither a preset nor a layer list"),
+    (["plan", "--model", "16,M,32"], "'M' is neither a channel count (>= 1) nor P"),
     (["train", "--dataset", "imagenet22k"], "invalid choice"),
     (["train", "--width", "-1"], "--width"),
     (["train", "--epochs", "0"], "--epochs"),
@@ -233,6 +234,7 @@ def test_corrupt_checkpoint(capsys, tiny_run, tmp_path):
     ("data", "augment", 0, "data.augment is 0, not bool"),
     ("train", "method", "xyz", "unknown method 'xyz': use asge, bp"),
     ("model", "pool", "xyz", "unknown pool 'xyz'"),
+    ("model", "arch", "P,16", "model 'P,16': each P must follow a conv layer's channel count"),
 ])
 def test_a_config_edited_wrong_is_one_line(capsys, tiny_run, tmp_path, section, name, value, needle):
     import json

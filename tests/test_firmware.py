@@ -11,11 +11,12 @@ from asge_edge.checkpoint import load_run
 from asge_edge.cli import main
 from asge_edge.config import ModelConfig
 from asge_edge.data import load_splits
-from asge_edge.models import layer_specs
+from asge_edge.errors import UserError
+from asge_edge.models import ASGENet, layer_specs
 from export import firmware
 from export.firmware import ROOT, build_fsim, compare, run_fsim
 from export.graph import LayerTrace
-from export.to_c import C_MAX_ABS_TOL, C_NMSE_TOL, arena_bytes
+from export.to_c import C_MAX_ABS_TOL, C_NMSE_TOL, MAX_LAYERS, TILE, arena_bytes, write_c_model
 from export.to_onnx import export_onnx
 from export.verify import session
 
@@ -179,3 +180,33 @@ def test_simulate_reads_an_imagefolder_test_set(folder_run, capsys):
     assert main(["simulate", str(run), "--ram", "256KB", "--samples", "7", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["samples"] == 7 and r["accuracy"] == r["ort_accuracy"] and r["max_abs_diff_vs_ort"] <= C_MAX_ABS_TOL
+
+
+def test_a_user_layer_list_trains_exports_and_runs_in_firmware(tmp_path, capsys):
+    """An MCU-sized net of the user's own layers goes the whole way: config.json keeps the
+    list in one spelling, and eval, export and simulate rebuild it from there."""
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "synthetic", "--input-shape", "1x16x16", "--num-classes", "4",
+                 "--train-size", "768", "--model", "8, 16,p,16,P, 24", "--epochs", "3", "--quiet", "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["model"]["arch"] == "8,16,P,16,P,24"
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["layer_val_accuracy"]) == 4 and summary["test_accuracy"]["fusion"] > 0.85
+    capsys.readouterr()
+    assert main(["eval", str(out), "--json", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["test_accuracy"] == summary["test_accuracy"]
+    build_fsim()
+    assert main(["simulate", str(out), "--ram", "64KB", "--samples", "32", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["ok"] and r["accuracy"] == r["ort_accuracy"] and r["exit_layer"] == summary["best_layer"]
+
+
+def test_the_c_export_refuses_more_layers_than_firmware_sim_runs(tmp_path):
+    net = ASGENet(ModelConfig(arch=",".join(["2"] * (MAX_LAYERS + 1))), (1, 4, 4), 2, (0.5,), (0.25,))
+    write_c_model(net, MAX_LAYERS, tmp_path, "test")   # as many as it runs
+    with pytest.raises(UserError, match=f"firmware_sim runs at most {MAX_LAYERS} layers.*--exit-layer {MAX_LAYERS} or less"):
+        write_c_model(net, MAX_LAYERS + 1, tmp_path, "test")
+
+
+def test_the_c_exporter_mirrors_fsim_h():
+    header = (ROOT / "firmware_sim" / "include" / "fsim.h").read_text()
+    assert f"#define FSIM_MAX_LAYERS {MAX_LAYERS}u" in header and f"#define FSIM_TILE {TILE}u" in header

@@ -6,6 +6,7 @@ import torch
 from asge_edge.config import ModelConfig
 from asge_edge.device import channels_last
 from asge_edge.models import ASGENet, layer_specs
+from asge_edge.presets import PRESETS, canonical, layer_list
 
 
 def test_vgg8_matches_paper_table3():
@@ -24,6 +25,29 @@ def test_width_scales_channels_and_keeps_partitions():
     small = layer_specs(ModelConfig(width=0.25), (1, 28, 28), 10)
     assert [s.channels for s in small] == [c.channels // 4 for c in full]
     assert [s.partition for s in small] == [s.partition for s in full]
+
+
+def test_layer_lists_read_as_presets_do():
+    assert layer_list("vgg8") == PRESETS["vgg8"] and canonical("vgg11") == "vgg11"
+    assert layer_list(" 16, 32,p ,8") == ((16, False), (32, True), (8, False))
+    assert canonical(" 16, 32,p ,8") == "16,32,P,8" and layer_list("16,32,P,8") == layer_list(" 16, 32,p ,8")
+    assert layer_list("24") == ((24, False),) and layer_list("24,P") == ((24, True),)
+
+
+@pytest.mark.parametrize("arch", ["P,16", "16,P,P", "16,M,32", "", "0", "16,,32", "16,-8", "vgg9", "\uff11\uff16"])
+def test_bad_layer_lists_say_what_to_write(arch):
+    with pytest.raises(ValueError, match="give vgg8, vgg11 or a layer list such as 16,32,P,32,64,P,64"):
+        layer_list(arch)
+    with pytest.raises(ValueError):
+        ModelConfig(arch=arch)
+
+
+def test_a_layer_list_scales_and_partitions_as_a_preset_does():
+    specs = layer_specs(ModelConfig(arch="16,32,P,64", width=0.5, alpha=1.0), (1, 16, 16), 3)
+    assert [s.channels for s in specs] == [8, 16, 32]
+    assert [s.pool for s in specs] == [None, "rms", None]
+    assert [(s.height, s.width) for s in specs] == [(16, 16), (16, 16), (8, 8)]
+    assert [s.partition for s in specs] == [4, 2, 1]   # Eq. (3): floor(C_L / C_l) with C_L = 32
 
 
 def test_too_small_input_is_refused():

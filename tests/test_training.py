@@ -142,14 +142,25 @@ def test_optimisers_start_at_the_auto_lr_of_the_nets_width(method):
 
 
 def test_auto_lr_keeps_the_papers_lr_for_long_runs_and_shrinks_the_short_run_boost_with_width():
-    assert auto_lr(100, "adamw", 1.0) == pytest.approx(2e-4)      # the paper's recipe, at any width
-    assert auto_lr(400, "adamw", 0.25) == pytest.approx(2e-4)
-    assert auto_lr(3, "adamw", 0.25) == pytest.approx(3e-3)       # the demo: the cap, measured stable
-    assert auto_lr(3, "adamw", 0.125) == pytest.approx(3e-3)      # narrower: no higher than measured
-    assert auto_lr(3, "adamw", 1.0) == pytest.approx(7.5e-4)      # 4x the fan-in, a quarter the cap
-    assert auto_lr(10, "adamw", 0.5) == pytest.approx(1.5e-3)
-    assert auto_lr(3, "adamw", 8.0) == pytest.approx(2e-4)        # never below the paper's lr
-    assert auto_lr(3, "sgd", 1.0) == pytest.approx(0.05)          # SGD: the paper's ImageNet lr
+    # by the widest layer's channels: 512 x width for vgg8 and vgg11
+    assert auto_lr(100, "adamw", 512) == pytest.approx(2e-4)      # the paper's recipe, at any width
+    assert auto_lr(400, "adamw", 128) == pytest.approx(2e-4)
+    assert auto_lr(3, "adamw", 128) == pytest.approx(3e-3)        # the demo: the cap, measured stable
+    assert auto_lr(3, "adamw", 64) == pytest.approx(3e-3)         # narrower: no higher than measured
+    assert auto_lr(3, "adamw", 512) == pytest.approx(7.5e-4)      # 4x the fan-in, a quarter the cap
+    assert auto_lr(10, "adamw", 256) == pytest.approx(1.5e-3)
+    assert auto_lr(3, "adamw", 4096) == pytest.approx(2e-4)       # never below the paper's lr
+    assert auto_lr(3, "sgd", 512) == pytest.approx(0.05)          # SGD: the paper's ImageNet lr
+
+
+@pytest.mark.parametrize("model,widest,lr", [
+    (ModelConfig(width=0.25), 128, 3e-3), (ModelConfig(arch="vgg11", width=1.0), 512, 7.5e-4),
+    (ModelConfig(arch="16,32,P,64", width=1.0), 64, 3e-3),   # a small net of the user's: the cap, not vgg8's
+    (ModelConfig(arch="16,1024,P,64", width=0.5), 512, 7.5e-4),
+])
+def test_the_auto_lr_follows_the_widest_layer_of_any_architecture(model, widest, lr):
+    assert model.widest == widest
+    assert RunConfig(model=model).lr_range[0] == pytest.approx(lr)
 
 
 def test_each_layer_hands_on_what_its_whole_path_computes(device):
