@@ -144,9 +144,8 @@ class TrainConfig:
 
     def lr_range(self, widest: float) -> tuple[float, float]:
         """(initial, final) lr of the cosine for a net whose widest layer has ``widest``
-        channels: --lr, else auto_lr; and
-        --lr-min, else the optimiser's default capped at the initial lr (a small --lr alone
-        must not anneal upwards).
+        channels: --lr, else auto_lr; and --lr-min, else the optimiser's default capped at
+        the initial lr (a small --lr alone must not anneal upwards).
 
         Raises:
             ValueError: --lr-min is above the initial lr.

@@ -3,8 +3,8 @@
 Contract:
 - ``layer_specs(model_cfg, input_shape, num_classes)`` is pure: it turns an
   architecture (presets.py: a preset or a layer list), width and alpha into the exact
-  per-layer shapes, partitions and goodness sizes. Everything else (the trainer, the memory planner, the exporters) reads
-  shapes from it, never from a module.
+  per-layer shapes, partitions and goodness sizes. Everything else (the trainer, the
+  memory planner, the exporters) reads shapes from it, never from a module.
 - ``ASGENet`` takes raw [0, 1] pixels (B, C, H, W) and normalises them itself,
   so an exported graph needs no preprocessing.
 - Layer l is conv3x3 -> ReLU (activation ``a``, which the goodness reads), then
