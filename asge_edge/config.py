@@ -5,8 +5,8 @@ run. It round-trips through ``to_dict``/``from_dict`` (plain JSON types only), i
 written to ``config.json`` and into the safetensors metadata of each checkpoint,
 and ``RunConfig.from_dict(cfg.to_dict()) == cfg`` always holds. ``from_dict`` checks each
 value's type against its field's, and the configs check their choices (method, optimiser,
-pool), so that a config.json edited wrong fails as it loads, with a ValueError or
-TypeError that names the setting.
+pool, architecture), so that a config.json edited wrong fails as it loads, with a
+ValueError or TypeError that names the setting.
 
 Defaults and where they come from:
 - AdamW, weight decay 1e-3, batch 128, lr cosine-annealed to 1e-5: the paper's
