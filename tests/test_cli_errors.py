@@ -210,6 +210,14 @@ def test_resume_refuses_a_flag_that_would_change_the_run(capsys, tiny_run):
     assert (tiny_run / "state.safetensors").read_bytes() == before
 
 
+def test_resume_takes_a_layer_list_typed_another_way_and_refuses_another_list(capsys, tmp_path):
+    out, args = tmp_path / "run", [*TINY_RUN, "--train-size", "128", "--epochs", "1"]
+    assert main(["train", *args, "--model", "8,P,16", "--out", str(out)]) == 0
+    assert main(["train", *args, "--model", " 8, p,16", "--resume", "--out", str(out)]) == 0   # the same list
+    _one_line_error(capsys, ["train", *args, "--model", "8,P,32", "--resume", "--out", str(out)],
+                    "--model 8,P,32 (the run has 8,P,16) would change")
+
+
 def test_resume_without_state(capsys, tmp_path):
     _one_line_error(capsys, ["train", *TINY_RUN, "--out", str(tmp_path), "--resume"], "nothing to resume")
 
