@@ -5,7 +5,7 @@ list such as ``"16,32,P,32,64,P,64"``, into ((out_channels, pool_after), ...) at
 each number is one ASGE layer (conv3x3, ReLU) of that many channels, and each ``P`` a
 2x2 pool (of ModelConfig.pool's kind) after the layer before it, as in torchvision's VGG
 configurations. Anything else raises ValueError with one line that says what to write.
-``canonical(arch)`` is the form a run keeps in config.json (no spaces, upper-case ``P``),
+``canonical(arch)`` is the form a run keeps in config.json (layer_list's, written back),
 so that one list typed two ways is one setting. Pure functions: no torch, no I/O.
 
 Presets. The paper gives VGG8 as 7 convs + a linear classifier with C_l in
@@ -39,10 +39,11 @@ def _wrong(arch: str, why: str) -> ValueError:
 
 
 def canonical(arch: str) -> str:
-    """``arch`` as config.json keeps it: a preset's name, or the list without spaces and with
-    upper-case P. Raises ValueError where ``arch`` is neither (layer_list)."""
-    layer_list(arch)
-    return arch if arch in PRESETS else ",".join(t.strip().upper() for t in arch.split(","))
+    """``arch`` as config.json keeps it: a preset's name, or the list written back from
+    layer_list (no spaces or leading zeros, upper-case P). Raises ValueError where ``arch``
+    is neither."""
+    layers = layer_list(arch)
+    return arch if arch in PRESETS else ",".join(f"{c},{POOL}" if pool else str(c) for c, pool in layers)
 
 
 def layer_list(arch: str) -> Layers:

@@ -32,6 +32,7 @@ def test_layer_lists_read_as_presets_do():
     assert layer_list(" 16, 32,p ,8") == ((16, False), (32, True), (8, False))
     assert canonical(" 16, 32,p ,8") == "16,32,P,8" and layer_list("16,32,P,8") == layer_list(" 16, 32,p ,8")
     assert layer_list("24") == ((24, False),) and layer_list("24,P") == ((24, True),)
+    assert canonical("016,p, 8") == "16,P,8"   # one list, one spelling: no leading zeros either
 
 
 @pytest.mark.parametrize("arch", ["P,16", "16,P,P", "16,M,32", "", "0", "16,,32", "16,-8", "vgg9", "\uff11\uff16"])

@@ -138,7 +138,7 @@ def test_optimisers_start_at_the_auto_lr_of_the_nets_width(method):
     net = ASGENet(ModelConfig(width=0.5), (1, 16, 16), 4, (0.5,), (0.25,))
     optimizers = method(net, TrainConfig(method=method.name, epochs=3)).optimizers
     lrs = [opt.param_groups[0]["lr"] for opt in optimizers.values()]
-    assert lrs and lrs == pytest.approx([1.5e-3] * len(lrs))   # 15 / (0.5 / 0.25) = 7.5x the paper's lr
+    assert lrs and lrs == pytest.approx([1.5e-3] * len(lrs))   # widest layer 256 channels: 15 x 128 / 256 = 7.5x the paper's lr
 
 
 def test_auto_lr_keeps_the_papers_lr_for_long_runs_and_shrinks_the_short_run_boost_with_width():
